@@ -1,0 +1,60 @@
+"""batchnorm: batch normalization, exactly and fast.
+
+The public names are listed in ``__all__``; nothing else is promised. Submodules are imported on
+first use, so ``import batchnorm`` stays cheap and a NumPy-only user never loads the kernels.
+
+Modules whose main function shares a public name carry another file name (``folding.py`` holds
+``fold``, ``inspection.py`` holds ``inspect``...): a submodule named like the function would
+replace it as the package attribute the first time someone imports the submodule.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import BatchNormError
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "reference": None,  # the module itself
+    "BatchNorm1d": "layers",
+    "BatchNorm2d": "layers",
+    "BatchNorm3d": "layers",
+    "BatchNormAct1d": "layers",
+    "BatchNormAct2d": "layers",
+    "BatchNormAct3d": "layers",
+    "FrozenBatchNorm1d": "layers",
+    "FrozenBatchNorm2d": "layers",
+    "FrozenBatchNorm3d": "layers",
+    "SyncBatchNorm": "sync",
+    "SyncBatchNormAct": "sync",
+    "convert": "conversion",
+    "freeze": "conversion",
+    "unfreeze": "conversion",
+    "inspect": "inspection",
+    "Report": "inspection",
+    "strip_bias": "folding",
+    "fold": "folding",
+    "fold_weights": "folding",
+    "recalibrate": "recalibration",
+    "export_onnx": "onnx_export",
+}
+
+__all__ = ["BatchNormError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'batchnorm' has no attribute {name!r}")
+    module_name = _LAZY[name]
+    if module_name is None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

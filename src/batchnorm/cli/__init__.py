@@ -1,0 +1,38 @@
+"""The ``batchnorm`` command: one module per subcommand, each with ``register(subparsers)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ._errors import run_guarded
+
+# Each module defines register(subparsers) -> None, adding its parser with set_defaults(run=...).
+COMMANDS = ["demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch normalization, exactly and fast: the lesson's tour and BN model tools.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f".{name}", __name__).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    return run_guarded(args.run, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

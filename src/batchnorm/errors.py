@@ -1,0 +1,70 @@
+"""BatchNormError and the argument checks shared by every entry point.
+
+Every check raises before anything is computed, so a failed call changes no state.
+Messages follow one form: "expected X (got Y)".
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+
+__all__ = ["BatchNormError"]
+
+
+class BatchNormError(ValueError):
+    """Bad input to a batch-norm computation: says what was expected and what came."""
+
+
+def expected(what: str, got: object) -> BatchNormError:
+    """Build the project's one error form: ``expected WHAT (got GOT)``."""
+    return BatchNormError(f"expected {what} (got {got})")
+
+
+def check_eps(eps: object, *, training: bool) -> float:
+    """eps must be a finite real, > 0 in training and >= 0 in eval (PyTorch's rule)."""
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(float(eps)):
+        raise expected("eps to be a finite number", repr(eps))
+    eps = float(eps)
+    if training and eps <= 0:
+        raise expected("eps > 0 in training", eps)
+    if eps < 0:
+        raise expected("eps >= 0", eps)
+    return eps
+
+
+def check_momentum(momentum: object) -> float | None:
+    """momentum is None (cumulative average) or a real number in [0, 1]."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise expected("momentum to be None or a number in [0, 1]", repr(momentum))
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:  # also rejects NaN
+        raise expected("momentum in [0, 1] or None", momentum)
+    return momentum
+
+
+def check_num_batches_tracked(value: object) -> int:
+    """num_batches_tracked is a non-negative integer."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        try:
+            as_int = int(value)  # a 0-d integer array or tensor
+        except (TypeError, ValueError):
+            raise expected("num_batches_tracked to be an integer", repr(value)) from None
+        if as_int != value:
+            raise expected("num_batches_tracked to be an integer", repr(value))
+        value = as_int
+    if value < 0:
+        raise expected("num_batches_tracked >= 0", int(value))
+    return int(value)
+
+
+def check_values_per_channel(shape: tuple[int, ...], axis: int) -> None:
+    """Training needs more than one value per channel (PyTorch: N * prod(spatial) != 1)."""
+    if math.prod(s for i, s in enumerate(shape) if i != axis) == 1:
+        raise expected(
+            "more than 1 value per channel when training",
+            f"input of shape {tuple(shape)}: 1 value per channel",
+        )
