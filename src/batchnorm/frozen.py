@@ -1,0 +1,114 @@
+"""FrozenBatchNorm1d/2d/3d: BN as a fixed per-channel affine map, every tensor a buffer.
+
+    scale = weight / sqrt(running_var + eps)
+    shift = bias - running_mean * scale
+    y     = x * scale + shift
+
+Nothing is learned and nothing is updated: the four tensors are buffers (as in torchvision's
+FrozenBatchNorm2d), so optimisers and ``requires_grad`` leave them alone. ``scale`` and ``shift``
+are recomputed whenever the buffers are loaded or changed through :meth:`refresh`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import expected
+
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+
+class _FrozenBatchNorm(nn.Module):
+    _ranks: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise expected("num_features to be a positive integer", repr(num_features))
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise expected("eps to be a finite number >= 0", repr(eps))
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> "_FrozenBatchNorm":
+        """A frozen copy of any BN-like module (PyTorch's, ours, SyncBatchNorm)."""
+        frozen = cls(bn.num_features, eps=bn.eps, device=_device_of(bn), dtype=_dtype_of(bn))
+        with torch.no_grad():
+            if getattr(bn, "weight", None) is not None:
+                frozen.weight.copy_(bn.weight)
+            if getattr(bn, "bias", None) is not None:
+                frozen.bias.copy_(bn.bias)
+            if getattr(bn, "running_mean", None) is not None:
+                frozen.running_mean.copy_(bn.running_mean)
+                frozen.running_var.copy_(bn.running_var)
+        return frozen
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) with ``y = x * scale + shift`` per channel."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in self._ranks:
+            raise expected(f"{' or '.join(f'{r}D' for r in self._ranks)} input", f"{x.dim()}D input")
+        if x.shape[1] != self.num_features:
+            raise expected(f"{self.num_features} channels on dim 1", f"{x.shape[1]} channels")
+        scale, shift = self.scale_shift()
+        view = (1, -1) + (1,) * (x.dim() - 2)  # (1, C, 1, ...)
+        return torch.addcmul(shift.view(view), x, scale.view(view))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _device_of(m: nn.Module):
+    t = next(iter(list(m.parameters()) + list(m.buffers())), None)
+    return None if t is None else t.device
+
+
+def _dtype_of(m: nn.Module):
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    """BatchNorm1d with fixed statistics and affine parameters, all buffers. Input (N, C) or (N, C, L).
+
+    Args:
+        num_features: C. eps: added to running_var. Default: 1e-5
+
+    >>> m = FrozenBatchNorm1d(4); m(torch.randn(2, 4)).shape
+    torch.Size([2, 4])
+    """
+
+    _ranks = (2, 3)
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    """BatchNorm2d with fixed statistics and affine parameters, all buffers. Input (N, C, H, W).
+
+    Args:
+        num_features: C. eps: added to running_var. Default: 1e-5
+    """
+
+    _ranks = (4,)
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    """BatchNorm3d with fixed statistics and affine parameters, all buffers. Input (N, C, D, H, W).
+
+    Args:
+        num_features: C. eps: added to running_var. Default: 1e-5
+    """
+
+    _ranks = (5,)
