@@ -1,0 +1,345 @@
+"""Batch norm + activation as PyTorch functions: fused numba kernels on CPU, PyTorch's own path elsewhere.
+
+Two entry points, used by the layers in ``layers.py``:
+
+- :func:`bn_act_train` normalises with the batch statistics (gradients flow through them) and
+  returns them, so the caller can update its running buffers. It never touches buffers itself.
+- :func:`bn_act_eval` normalises with given statistics (constants for autograd).
+
+Both apply an optional affine transform and then an activation (``ACTIVATIONS``).
+
+Which path runs:
+
+- CPU, float32 or float64, memory dense as ``(N, C, *)`` contiguous or channels-last
+  (``torch.channels_last`` / ``channels_last_3d``, or ``(N, L, C)`` storage for 3D input): the
+  fused numba kernels in :mod:`batchnorm.kernels`, registered as custom ops in the ``batchnorm``
+  namespace so that autograd, ``torch.compile`` and ``torch.export`` see a single op.
+- Anything else (CUDA or other devices, bfloat16 / float16, non-contiguous strides): PyTorch's own
+  path, ``F.batch_norm`` followed by the activation from ``torch.nn.functional``.
+
+The output always has the memory format of the input.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import check_eps, expected
+
+__all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval"]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
+INVERTIBLE = ("identity", "leaky_relu", "elu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def bn_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Batch-normalise ``x`` with its own statistics, apply the affine map, then the activation.
+
+    .. math::
+        \mu_c = \frac{1}{m}\sum x_c, \quad \sigma^2_c = \frac{1}{m}\sum (x_c - \mu_c)^2, \quad
+        y = \mathrm{act}\Big(\gamma_c \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} + \beta_c\Big)
+
+    over every axis but the channel axis 1 (m values per channel). The variance is the *biased*
+    one, the one used to normalise; the caller turns it into the unbiased ``var * m / (m - 1)``
+    for its running buffer. Running statistics are never read or written here.
+
+    Autograd: gradients to ``x``, ``weight`` and ``bias`` flow through the batch statistics (the
+    training formula). ``mean`` and ``var`` are returned detached.
+
+    Paths: on CPU with float32/float64 input that is contiguous or channels-last, the fused numba
+    kernels run (one pass for the statistics, one for normalise + affine + activation; backward
+    one reduction pass and one pass writing ``dx``). Other devices (CUDA...), dtypes (bfloat16,
+    float16) and strides take PyTorch's own path (``F.batch_norm`` then the activation).
+
+    Args:
+        x: input of shape ``(N, C, *)``, rank 2 to 5, floating point.
+        weight: gamma, shape ``(C,)``, or None (no scaling).
+        bias: beta, shape ``(C,)``, or None (no shift).
+        eps: added to the variance before the square root; must be > 0.
+        act: one of ``ACTIVATIONS``: "identity", "relu", "leaky_relu", "elu", "silu".
+            Default: "identity"
+        negative_slope: slope of "leaky_relu" for negative inputs. Default: 0.01
+        alpha: the "elu" scale, ``alpha * (exp(z) - 1)`` for z <= 0. Default: 1.0
+        inplace: save only the output ``y`` for backward and recover the normalised input from it,
+            ``x_hat = (act^-1(y) - beta) / gamma`` (the InPlace-ABN method), instead of saving
+            ``x``. Needs an invertible activation (``INVERTIBLE``: identity, leaky_relu with
+            ``negative_slope > 0``, elu with ``alpha > 0``). ``x`` itself is not overwritten: the
+            memory saved is the input the backward no longer keeps alive. Where
+            ``|gamma| < eps`` the division uses ``sign(gamma) * eps`` instead, so the recovered
+            ``x_hat`` (and ``dweight``) are inexact for such near-zero scales; an ELU output that
+            saturated at ``-alpha`` in the input's precision recovers a clamped pre-activation.
+            Default: False
+
+    Returns:
+        ``(y, mean, var)``: ``y`` of the shape, dtype and memory format of ``x``; ``mean`` and the
+        biased ``var`` of shape ``(C,)`` in the dtype of ``x``, detached. For an empty batch
+        (``N * prod(spatial) == 0``) ``y`` is empty, ``mean`` is 0 and ``var`` is NaN (the
+        variance of nothing is undefined; :func:`batchnorm.reference.variance` says the same).
+
+    Raises:
+        BatchNormError: bad rank, dtype, parameter shape, eps, activation, or ``inplace`` with an
+            activation that cannot be inverted.
+
+    Shape:
+        - x: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``
+        - y: same as x; mean, var: ``(C,)``
+
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> y, mean, var = bn_act_train(x, torch.ones(3), torch.zeros(3), 1e-5, act="relu")
+    >>> y.shape, mean.shape, bool((y >= 0).all())
+    (torch.Size([8, 3, 4, 4]), torch.Size([3]), True)
+    """
+    eps = check_eps(eps, training=True)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    negative_slope, alpha = _check_act(act, negative_slope, alpha, inplace)
+    if inplace:
+        return _PlainInplaceTrain.apply(x, weight, bias, eps, act, negative_slope, alpha)
+    return _plain_train(x, weight, bias, eps, act, negative_slope, alpha)
+
+
+def bn_act_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> Tensor:
+    r"""Normalise ``x`` with given statistics, apply the affine map, then the activation.
+
+    .. math::
+        y = \mathrm{act}\Big(\gamma_c \frac{x - \mathrm{mean}_c}{\sqrt{\mathrm{var}_c + \epsilon}}
+        + \beta_c\Big)
+
+    ``running_mean`` / ``running_var`` are constants for autograd (no gradient flows into them);
+    gradients flow to ``x``, ``weight`` and ``bias``: ``dx = act'(z) * dy * gamma / sigma``.
+
+    Paths: on CPU with float32/float64 input that is contiguous or channels-last, one fused
+    numba pass (per-channel scale and shift precomputed); other devices, dtypes and strides take
+    PyTorch's own path (``F.batch_norm`` then the activation).
+
+    Args:
+        x: input of shape ``(N, C, *)``, rank 2 to 5, floating point.
+        weight: gamma, shape ``(C,)``, or None.
+        bias: beta, shape ``(C,)``, or None.
+        running_mean: the mean to subtract, shape ``(C,)``.
+        running_var: the variance to divide by (after adding eps), shape ``(C,)``.
+        eps: added to the variance; must be >= 0.
+        act: one of ``ACTIVATIONS``. Default: "identity"
+        negative_slope: slope of "leaky_relu" for negative inputs. Default: 0.01
+        alpha: the "elu" scale. Default: 1.0
+
+    Returns:
+        ``y`` with the shape, dtype and memory format of ``x``.
+
+    Shape:
+        - x, y: ``(N, C, *)``; weight, bias, running_mean, running_var: ``(C,)``
+
+    >>> x = torch.randn(2, 3, 4)
+    >>> y = bn_act_eval(x, None, None, torch.zeros(3), torch.ones(3), 0.0)
+    >>> torch.equal(y, x)
+    True
+    """
+    eps = check_eps(eps, training=False)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    _check_param("running_mean", running_mean, x, c, required=True)
+    _check_param("running_var", running_var, x, c, required=True)
+    negative_slope, alpha = _check_act(act, negative_slope, alpha, inplace=False)
+    return _plain_eval(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's own path
+
+
+def _plain_train(x, weight, bias, eps, act, negative_slope, alpha):
+    """F.batch_norm with batch statistics, then the activation; statistics computed beside it."""
+    z = F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+    y = _activate(z, act, negative_slope, alpha)
+    mean, var = _plain_moments(x)
+    return _same_format(y, x), mean.to(x.dtype), var.to(x.dtype)
+
+
+def _plain_eval(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    # F.batch_norm never writes running stats in eval; detach makes them constants for autograd
+    z = F.batch_norm(
+        x, running_mean.detach(), running_var.detach(), weight, bias, training=False, eps=eps
+    )
+    return _same_format(_activate(z, act, negative_slope, alpha), x)
+
+
+@torch.no_grad()
+def _plain_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, *), detached, in at least float32.
+
+    An empty batch gives mean 0 and variance NaN.
+    """
+    c = x.shape[1]
+    # half types: accumulate in float32, as F.batch_norm does
+    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if x.numel() == 0:
+        return xs.new_zeros(c), xs.new_full((c,), math.nan)
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    return mean, var
+
+
+def _activate(z: Tensor, act: str, negative_slope: float, alpha: float) -> Tensor:
+    if act == "relu":
+        return F.relu(z)
+    if act == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if act == "elu":
+        return F.elu(z, alpha)
+    if act == "silu":
+        return F.silu(z)
+    return z
+
+
+class _PlainInplaceTrain(torch.autograd.Function):
+    """InPlace-ABN in PyTorch ops: forward saves only y; backward recovers x_hat from it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, negative_slope, alpha):
+        with torch.no_grad():
+            mean, var = _plain_moments(x)
+            z = F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+            y = _same_format(_activate(z, act, negative_slope, alpha), x)
+            invstd = torch.rsqrt(var + eps)  # float32 at least
+        ctx.save_for_backward(y, weight, bias, invstd)
+        ctx.params = (eps, act, negative_slope, alpha)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        y_saved, weight, bias, invstd = ctx.saved_tensors
+        eps, act, negative_slope, alpha = ctx.params
+        y = y_saved
+        c = y.shape[1]
+        shape = (1, c) + (1,) * (y.dim() - 2)
+        # work in float32 at least, as PyTorch's half-precision batch norm does
+        wdtype = torch.promote_types(y.dtype, torch.float32)
+        y, dy = y.to(wdtype), dy.to(wdtype)
+        z, dz_dy = _invert(y, act, negative_slope, alpha)
+        g = dy * dz_dy  # dL/dz
+        gamma = y.new_ones(c) if weight is None else weight.detach().to(wdtype)
+        beta = y.new_zeros(c) if bias is None else bias.detach().to(wdtype)
+        x_hat = (z - beta.view(shape)) / _safe_gamma(gamma, eps).view(shape)
+        dims = [0, *range(2, y.dim())]
+        n = y.numel() // c if c else 0
+        sum_g = g.sum(dims)
+        sum_gx = (g * x_hat).sum(dims)
+        scale = (gamma * invstd.to(wdtype)).view(shape)
+        if n > 0:
+            dx = scale * (g - (sum_g / n).view(shape) - x_hat * (sum_gx / n).view(shape))
+        else:
+            dx = g
+        dx = _same_format(dx.to(y_saved.dtype), y_saved)
+        dw = None if weight is None else sum_gx.to(weight.dtype)
+        db = None if bias is None else sum_g.to(bias.dtype)
+        return dx, dw, db, None, None, None, None
+
+
+def _safe_gamma(gamma: Tensor, eps: float) -> Tensor:
+    """gamma, moved away from 0 to sign(gamma) * eps where |gamma| < eps, so x_hat is recoverable."""
+    sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
+    return torch.where(gamma.abs() < eps, sign * eps, gamma)
+
+
+def _invert(y: Tensor, act: str, negative_slope: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """Pre-activation z = act^-1(y) and the derivative act'(z), both written in terms of y."""
+    if act == "leaky_relu":
+        neg = y < 0
+        slope = y.new_full((), negative_slope)  # a bare float would be taken as float32
+        return torch.where(neg, y / negative_slope, y), torch.where(neg, slope, 1.0)
+    if act == "elu":
+        neg = y <= 0
+        # ELU saturates at -alpha: clamp so log1p stays finite (z >= log(tiny) instead of -inf)
+        tiny = torch.finfo(y.dtype).eps
+        u = torch.clamp(y / alpha, min=-1.0 + tiny)
+        return torch.where(neg, torch.log1p(u), y), torch.where(neg, y + alpha, 1.0)
+    return y, torch.ones_like(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and small helpers
+
+
+def _same_format(y: Tensor, like: Tensor) -> Tensor:
+    """y with the strides of ``like`` when ``like`` is dense (channels-last in, channels-last out)."""
+    if y.stride() == like.stride() or not _is_dense(like):
+        return y
+    perm = sorted(range(like.dim()), key=lambda d: (-like.stride(d), -d))
+    inverse = [perm.index(d) for d in range(like.dim())]
+    return y.permute(perm).contiguous().permute(inverse)
+
+
+def _is_dense(x: Tensor) -> bool:
+    """True when x occupies exactly x.numel() elements of storage in some axis order."""
+    perm = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -d))
+    return x.permute(perm).is_contiguous()
+
+
+def _check_input(x: object) -> int:
+    if not isinstance(x, Tensor):
+        raise expected("x to be a torch.Tensor", type(x).__name__)
+    if not 2 <= x.dim() <= 5:
+        raise expected("2D to 5D input (N, C, *)", f"{x.dim()}D input")
+    if not x.is_floating_point():
+        raise expected("floating-point input", f"dtype {x.dtype}")
+    return x.shape[1]
+
+
+def _check_param(name: str, value: object, x: Tensor, c: int, required: bool = False) -> None:
+    if value is None:
+        if required:
+            raise expected(f"{name} to be a tensor", "None")
+        return
+    if not isinstance(value, Tensor):
+        raise expected(f"{name} to be a torch.Tensor or None", type(value).__name__)
+    if value.shape != (c,):
+        raise expected(f"{name} of shape ({c},) for {c} channels", f"shape {tuple(value.shape)}")
+    if value.device != x.device:
+        raise expected(f"{name} on {x.device}, the input's device", f"device {value.device}")
+
+
+def _check_act(act: object, negative_slope: object, alpha: object, inplace: bool):
+    if act not in ACTIVATIONS:
+        raise expected(f"act in {ACTIVATIONS}", repr(act))
+    for name, value in (("negative_slope", negative_slope), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise expected(f"{name} to be a finite number", repr(value))
+    if inplace:
+        if act not in INVERTIBLE:
+            raise expected(f"an invertible act {INVERTIBLE} with inplace=True", repr(act))
+        if act == "leaky_relu" and negative_slope <= 0:
+            raise expected("negative_slope > 0 with inplace=True", negative_slope)
+        if act == "elu" and alpha <= 0:
+            raise expected("alpha > 0 with inplace=True", alpha)
+    return float(negative_slope), float(alpha)
