@@ -1,0 +1,296 @@
+"""The model graph every BN tool reads: who produces a BN's input, who uses its output.
+
+``trace(model)`` runs ``torch.fx`` symbolic tracing (conv, linear and every BN-like module are
+kept as leaves) and turns the result into a small list of :class:`Site` objects, one per call
+in the model's dataflow. When tracing fails (data-dependent control flow, unsupported Python),
+it falls back to *module order*: each leaf module's input is taken to be the previous leaf's
+output. That is right for plain stacks and wrong for branches, so the graph is then marked
+``approximate`` with a warning, and the rewriting tools trust only pairs that sit next to each
+other inside one ``nn.Sequential``.
+
+One small protocol says what counts as batch norm, so no tool needs its own isinstance ladder:
+``is_batchnorm(m)`` and ``bn_kind(m)`` cover PyTorch's ``_BatchNorm`` (SyncBatchNorm, our
+subclasses), ``FrozenBatchNorm*`` (ours, torchvision's) and duck-typed third-party BN
+(``num_features``, ``eps``, ``running_mean``, ``running_var``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = [
+    "is_batchnorm", "bn_kind", "bn_input_ranks", "is_foldable_producer", "out_channels",
+    "activation_of", "Site", "ModelGraph", "trace",
+]
+
+# --------------------------------------------------------------------------- the BN protocol
+
+
+def is_batchnorm(module: object) -> bool:
+    """True for any BN-like module: PyTorch's, ours, SyncBatchNorm, frozen, or duck-typed."""
+    return bn_kind(module) is not None
+
+
+def bn_kind(module: object) -> str | None:
+    """``"batchnorm"``, ``"sync"``, ``"frozen"``, ``"duck"`` or None when not BN-like."""
+    if not isinstance(module, nn.Module) or isinstance(module, _InstanceNorm):
+        return None
+    if isinstance(module, nn.SyncBatchNorm):
+        return "sync"
+    if isinstance(module, _BatchNorm):
+        return "batchnorm"
+    if not (isinstance(getattr(module, "num_features", None), int)
+            and hasattr(module, "eps")
+            and isinstance(getattr(module, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(module, "running_var", None), torch.Tensor)):
+        return None
+    # frozen: the affine tensors are buffers, nothing is learned (ours and torchvision's)
+    if "weight" in module._buffers or "FrozenBatchNorm" in type(module).__name__:
+        return "frozen"
+    return "duck"
+
+
+def bn_input_ranks(module: nn.Module) -> tuple[int, ...] | None:
+    """Input ranks the BN class accepts ((2, 3), (4,), (5,)), or None when any rank goes."""
+    if isinstance(module, nn.BatchNorm1d):
+        return (2, 3)
+    if isinstance(module, nn.BatchNorm2d):
+        return (4,)
+    if isinstance(module, nn.BatchNorm3d):
+        return (5,)
+    ranks = getattr(type(module), "_ranks", None)  # our FrozenBatchNorm*d
+    if ranks:
+        return tuple(ranks)
+    name = type(module).__name__
+    for suffix, ranks in (("1d", (2, 3)), ("2d", (4,)), ("3d", (5,))):
+        if name.endswith(suffix):
+            return ranks
+    return None
+
+
+def is_foldable_producer(module: object) -> bool:
+    """Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear, subclasses included."""
+    return isinstance(module, (_ConvNd, nn.Linear))
+
+
+def out_channels(module: nn.Module) -> int | None:
+    """Output channels of a conv (transposed or not) or linear layer."""
+    if isinstance(module, _ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return None
+
+
+_ACTIVATIONS = {
+    "relu": lambda m: nn.ReLU(),
+    "relu6": lambda m: nn.ReLU6(),
+    "leaky_relu": lambda m: nn.LeakyReLU(getattr(m, "negative_slope", 0.01)),
+    "elu": lambda m: nn.ELU(getattr(m, "alpha", 1.0)),
+    "silu": lambda m: nn.SiLU(),
+    "swish": lambda m: nn.SiLU(),
+    "gelu": lambda m: nn.GELU(),
+    "hardswish": lambda m: nn.Hardswish(),
+    "sigmoid": lambda m: nn.Sigmoid(),
+    "tanh": lambda m: nn.Tanh(),
+}
+
+UNKNOWN_ACTIVATION = object()
+
+
+def activation_of(bn: nn.Module):
+    """The activation a BN+act module applies after normalising, as a fresh module.
+
+    None for plain BN (or ``act`` in {None, "identity", "none"}); ``UNKNOWN_ACTIVATION`` when
+    the module names one this helper cannot rebuild.
+    """
+    act = getattr(bn, "act", None)
+    if act is None:
+        return None
+    if callable(getattr(bn, "activation", None)):  # our BatchNormAct*d builds its own
+        act = bn.activation()
+    if isinstance(act, nn.Module):
+        return None if isinstance(act, nn.Identity) else copy.deepcopy(act)
+    if isinstance(act, str):
+        key = act.lower().replace("-", "_")
+        if key in ("identity", "none", "linear", ""):
+            return None
+        if key in _ACTIVATIONS:
+            return _ACTIVATIONS[key](bn)
+    return UNKNOWN_ACTIVATION
+
+
+_ACT_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.Softplus, nn.Hardtanh,
+)
+_ACT_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
+    F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, torch.tanh,
+    F.sigmoid, F.tanh, F.softplus,
+}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_"}
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+@dataclass(eq=False)
+class Site:
+    """One call in the model's dataflow.
+
+    ``name`` is the module path for module calls (``layer1.0.bn1``) and the fx node name
+    otherwise; ``op`` is ``"module"``, ``"function"``, ``"input"`` or ``"output"``.
+    """
+
+    name: str
+    op: str
+    module: nn.Module | None = None
+    label: str = ""  # function / method name for non-module sites
+    inputs: list["Site"] = field(default_factory=list)
+    users: list["Site"] = field(default_factory=list)
+
+    @property
+    def is_bn(self) -> bool:
+        return self.module is not None and is_batchnorm(self.module)
+
+    @property
+    def is_activation(self) -> bool:
+        if self.module is not None:
+            return isinstance(self.module, _ACT_MODULES)
+        return self.label in _ACTIVATION_LABELS
+
+    @property
+    def producer(self) -> "Site | None":
+        """The site whose output is this site's first input."""
+        return self.inputs[0] if self.inputs else None
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, {self.op})"
+
+
+_ACTIVATION_LABELS = {getattr(f, "__name__", str(f)) for f in _ACT_FUNCTIONS} | _ACT_METHODS
+
+
+@dataclass
+class ModelGraph:
+    """Sites in execution order, plus where each module is called."""
+
+    sites: list[Site]
+    approximate: bool = False
+    warning: str | None = None
+    # pairs (producer module name, consumer module name) known to be direct and exclusive
+    sequential_pairs: set[tuple[str, str]] = field(default_factory=set)
+
+    def calls(self, module_name: str) -> list[Site]:
+        """Every site that calls the module at ``module_name``."""
+        return [s for s in self.sites if s.op == "module" and s.name == module_name]
+
+    def bn_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.is_bn]
+
+    def feeds_only(self, producer: Site, consumer: Site) -> bool:
+        """True when ``producer``'s output goes to ``consumer`` alone, as its main input.
+
+        On an approximate graph only pairs adjacent inside one ``nn.Sequential`` count.
+        """
+        if consumer.producer is not producer:
+            return False
+        if self.approximate:
+            return (producer.name, consumer.name) in self.sequential_pairs
+        return len(producer.users) == 1 and producer.users[0] is consumer
+
+    def called_once(self, site: Site) -> bool:
+        return site.op == "module" and len(self.calls(site.name)) == 1
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps conv, linear and every BN-like module as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if is_batchnorm(m) or is_foldable_producer(m) or isinstance(m, _ACT_MODULES):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> ModelGraph:
+    """The dataflow of ``model``: from ``torch.fx`` tracing, else approximated by module order."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # any tracing failure: fall back, say why
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return _module_order(model, reason[:200])
+    return _from_fx(model, graph)
+
+
+def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
+    sites: dict[fx.Node, Site] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            site = Site(node.name, "input", label=node.name)
+        elif node.op == "output":
+            site = Site(node.name, "output", label="output")
+        elif node.op == "call_module":
+            site = Site(str(node.target), "module", module=model.get_submodule(node.target))
+        elif node.op == "get_attr":
+            site = Site(node.name, "attr", label=str(node.target))
+        else:
+            target = node.target
+            label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            site = Site(node.name, "function", label=label)
+        sites[node] = site
+    for node, site in sites.items():
+        # inputs in argument order, flattening lists (torch.cat([a, b])) and kwargs
+        inputs: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(n) or n)
+        site.inputs = [sites[n] for n in inputs]
+        site.users = [sites[u] for u in node.users]
+    ordered = list(sites.values())
+    # shape queries (x.shape, x.size(), x.dim()) read no data: they do not count as users, so
+    # "used only by BN" still holds for a conv whose output shape is also looked at
+    for site in ordered:
+        site.users = [u for u in site.users if not (u.op == "function" and u.label in _SHAPE_QUERIES)]
+    return ModelGraph(ordered)
+
+
+_SHAPE_QUERIES = {"size", "dim", "getattr"}
+
+
+def _module_order(model: nn.Module, reason: str) -> ModelGraph:
+    input_site = Site("input", "input", label="input")
+    sites = [input_site]
+    previous = input_site
+    pairs: set[tuple[str, str]] = set()
+    tracer = _Tracer()
+    for name, module in model.named_modules():
+        if name and tracer.is_leaf_module(module, name) and not _has_leaf_children(module, tracer):
+            site = Site(name, "module", module=module, inputs=[previous])
+            previous.users.append(site)
+            sites.append(site)
+            previous = site
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            prefix = f"{parent_name}." if parent_name else ""
+            for (a_name, _), (b_name, _) in zip(children, children[1:]):
+                pairs.add((prefix + a_name, prefix + b_name))
+    output = Site("output", "output", label="output", inputs=[previous])
+    previous.users.append(output)
+    sites.append(output)
+    warning = (f"torch.fx could not trace the model ({reason}); the graph is approximated by "
+               "module order, so findings are approximate")
+    return ModelGraph(sites, approximate=True, warning=warning, sequential_pairs=pairs)
+
+
+def _has_leaf_children(module: nn.Module, tracer: _Tracer) -> bool:
+    # a leaf BN/conv never has leaf children; a plain container does
+    return not (is_batchnorm(module) or is_foldable_producer(module)) and any(
+        True for _ in module.children())
+
