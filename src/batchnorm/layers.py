@@ -1,0 +1,376 @@
+"""BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d: drop-in PyTorch layers on the fused kernels.
+
+The layers hold state and pick the computation; the math lives in :mod:`batchnorm.ops`
+(``bn_act_train`` / ``bn_act_eval``), which never touches buffers. A forward pass here is:
+
+1. every check (rank, channels, dtype, eps, momentum, values per channel), so that a bad input
+   raises :class:`~batchnorm.BatchNormError` before anything changes;
+2. one op call: batch statistics in training (and in eval without running buffers), the running
+   ones otherwise;
+3. the running-buffer update under ``no_grad``, guarded against non-finite batch statistics.
+
+Everything else (constructor arguments, parameters, buffers, state_dict keys and version 2
+handling, ``reset_parameters``, ``extra_repr``) is inherited from PyTorch's ``_BatchNorm``, so
+``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)`` holds and checkpoints load both ways.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import ops
+from .errors import check_eps, check_momentum, check_values_per_channel, expected
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "NONFINITE",
+]
+
+NONFINITE = ("skip", "raise", "update")
+_REDUCED = (torch.float16, torch.bfloat16)  # may run with float32 parameters, as in PyTorch
+
+
+class _OurBatchNorm(_BatchNorm):
+    """Shared forward of BatchNorm*d and BatchNormAct*d; subclasses set ``_ranks``."""
+
+    _ranks: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise expected("num_features to be a positive integer", repr(num_features))
+        check_eps(eps, training=False)
+        check_momentum(momentum)
+        if nonfinite not in NONFINITE:
+            raise expected(f"nonfinite in {NONFINITE}", repr(nonfinite))
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
+        self.nonfinite = nonfinite
+        self._warned_nonfinite = False
+
+    # ----------------------------------------------------------------------------------------
+    # what BatchNormAct overrides
+
+    def _act(self) -> tuple[str, float, float, bool]:
+        """(act, negative_slope, alpha, inplace) passed to the ops."""
+        return "identity", 0.01, 1.0, False
+
+    # ----------------------------------------------------------------------------------------
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._ranks:
+            ranks = " or ".join(f"{r}D" for r in self._ranks)
+            raise expected(f"{ranks} input", f"{input.dim()}D input")
+
+    def _check_input(self, x: Tensor, batch_stats: bool, update: bool) -> None:
+        """Every check forward makes, before it computes or changes anything."""
+        if not isinstance(x, Tensor):
+            raise expected("input to be a torch.Tensor", type(x).__name__)
+        self._check_input_dim(x)
+        if not x.is_floating_point():
+            raise expected("floating-point input", f"dtype {x.dtype}")
+        if x.shape[1] != self.num_features:
+            raise expected(f"{self.num_features} channels on dim 1",
+                           f"{x.shape[1]} channels, input of shape {tuple(x.shape)}")
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(self, name)
+            if t is None or t.dtype == x.dtype or (x.dtype in _REDUCED and t.dtype == torch.float32):
+                continue
+            raise expected(f"input of dtype {t.dtype}, the dtype of {name} (mixed dtypes)",
+                           f"dtype {x.dtype}")
+        check_eps(self.eps, training=batch_stats)
+        if update:
+            check_momentum(self.momentum)
+        if batch_stats:
+            check_values_per_channel(tuple(x.shape), 1)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
+        # PyTorch's rules: batch statistics in training, and in eval when there are no buffers;
+        # buffers (and num_batches_tracked) change only in training with tracking on.
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update = self.training and self.track_running_stats
+        self._check_input(x, batch_stats, update)
+        act, negative_slope, alpha, inplace = self._act()
+
+        if not batch_stats:
+            return ops.bn_act_eval(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                   self.eps, act, negative_slope, alpha)
+        y, mean, var = ops.bn_act_train(x, self.weight, self.bias, self.eps, act, negative_slope,
+                                        alpha, inplace)
+        if update:
+            self._update_running_stats(mean, var, x.numel() // x.shape[1])
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
+        """EMA (or cumulative average for momentum=None) of the batch statistics.
+
+        Branch-free in the statistics' values (a ``torch.where`` on the finiteness flag), so that
+        torch.compile sees no data-dependent Python branch; the warning and ``raise`` mode need
+        the flag as a Python bool and are only evaluated outside compilation.
+        """
+        nbt, rm, rv = self.num_batches_tracked, self.running_mean, self.running_var
+        if n == 0:  # empty batch: PyTorch counts it and leaves the statistics
+            if nbt is not None:
+                nbt.add_(1)
+            return
+        if self.nonfinite == "update":
+            ok = None
+        else:
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            if not torch.compiler.is_compiling() and not bool(ok):
+                bad = int((~(torch.isfinite(mean) & torch.isfinite(var))).sum())
+                if self.nonfinite == "raise":
+                    raise expected(
+                        "finite batch statistics (nonfinite='raise')",
+                        f"NaN/Inf mean or variance in {bad} of {self.num_features} channels; "
+                        f"running statistics left unchanged")
+                if not self._warned_nonfinite:
+                    self._warned_nonfinite = True
+                    warnings.warn(
+                        f"{type(self).__name__}({self.num_features}): a training batch had NaN/Inf "
+                        f"statistics in {bad} channel(s); running statistics and "
+                        f"num_batches_tracked were left unchanged (nonfinite='skip'; "
+                        f"warned once per layer)", RuntimeWarning, stacklevel=3)
+        if nbt is not None:
+            nbt.add_(1 if ok is None else ok.to(nbt.dtype))
+        if rm is None:
+            return
+        if self.momentum is None:  # cumulative average: factor 1 / num_batches_tracked
+            factor = 0.0 if nbt is None else 1.0 / nbt.double()
+        else:
+            factor = self.momentum
+        # in float64, as PyTorch's CPU kernel accumulates; unbiased variance for the estimate
+        new_mean = rm.double() * (1 - factor) + mean.double() * factor
+        new_var = rv.double() * (1 - factor) + var.double() * (n / (n - 1)) * factor
+        if ok is not None:
+            new_mean = torch.where(ok, new_mean, rm.double())
+            new_var = torch.where(ok, new_var, rv.double())
+        rm.copy_(new_mean)
+        rv.copy_(new_var)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.nonfinite == "skip" else f"{text}, nonfinite={self.nonfinite!r}"
+
+
+_NONFINITE_DOC = """nonfinite: what a training batch whose mean or variance is NaN/Inf does to the
+            running statistics. "skip": leave running_mean, running_var and
+            num_batches_tracked unchanged and warn once per layer (the output of that batch is
+            still returned); "raise": raise BatchNormError before any buffer changes;
+            "update": update them as PyTorch does (they become NaN). Keyword only.
+            Default: "skip\""""
+
+_BN_DOC = r"""Batch normalization over a {ranks} input, a drop-in for ``torch.nn.{name}``.
+
+    .. math::
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} * \gamma + \beta
+
+    Mean and variance are per channel (dim 1) over every other dimension. Normalising uses the
+    *biased* variance; ``running_var`` is updated with the *unbiased* one, ``var * n / (n - 1)``:
+    ``running = (1 - momentum) * running + momentum * batch``, or with ``momentum=None`` the
+    cumulative average ``1 / num_batches_tracked``. Eval uses the running statistics, or the batch
+    ones when built with ``track_running_stats=False``. Behaviour, state_dict keys and version
+    handling are PyTorch's; each loads the other's state_dict.
+
+    On CPU with float32/float64 input, contiguous or channels-last, it runs the fused numba
+    kernels of :mod:`batchnorm.ops` (one op for autograd and ``torch.compile``); other devices
+    (CUDA) and dtypes (bfloat16, float16) take PyTorch's own path.
+
+    Differences from PyTorch, all deliberate: a bad input (wrong rank, channels or dtype, one
+    value per channel in training, eps <= 0 in training) raises :class:`BatchNormError` (a
+    ``ValueError``) *before* ``num_batches_tracked`` changes (PyTorch has already incremented
+    it); momentum outside [0, 1] is refused; NaN/Inf batch statistics do not poison the running
+    ones (``nonfinite``).
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance for numerical stability. Default: 1e-5
+        momentum: factor of the running-statistics update, or None for a cumulative average.
+            Default: 0.1
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: True
+        track_running_stats: keep running_mean, running_var and num_batches_tracked buffers and
+            use them in eval. Default: True
+        device, dtype: of the parameters and buffers. Default: None
+        bias: with ``affine``, whether to learn beta too (keyword only). Default: True
+        {nonfinite}
+
+    Shape:
+        - Input: {shapes}
+        - Output: same as input
+
+    Examples::
+
+        >>> m = batchnorm.{name}(16)
+        >>> y = m(torch.randn({example}))
+    """
+
+
+def _bn_doc(name: str, ranks: tuple[int, ...], shapes: str, example: str) -> str:
+    return _BN_DOC.format(ranks=" or ".join(f"{r}D" for r in ranks), name=name, shapes=shapes,
+                          example=example, nonfinite=_NONFINITE_DOC)
+
+
+class BatchNorm1d(_OurBatchNorm):
+    _ranks = (2, 3)
+    __doc__ = _bn_doc("BatchNorm1d", _ranks, ":math:`(N, C)` or :math:`(N, C, L)`", "8, 16, 10")
+
+
+class BatchNorm2d(_OurBatchNorm):
+    _ranks = (4,)
+    __doc__ = _bn_doc("BatchNorm2d", _ranks, ":math:`(N, C, H, W)`", "8, 16, 5, 5")
+
+
+class BatchNorm3d(_OurBatchNorm):
+    _ranks = (5,)
+    __doc__ = _bn_doc("BatchNorm3d", _ranks, ":math:`(N, C, D, H, W)`", "8, 16, 3, 5, 5")
+
+
+class _BatchNormXd(_OurBatchNorm):
+    """Ours, any rank 2..5: what ``convert`` makes of a ``torch.nn.SyncBatchNorm`` (no rank)."""
+
+    _ranks = (2, 3, 4, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm followed by an activation, one kernel pass each way
+
+
+class _OurBatchNormAct:
+    """Mixin of BatchNormAct*d: the activation arguments; forward is _OurBatchNorm's."""
+
+    def __init__(
+        self,
+        num_features: int,
+        act: str = "relu",
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        inplace: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        if act not in ops.ACTIVATIONS:
+            raise expected(f"act in {ops.ACTIVATIONS}", repr(act))
+        for arg, value in (("negative_slope", negative_slope), ("alpha", alpha)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise expected(f"{arg} to be a finite number", repr(value))
+        if inplace:
+            if act not in ops.INVERTIBLE:
+                raise expected(f"an invertible act {ops.INVERTIBLE} with inplace=True", repr(act))
+            if act == "leaky_relu" and negative_slope <= 0:
+                raise expected("negative_slope > 0 with inplace=True", negative_slope)
+            if act == "elu" and alpha <= 0:
+                raise expected("alpha > 0 with inplace=True", alpha)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, nonfinite=nonfinite)
+        self.act = act
+        self.negative_slope = float(negative_slope)
+        self.alpha = float(alpha)
+        self.inplace = bool(inplace)
+
+    def _act(self) -> tuple[str, float, float, bool]:
+        return self.act, self.negative_slope, self.alpha, self.inplace
+
+    def activation(self) -> nn.Module:
+        """The activation as a separate PyTorch module (what ``convert(to="torch")`` emits)."""
+        return {
+            "identity": lambda: nn.Identity(),
+            "relu": lambda: nn.ReLU(),
+            "leaky_relu": lambda: nn.LeakyReLU(self.negative_slope),
+            "elu": lambda: nn.ELU(self.alpha),
+            "silu": lambda: nn.SiLU(),
+        }[self.act]()
+
+    def extra_repr(self) -> str:
+        extra = f", act={self.act!r}"
+        if self.act == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        if self.act == "elu":
+            extra += f", alpha={self.alpha}"
+        if self.inplace:
+            extra += ", inplace=True"
+        return super().extra_repr() + extra
+
+
+_ACT_DOC = r"""{base} followed by an activation, fused: one kernel pass forward, one backward.
+
+    .. math::
+        y = \mathrm{{act}}\Big(\frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}}
+            * \gamma + \beta\Big)
+
+    A subclass of :class:`batchnorm.{base}` with the same parameters, buffers and state_dict keys,
+    so a checkpoint of a separate BN (followed by a parameter-free activation) loads into it.
+    Statistics, running buffers, eval and the non-finite guard are exactly as in {base}.
+
+    With ``inplace=True`` and an invertible activation (identity, leaky_relu with
+    ``negative_slope > 0``, elu with ``alpha > 0``), training saves only the output for backward
+    and recovers the normalised input from it (the InPlace-ABN method): a Conv-BN-act stack keeps
+    one activation tensor per block instead of two or three. The input is not overwritten. Where
+    ``|weight| < eps`` the recovery is inexact (it divides by ``sign(weight) * eps``).
+
+    Args:
+        num_features: C, the number of channels.
+        act: "relu", "leaky_relu", "elu", "silu" or "identity". Default: "relu"
+        negative_slope: slope of leaky_relu for negative inputs. Default: 0.01
+        alpha: the ELU scale, ``alpha * (exp(z) - 1)`` for z <= 0. Default: 1.0
+        inplace: save only the output for backward (invertible act only; else BatchNormError at
+            construction). Default: False
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as in {base}.
+        {nonfinite}
+
+    Shape:
+        - Input: {shapes}
+        - Output: same as input
+
+    Examples::
+
+        >>> m = batchnorm.{name}(16, act="leaky_relu", negative_slope=0.1, inplace=True)
+        >>> y = m(torch.randn({example}))
+    """
+
+
+def _act_doc(name: str, base: type, shapes: str, example: str) -> str:
+    return _ACT_DOC.format(base=base.__name__, name=name, shapes=shapes, example=example,
+                           nonfinite=_NONFINITE_DOC)
+
+
+class BatchNormAct1d(_OurBatchNormAct, BatchNorm1d):
+    __doc__ = _act_doc("BatchNormAct1d", BatchNorm1d, ":math:`(N, C)` or :math:`(N, C, L)`",
+                       "8, 16, 10")
+
+
+class BatchNormAct2d(_OurBatchNormAct, BatchNorm2d):
+    __doc__ = _act_doc("BatchNormAct2d", BatchNorm2d, ":math:`(N, C, H, W)`", "8, 16, 5, 5")
+
+
+class BatchNormAct3d(_OurBatchNormAct, BatchNorm3d):
+    __doc__ = _act_doc("BatchNormAct3d", BatchNorm3d, ":math:`(N, C, D, H, W)`", "8, 16, 3, 5, 5")
