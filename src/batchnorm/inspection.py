@@ -1,0 +1,311 @@
+"""``inspect``: every BN layer of a model in one table, and what is wrong with where it sits.
+
+The layer table answers the lesson's §3 (BN adds 2·C learnable parameters; the running
+statistics are buffers); the findings answer §5 (Conv → BN → act is the order that works) and
+§6 (a bias in front of BN is wasted; BN folds into the conv at inference).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import BatchNormError, expected
+from .graph import (
+    ModelGraph, Site, activation_of, bn_kind, is_batchnorm, is_foldable_producer, out_channels, trace,
+)
+
+__all__ = ["inspect", "Report", "Finding", "LayerRow"]
+
+# finding code -> severity; the order is the order findings are listed in
+SEVERITY = {
+    "channel-mismatch": "error",
+    "act-before-bn": "warning",
+    "redundant-bias": "warning",
+    "train-mode": "warning",
+    "eps-zero": "warning",
+    "one-value-per-channel": "warning",
+    "shared-output": "info",
+    "pre-activation": "info",
+    "no-producer": "info",
+    "conv-bn-act": "ok",
+}
+
+
+@dataclass
+class LayerRow:
+    """One BN-like layer: what it is and what it holds."""
+
+    name: str
+    cls: str
+    kind: str  # batchnorm | sync | frozen | duck
+    channels: int
+    params: int  # learnable: 2·C with affine=True, 0 otherwise (frozen: 0)
+    buffers: int  # elements in buffers (running stats, num_batches_tracked, frozen affine)
+    eps: float
+    momentum: float | None
+    mode: str  # train | eval
+    producer: str  # the module or op its input comes from
+
+
+@dataclass
+class Finding:
+    """A statement about some layers, with a one-line fix (empty for the ``ok`` findings)."""
+
+    code: str
+    severity: str
+    layers: list[str]
+    message: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    """What :func:`inspect` found. ``print(report)`` shows tables; ``to_dict()`` is JSON-ready."""
+
+    layers: list[LayerRow] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+    approximate: bool = False
+    warning: str | None = None
+
+    def codes(self) -> set[str]:
+        return {f.code for f in self.findings}
+
+    def finding(self, code: str) -> Finding | None:
+        return next((f for f in self.findings if f.code == code), None)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "totals": dict(self.totals),
+            "findings": [asdict(f) for f in self.findings],
+            "approximate": self.approximate,
+            "warning": self.warning,
+        }
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+
+        table = Table(title="BN layers", title_justify="left")
+        for col, just in (("layer", "left"), ("kind", "left"), ("C", "right"), ("params", "right"),
+                          ("buffers", "right"), ("eps", "right"), ("momentum", "right"),
+                          ("mode", "left"), ("input from", "left")):
+            table.add_column(col, justify=just, overflow="fold")
+        for r in self.layers:
+            momentum = "-" if r.kind == "frozen" else ("None" if r.momentum is None else f"{r.momentum:g}")
+            table.add_row(r.name, r.cls, str(r.channels), str(r.params), str(r.buffers), f"{r.eps:g}",
+                          momentum, r.mode, r.producer)
+        t = self.totals
+        summary = (f"{t.get('bn_layers', 0)} BN layers, {t.get('bn_params', 0)} learnable parameters "
+                   f"({t.get('bn_param_share', 0.0):.2%} of the model's {t.get('model_params', 0)}), "
+                   f"{t.get('bn_buffers', 0)} buffer elements")
+        findings = Table(title="findings", title_justify="left")
+        for col in ("severity", "finding", "layers", "fix"):
+            findings.add_column(col, overflow="fold")
+        colour = {"error": "red", "warning": "yellow", "info": "cyan", "ok": "green"}
+        for f in self.findings:
+            names = ", ".join(f.layers[:4]) + (f" (+{len(f.layers) - 4} more)" if len(f.layers) > 4 else "")
+            findings.add_row(f"[{colour[f.severity]}]{f.severity}[/]", f.message, names, f.fix)
+        parts = [table, summary, findings]
+        if self.warning:
+            parts.append(f"[yellow]warning:[/] {self.warning}")
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, force_terminal=False, color_system=None)
+        with console.capture() as cap:
+            console.print(self)
+        return cap.get()
+
+
+def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Report:
+    r"""Every BN-like layer of ``model``, totals, and findings about placement and state.
+
+    Layers: PyTorch's BatchNorm*, SyncBatchNorm, ours, frozen BN and duck-typed BN
+    (``num_features``, ``eps``, ``running_mean``, ``running_var``). Learnable parameters are
+    :math:`2C` with ``affine=True`` and 0 otherwise; the running statistics are buffers.
+
+    Findings (``Report.findings``, each with layer names and a one-line fix):
+    ``conv-bn-act`` (fine), ``act-before-bn`` (Conv → act → BN), ``pre-activation``
+    (BN → act → Conv: fine, but folds only as a frozen affine), ``no-producer`` (input is not a
+    conv/linear), ``shared-output`` (the conv output has other users, so BN cannot fold),
+    ``redundant-bias`` (a conv/linear bias feeding BN, with the parameters wasted),
+    ``train-mode``, ``eps-zero``, ``channel-mismatch`` and, with ``example_input``,
+    ``one-value-per-channel`` (the batch size at which training breaks).
+
+    BN in train mode at inference: with ``mode="auto"`` a BN is flagged when it is in train
+    mode while the model itself is in eval mode (someone called ``.train()`` on a part);
+    ``mode="inference"`` flags every BN in train mode; ``mode="training"`` flags none.
+
+    The graph comes from ``torch.fx``; when tracing fails, module order stands in for it and
+    ``Report.warning`` says the findings are approximate. The model is not changed (shapes
+    come from a forward pass on an eval-mode copy).
+
+    Args:
+        model: any ``nn.Module``.
+        example_input: tensor or tuple of tensors, to learn each BN's input shape. Default: None
+        mode: ``"auto"``, ``"inference"`` or ``"training"``. Default: ``"auto"``
+
+    >>> report = batchnorm.inspect(model, torch.randn(2, 3, 32, 32))
+    >>> print(report); report.to_dict()["totals"]["bn_params"]
+    """
+    if not isinstance(model, nn.Module):
+        raise expected("an nn.Module", type(model).__name__)
+    if mode not in ("auto", "inference", "training"):
+        raise expected('mode "auto", "inference" or "training"', repr(mode))
+    graph = trace(model)
+    shapes = _input_shapes(model, example_input) if example_input is not None else {}
+    report = Report(approximate=graph.approximate, warning=graph.warning)
+    found: dict[str, list[str]] = {code: [] for code in SEVERITY}
+    extra: dict[str, list[str]] = {code: [] for code in SEVERITY}  # details for the message
+    wasted = 0
+
+    for name, bn in model.named_modules():
+        if not is_batchnorm(bn):
+            continue
+        sites = graph.calls(name)
+        site = sites[0] if sites else None
+        producer = site.producer if site is not None else None
+        report.layers.append(_row(name, bn, producer))
+
+        if site is not None:
+            placement = _placement(graph, site)
+            found[placement].append(name)
+            if producer is not None and producer.module is not None and is_foldable_producer(producer.module):
+                c = out_channels(producer.module)
+                if c != bn.num_features:
+                    found["channel-mismatch"].append(name)
+                    extra["channel-mismatch"].append(f"{producer.name} gives {c}, {name} expects {bn.num_features}")
+                bias = getattr(producer.module, "bias", None)
+                if bias is not None and graph.feeds_only(producer, site):
+                    found["redundant-bias"].append(producer.name)
+                    wasted += bias.numel()
+        if bn.training and (mode == "inference" or (mode == "auto" and not model.training)):
+            found["train-mode"].append(name)
+        if bn.eps == 0:
+            found["eps-zero"].append(name)
+        if name in shapes:
+            shape = shapes[name]
+            per_channel = math.prod(shape[2:])
+            if len(shape) >= 2 and per_channel == 1:
+                found["one-value-per-channel"].append(name)
+                extra["one-value-per-channel"].append(
+                    f"{name} input {tuple(shape)}" + (": fails already at this batch size" if shape[0] == 1 else ""))
+
+    report.findings = [_finding(code, found[code], extra[code], wasted) for code in SEVERITY if found[code]]
+    bn_params = sum(r.params for r in report.layers)
+    model_params = sum(p.numel() for p in model.parameters())
+    report.totals = {
+        "bn_layers": len(report.layers),
+        "bn_params": bn_params,
+        "bn_buffers": sum(r.buffers for r in report.layers),
+        "model_params": model_params,
+        "bn_param_share": bn_params / model_params if model_params else 0.0,
+        "foldable": len(found["conv-bn-act"]),
+        "wasted_bias_params": wasted,
+    }
+    return report
+
+
+def _row(name: str, bn: nn.Module, producer: Site | None) -> LayerRow:
+    params = sum(p.numel() for p in bn.parameters(recurse=False) if p.requires_grad)
+    buffers = sum(b.numel() for b in bn.buffers(recurse=False))
+    if producer is None:
+        source = "-"
+    elif producer.op == "module":
+        source = f"{producer.name} ({type(producer.module).__name__})"
+    elif producer.op == "input":
+        source = "input"
+    else:
+        source = producer.label
+    return LayerRow(name, type(bn).__name__, bn_kind(bn), int(bn.num_features), params, buffers,
+                    float(bn.eps), getattr(bn, "momentum", None), "train" if bn.training else "eval", source)
+
+
+def _placement(graph: ModelGraph, site: Site) -> str:
+    """Where the BN sits: conv-bn-act, shared-output, act-before-bn, pre-activation, no-producer."""
+    producer = site.producer
+    if producer is not None and producer.module is not None and is_foldable_producer(producer.module):
+        return "conv-bn-act" if graph.feeds_only(producer, site) else "shared-output"
+    if producer is not None and producer.is_activation:
+        before = producer.producer
+        if before is not None and before.module is not None and is_foldable_producer(before.module):
+            return "act-before-bn"
+    if _reaches_conv(site):
+        return "pre-activation"
+    return "no-producer"
+
+
+def _reaches_conv(site: Site) -> bool:
+    """BN → (activation →) conv/linear: the BN-ReLU-Conv pre-activation pattern."""
+    frontier = list(site.users)
+    if activation_of(site.module) is None:  # a plain BN may go through one activation first
+        frontier += [u2 for u in site.users if u.is_activation for u2 in u.users]
+    return any(u.module is not None and is_foldable_producer(u.module) for u in frontier)
+
+
+def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> Finding:
+    n = len(layers)
+    text = {
+        "conv-bn-act": (f"{n} BN follow a conv/linear directly (Conv → BN → act): the recommended "
+                        "order; they fold into the conv at inference", ""),
+        "act-before-bn": (f"{n} BN come after an activation (Conv → act → BN): BN normalises the "
+                          "rectified output and cannot fold into the conv",
+                          "reorder to Conv → BN → act"),
+        "pre-activation": (f"{n} BN feed a conv through an activation (BN → act → Conv, "
+                           "pre-activation): fine to train, but cannot fold backwards into a conv",
+                           "nothing to do; batchnorm.fold turns them into frozen per-channel affines"),
+        "no-producer": (f"{n} BN take their input from something other than a conv/linear "
+                        "(input, add, concatenation, pooling)",
+                        "nothing to do; batchnorm.fold turns them into frozen per-channel affines"),
+        "shared-output": (f"{n} BN read a conv/linear output that other layers read too, so "
+                          "they cannot fold into it", "let only the BN read the conv output"),
+        "redundant-bias": (f"{n} conv/linear biases feed BN, which subtracts them again: "
+                           f"{wasted} parameters wasted",
+                           "build these layers with bias=False, or run batchnorm.strip_bias(model)"),
+        "train-mode": (f"{n} BN are in train mode for inference: outputs depend on the batch and "
+                       "every call overwrites the running statistics",
+                       "call model.eval() before inference"),
+        "eps-zero": (f"{n} BN have eps = 0: a running_var of 0 (e.g. fp16 underflow) divides by "
+                     "zero and gives inf/NaN", "set eps to 1e-5 (e.g. FrozenBatchNorm2d(C, eps=1e-5))"),
+        "channel-mismatch": (f"{n} BN do not match their producer's channels ({'; '.join(details)})",
+                             "set num_features to the producer's output channels"),
+        "one-value-per-channel": (f"{n} BN see one value per channel per sample "
+                                  f"({'; '.join(details)}): training breaks at batch size 1 "
+                                  "(e.g. a last partial batch)",
+                                  "use drop_last=True / batch size >= 2, or freeze this BN "
+                                  "(or use LayerNorm/GroupNorm there)"),
+    }[code]
+    return Finding(code, SEVERITY[code], layers, *text)
+
+
+def _input_shapes(model: nn.Module, example_input) -> dict[str, tuple[int, ...]]:
+    """Input shape of every BN on one eval-mode forward pass of a copy of ``model``."""
+    args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise expected("example_input to be a tensor or a tuple of tensors", type(example_input).__name__)
+    probe = copy.deepcopy(model).eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, m in probe.named_modules():
+        if is_batchnorm(m):
+            def hook(mod, inputs, name=name):
+                if name not in shapes and inputs and isinstance(inputs[0], torch.Tensor):
+                    shapes[name] = tuple(inputs[0].shape)
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            probe(*args)
+    except Exception as exc:
+        raise BatchNormError(f"the model failed on example_input: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
