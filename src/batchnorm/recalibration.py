@@ -1,0 +1,196 @@
+"""``recalibrate``: re-estimate every BN's running statistics from data.
+
+After weight averaging (SWA), pruning or a change of domain, the running statistics no longer
+describe the activations the weights produce. ``recalibrate`` resets them and runs the data
+through the model once in train mode with ``momentum=None``, so each running statistic becomes
+the plain average of the per-batch statistics (PyTorch's ``update_bn`` does the same).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import expected
+from .graph import bn_kind, is_batchnorm
+
+__all__ = ["recalibrate"]
+
+_INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    batches: int | None = None,
+    progress: bool = True,
+    input_fn: Callable | None = None,
+    process_group=None,
+) -> nn.Module:
+    r"""Recompute the running statistics of every BN in ``model`` from ``data``.
+
+    Each BN's statistics are reset (mean 0, variance 1, ``num_batches_tracked`` 0), its
+    momentum set to None (cumulative average), and the model run once over the batches in
+    train mode under ``torch.no_grad()``. Afterwards
+
+    .. math::
+        \text{running\_mean} = \frac{1}{B}\sum_{b=1}^{B} \mathrm{E}_b[x], \qquad
+        \text{running\_var} = \frac{1}{B}\sum_{b=1}^{B} \mathrm{Var}^{\text{unbiased}}_b[x]
+
+    over the B batches, as PyTorch's ``torch.optim.swa_utils.update_bn`` computes. Momenta and
+    the training flag of every module are restored afterwards; if anything fails (or ``data``
+    is empty) the running statistics are restored too, so a failed call changes nothing.
+    Frozen BN and BN without running statistics are left alone.
+
+    Args:
+        model: the model; changed in place and returned.
+        data: an iterable of batches: tensors, tuples/lists (the first element is the input) or
+            dicts (key ``input``, ``inputs``, ``x``, ``image``, ``images`` or ``pixel_values``).
+        batches: use at most this many batches. Default: None (all)
+        progress: show a progress bar. Default: True
+        input_fn: ``batch -> input``, when the default choice is wrong. A tuple it returns is
+            passed as positional arguments, a dict as keyword arguments. Default: None
+        process_group: reserved for merging statistics across processes
+            (``torch.distributed``); must be None for now. Default: None
+
+    Returns:
+        ``model``.
+
+    >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    >>> batchnorm.recalibrate(swa_model, loader, batches=100)
+    """
+    if not isinstance(model, nn.Module):
+        raise expected("an nn.Module", type(model).__name__)
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+        raise expected("batches to be None or a positive integer", repr(batches))
+    if input_fn is not None and not callable(input_fn):
+        raise expected("input_fn to be callable", type(input_fn).__name__)
+    if process_group is not None:
+        raise expected("process_group=None (merging across processes is not implemented yet)",
+                       type(process_group).__name__)
+    if not hasattr(data, "__iter__"):
+        raise expected("data to be an iterable of batches", type(data).__name__)
+    layers = [m for m in model.modules() if is_batchnorm(m) and bn_kind(m) != "frozen"
+              and getattr(m, "running_mean", None) is not None]
+    if not layers:
+        return model
+
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in layers]
+    saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in layers]
+    try:
+        for m in layers:
+            _reset(m)
+            m.momentum = None
+        model.train()
+        seen = _accumulate(model, data, batches, input_fn, progress)
+        if seen == 0:
+            raise expected("at least one batch in data", "no batches")
+        _merge_across_processes(layers, process_group)
+    except BaseException:
+        with torch.no_grad():
+            for m, buffers in zip(layers, saved):
+                for k, v in buffers.items():
+                    m._buffers[k].copy_(v)
+        raise
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in flags:
+            m.training = training
+    return model
+
+
+def _reset(bn: nn.Module) -> None:
+    if callable(getattr(bn, "reset_running_stats", None)):
+        bn.reset_running_stats()
+        return
+    with torch.no_grad():  # duck-typed BN without the method
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1)
+        if getattr(bn, "num_batches_tracked", None) is not None:
+            bn.num_batches_tracked.zero_()
+
+
+def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn, progress: bool) -> int:
+    """Run every batch through ``model`` (train mode, no grad); return how many ran.
+
+    With momentum None each BN's own update keeps the cumulative average, so the per-layer
+    accumulation is the forward pass itself.
+    """
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    total = batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)
+    elif total is not None and hasattr(data, "__len__"):
+        total = min(total, len(data))
+    iterator = iter(data) if batches is None else itertools.islice(data, batches)
+    seen = 0
+    with torch.no_grad(), _progress(progress, total) as advance:
+        for batch in iterator:
+            args, kwargs = _call_args(batch, input_fn, device)
+            model(*args, **kwargs)
+            seen += 1
+            advance()
+    return seen
+
+
+def _merge_across_processes(layers: list[nn.Module], process_group) -> None:
+    """Hook for distributed recalibration: combine each layer's statistics across ranks.
+
+    Single process: nothing to merge. A distributed version all-reduces, per layer, the
+    batch-count-weighted sums of running_mean and running_var and the batch counts.
+    """
+    return None
+
+
+def _call_args(batch, input_fn, device) -> tuple[tuple, dict]:
+    if input_fn is not None:
+        x = input_fn(batch)
+        if isinstance(x, dict):
+            return (), {k: _to(v, device) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return tuple(_to(v, device) for v in x), {}
+        return (_to(x, device),), {}
+    if isinstance(batch, torch.Tensor):
+        return (_to(batch, device),), {}
+    if isinstance(batch, (tuple, list)) and batch:
+        return (_to(batch[0], device),), {}
+    if isinstance(batch, dict):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return (_to(batch[key], device),), {}
+        raise expected(f"a dict batch with one of the keys {_INPUT_KEYS}, or an input_fn",
+                       f"keys {sorted(map(str, batch))}")
+    raise expected("batches that are tensors, tuples, lists or dicts (or an input_fn)", type(batch).__name__)
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+class _progress:
+    """A rich progress bar when ``enabled``; yields a function that advances it."""
+
+    def __init__(self, enabled: bool, total: int | None):
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("recalibrating BN"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("recalibrate", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
