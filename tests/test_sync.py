@@ -154,3 +154,65 @@ def test_layer_equals_one_process_on_whole_batch(sizes):
     for i, (shape, momentum, affine) in enumerate(_CONFIGS):
         want = _single_steps(sizes, shape, momentum, affine, [True, True, False], len(sizes))
         _compare(sizes, [r[i] for r in results], want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _model_for_conversion():
+    import batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        batchnorm.BatchNormAct2d(4, act="leaky_relu", negative_slope=0.2),
+        nn.Flatten(2), nn.BatchNorm1d(4, momentum=None, affine=False),
+        nn.Flatten(), nn.Linear(4 * 16, 5), nn.BatchNorm1d(5, eps=1e-3),
+    )
+    net(torch.randn(6, 3, 6, 6))  # non-trivial running statistics
+    return net
+
+
+def test_convert_to_sync_and_back():
+    import batchnorm
+    from batchnorm.sync import SyncBatchNormAct
+
+    net = _model_for_conversion()
+    synced = batchnorm.convert(net, to="sync")
+    kinds = [type(m) for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert kinds == [SyncBatchNorm, SyncBatchNormAct, SyncBatchNorm, SyncBatchNorm]
+    assert [m.sync_name for m in synced.modules() if isinstance(m, SyncBatchNorm.__mro__[1])] == \
+        ["1", "3", "5", "8"]
+    assert synced[3].act == "leaky_relu" and synced[3].negative_slope == 0.2
+    assert synced.state_dict().keys() == net.state_dict().keys()
+    for k, v in net.state_dict().items():
+        assert torch.equal(synced.state_dict()[k], v), k
+    x = torch.randn(6, 3, 6, 6)
+    for mode in (False, True):  # no process group: exactly the plain layers
+        net.train(mode), synced.train(mode)
+        torch.testing.assert_close(synced(x), net(x))
+    # back: PyTorch's classes of the original rank, and ours
+    back = batchnorm.convert(synced, to="torch")
+    assert [type(m) for m in back.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == \
+        [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d]
+    assert isinstance(back[3], nn.Sequential) and isinstance(back[3][1], nn.LeakyReLU)
+    ours = batchnorm.convert(synced, to="batchnorm")
+    assert [type(m) for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == \
+        [batchnorm.BatchNorm2d, batchnorm.BatchNormAct2d, batchnorm.BatchNorm1d,
+         batchnorm.BatchNorm1d]
+    for k, v in synced.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    # PyTorch's own SyncBatchNorm converts too, and keeps its rank-less nature
+    torch_sync = nn.SyncBatchNorm(4)
+    mine = batchnorm.convert(torch_sync, to="sync")
+    assert type(mine) is SyncBatchNorm and mine.source_ranks is None
+    assert type(batchnorm.convert(mine, to="torch")) is nn.SyncBatchNorm
+
+
+def test_state_dict_loads_both_ways():
+    ours, theirs = SyncBatchNorm(3), nn.BatchNorm2d(3)
+    theirs.train()(torch.randn(4, 3, 2, 2))
+    ours.load_state_dict(theirs.state_dict())
+    nn.BatchNorm2d(3).load_state_dict(ours.state_dict())
+    assert torch.equal(ours.running_var, theirs.running_var)

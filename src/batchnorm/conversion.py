@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import graph, layers
+from . import graph, layers, sync
 from .errors import expected
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 
@@ -46,6 +46,8 @@ _FAMILIES: dict[str, dict[object, type]] = {
                  (5,): layers.BatchNormAct3d},
     "frozen": {(2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d,
                "xd": _FrozenBatchNormXd},
+    "sync": {"xd": sync.SyncBatchNorm},  # rank-less; remembers the BN it replaced (source_ranks)
+    "sync_act": {"xd": sync.SyncBatchNormAct},
 }
 
 
@@ -58,7 +60,7 @@ def _family_of(module: nn.Module) -> str | None:
 
 
 def _rank_key(module: nn.Module) -> object:
-    ranks = graph.bn_input_ranks(module)
+    ranks = getattr(module, "source_ranks", None) or graph.bn_input_ranks(module)
     return ranks if ranks in ((2, 3), (4,), (5,)) else "xd"
 
 
@@ -125,6 +127,35 @@ def _to_trainable(frozen: nn.Module) -> nn.Module:
     return new
 
 
+def _act_args(bn: nn.Module) -> dict:
+    return dict(act=bn.act, negative_slope=bn.negative_slope, alpha=bn.alpha, inplace=bn.inplace)
+
+
+def _to_sync(bn: nn.Module) -> nn.Module:
+    if _family_of(bn) == "ours_act":
+        new = sync.SyncBatchNormAct(bn.num_features, **_act_args(bn), **_bn_args(bn),
+                                    nonfinite=bn.nonfinite)
+    else:
+        new = sync.SyncBatchNorm(bn.num_features, **_bn_args(bn),
+                                 nonfinite=getattr(bn, "nonfinite", "skip"))
+    key = _rank_key(bn)
+    new.source_ranks = None if key == "xd" else key
+    _move_state(bn, new)
+    return new
+
+
+def _from_sync(bn: nn.Module) -> nn.Module:
+    key = _rank_key(bn)
+    if _family_of(bn) == "sync_act" and key != "xd":
+        new = _FAMILIES["ours_act"][key](bn.num_features, **_act_args(bn), **_bn_args(bn),
+                                         nonfinite=bn.nonfinite)
+    else:
+        new = _FAMILIES["ours"][key](bn.num_features, **_bn_args(bn), nonfinite=bn.nonfinite)
+        new = _with_activation(bn, new)
+    _move_state(bn, new[0] if isinstance(new, nn.Sequential) else new)
+    return new
+
+
 @dataclass(frozen=True)
 class _Target:
     accepts: Callable[[nn.Module], bool]  # which modules this target replaces
@@ -133,8 +164,11 @@ class _Target:
 
 # convert's `to` -> target. A SyncBatchNorm helper adds its entry here ("sync").
 _TARGETS: dict[str, _Target] = {
-    "batchnorm": _Target(lambda m: _family_of(m) == "torch", _to_ours),
-    "torch": _Target(lambda m: _family_of(m) in ("ours", "ours_act"), _to_torch),
+    "batchnorm": _Target(lambda m: _family_of(m) in ("torch", "sync", "sync_act"),
+                         lambda m: _to_ours(m) if _family_of(m) == "torch" else _from_sync(m)),
+    "torch": _Target(lambda m: _family_of(m) in ("ours", "ours_act", "sync", "sync_act"),
+                     _to_torch),
+    "sync": _Target(lambda m: _family_of(m) in ("torch", "ours", "ours_act"), _to_sync),
     "frozen": _Target(lambda m: graph.bn_kind(m) not in (None, "frozen"), _to_frozen),
 }
 _UNFREEZE = _Target(lambda m: graph.bn_kind(m) == "frozen", _to_trainable)
@@ -181,10 +215,13 @@ def convert(model: nn.Module, to: str = "batchnorm", fuse_act: bool = False) -> 
     - ``"frozen"``: any BN-like module (PyTorch's, ours, SyncBatchNorm, third-party) becomes
       :class:`batchnorm.FrozenBatchNorm2d`... with its statistics and affine parameters; a BN
       with an activation becomes ``nn.Sequential(frozen, activation)``.
+    - ``"sync"``: PyTorch's and our BN (BatchNormAct too) become :class:`batchnorm.SyncBatchNorm`
+      (:class:`batchnorm.SyncBatchNormAct`), each named after its path for error messages;
+      ``to="batchnorm"`` / ``to="torch"`` turn them back into the class of the original rank.
 
     Args:
         model: any module; a BN itself is converted too.
-        to: "batchnorm", "torch" or "frozen". Default: "batchnorm"
+        to: "batchnorm", "torch", "frozen" or "sync". Default: "batchnorm"
         fuse_act: with ``to="batchnorm"``, also trace the model with ``torch.fx`` and turn each
             BN whose only consumer is a ReLU / LeakyReLU / ELU / SiLU (module, ``F.relu``,
             ``F.leaky_relu``, ``F.elu``, ``F.silu``, ``torch.relu`` or ``x.relu()``) into one
@@ -208,6 +245,8 @@ def convert(model: nn.Module, to: str = "batchnorm", fuse_act: bool = False) -> 
     if fuse_act and to != "batchnorm":
         raise expected("fuse_act=True only with to='batchnorm'", f"to={to!r}")
     new = _swap(copy.deepcopy(model), _TARGETS[to])
+    if to == "sync":
+        sync.name_layers(new)  # errors name the layer by its path
     return _fuse_activations(new) if fuse_act else new
 
 

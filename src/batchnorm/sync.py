@@ -33,9 +33,10 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BatchNormError, expected
+from . import ops
+from .errors import BatchNormError, check_eps, expected
+from .layers import _OurBatchNorm, _OurBatchNormAct
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments",
            "all_merge_moments"]
@@ -255,58 +256,33 @@ def _normalize(x, mean, invstd, weight, bias) -> torch.Tensor:
 # Modules
 
 
-class SyncBatchNorm(_BatchNorm):
-    r"""Batch normalization with statistics over the union of every rank's batch.
+class _SyncBase(_OurBatchNorm):
+    """What SyncBatchNorm and SyncBatchNormAct share: the choice of path and the sync forward."""
 
-    .. math::
-        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+    _ranks = (2, 3, 4, 5)
+    process_group = None
+    sync_name: str | None = None  # the layer's path in its model (set by convert); names errors
+    source_ranks: tuple[int, ...] | None = None  # ranks of the BN it replaced, for converting back
+    _sync_calls = 0
 
-    with ``E[x]`` and the *biased* ``Var[x]`` taken per channel over the batches of all ranks of
-    ``process_group`` together, in training with an initialised process group of more than one
-    rank. ``running_var`` is updated with the *unbiased* variance over all ranks
-    (``M2 / (n - 1)``, n the global count per channel), so every rank keeps identical running
-    statistics. Without a process group, with one rank, or in eval it is plain batch norm.
-    Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as GPU (NCCL), and ranks
-    may hold batches of different sizes, including empty ones.
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        group, world = _group_world(self.process_group)
+        if not (self.training and world > 1):  # eval never syncs, as in PyTorch
+            return super().forward(input)
+        return self._sync_forward(input, group, world)
 
-    Ranks must call every sync layer the same number of times in the same order (forward and
-    backward); otherwise the layer raises :class:`~batchnorm.BatchNormError` naming itself, at
-    once when the calls are visibly out of step, or after the process group's timeout when a
-    rank stops or dies. Set that timeout with
-    ``dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))``.
-
-    Args:
-        num_features: C from an expected input of size (N, C, *).
-        eps: added to the variance for numerical stability. Default: 1e-5
-        momentum: weight of the new batch in the running statistics, or None for a cumulative
-            average. Default: 0.1
-        affine: learnable per-channel ``gamma`` and ``beta``. Default: True
-        track_running_stats: keep running statistics (used in eval). Default: True
-        process_group: the ranks to synchronise over; None means the whole world. Default: None
-
-    Shape:
-        - Input: (N, C, *), at least 2D. N may differ between ranks and be 0 on some.
-        - Output: same shape as input.
-
-    The state_dict is BatchNorm's: ``weight, bias, running_mean, running_var,
-    num_batches_tracked``.
-
-    >>> bn = SyncBatchNorm(8)
-    >>> bn(torch.randn(4, 8, 5, 5)).shape     # no process group: plain batch norm
-    torch.Size([4, 8, 5, 5])
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.process_group = process_group
-        self.sync_name = None  # set by convert(); names the layer in errors
-        self._sync_calls = 0
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise expected("at least 2D input", f"{x.dim()}D input")
+    def _sync_forward(self, x: torch.Tensor, group, world: int) -> torch.Tensor:
+        # the local checks; "more than one value per channel" is checked over all ranks, later
+        self._check_input(x, batch_stats=False, update=self.track_running_stats)
+        check_eps(self.eps, training=True)
+        act, negative_slope, alpha, _ = self._act()
+        self._sync_calls += 1
+        link = _Link(group, world, self._display_name, _layer_key(self._display_name))
+        z, mean, var, n = _SyncBatchNormFunction.apply(
+            x, self.weight, self.bias, self.eps, link, self._sync_calls)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, int(n))  # n over all ranks: same on each
+        return ops._activate(z, act, negative_slope, alpha)
 
     @property
     def _display_name(self) -> str:
@@ -314,64 +290,159 @@ class SyncBatchNorm(_BatchNorm):
             return f"{type(self).__name__} '{self.sync_name}'"
         return f"{type(self).__name__}({self.num_features})"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group, world = _group_world(self.process_group)
-        if not (self.training and world > 1):
-            return self._activate(super().forward(x))
-        return self._activate(self._sync_forward(x, group, world))
-
-    def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        return y
-
-    def _sync_forward(self, x: torch.Tensor, group, world: int) -> torch.Tensor:
-        self._check_input_dim(x)
-        if x.shape[1] != self.num_features:
-            raise expected(f"{self.num_features} channels on dim 1", f"{x.shape[1]} channels")
-        if not x.is_floating_point():
-            raise expected("a floating-point input", f"dtype {x.dtype}")
-        if self.weight is not None and x.dtype != self.weight.dtype:
-            raise expected(f"input of dtype {self.weight.dtype}, the layer's", f"dtype {x.dtype}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise expected("eps > 0 in training", self.eps)
-        name = self._display_name
-        link = _Link(group, world, name, _layer_key(name))
-        self._sync_calls += 1
-        y, mean, var, n = _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, self.eps, link, self._sync_calls)
-        if self.track_running_stats:
-            self._update_running(mean, var, n_global=float(n))
-        return y
-
-    @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n_global: float) -> None:
-        self.num_batches_tracked.add_(1)
-        if n_global == 0:  # every rank empty: the statistics stay, as for an empty batch
-            return
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (n_global / (n_global - 1))
-        rm, rv = self.running_mean, self.running_var
-        rm.copy_(((1 - factor) * rm.to(torch.float64) + factor * mean).to(rm.dtype))
-        rv.copy_(((1 - factor) * rv.to(torch.float64) + factor * unbiased).to(rv.dtype))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.sync_name is None else f", name={self.sync_name!r}")
-
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every BatchNorm*d (PyTorch's or ours) in ``module`` by a SyncBatchNorm.
+        """A copy of ``module`` with every BatchNorm*d (PyTorch's or ours) as SyncBatchNorm(Act).
 
-        Parameters, buffers, mode and ``requires_grad`` are kept; each layer is named after its
-        path in the model so that errors say which layer failed.
+        ``batchnorm.convert(module, to="sync")`` with a process group set on every sync layer.
+        Unlike PyTorch's method of the same name, the input module is left untouched.
         """
-        return _convert_tree(module, cls, process_group, prefix="")
+        from .conversion import convert  # conversion imports this module
+
+        new = convert(module, to="sync")
+        for m in new.modules():
+            if isinstance(m, _SyncBase):
+                m.process_group = process_group
+        return new
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.sync_name is None else f"{text}, name={self.sync_name!r}"
 
 
-class SyncBatchNormAct(SyncBatchNorm):
-    """SyncBatchNorm followed by an activation (placeholder until layers.BatchNormAct lands)."""
+class SyncBatchNorm(_SyncBase):
+    r"""Batch normalization with statistics over the union of every rank's batch.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training with an initialised ``torch.distributed`` process group of more than one rank,
+    ``E[x]`` and the *biased* ``Var[x]`` are per channel over the batches of all ranks of
+    ``process_group`` together, exactly as one process would compute them on the concatenated
+    batch. ``running_var`` is updated with the *unbiased* variance ``M2 / (n - 1)``, n the
+    number of values per channel over all ranks, so every rank keeps identical running
+    statistics. Without a process group, with one rank, or in eval it is
+    :class:`batchnorm.BatchNorm2d` (any rank 2..5). Unlike ``torch.nn.SyncBatchNorm`` it runs on
+    CPU (gloo) as well as GPU (NCCL), and ranks may hold different batch sizes, including 0.
+
+    Per step each rank sends one all-gather of ``2C + 5`` float64 values forward (mean, M2, count
+    and a check header) and one all-reduce of ``2C + 8`` backward. ``weight``/``bias``
+    gradients stay local; ``DistributedDataParallel`` averages them.
+
+    Ranks must call every sync layer the same number of times in the same order. If they do
+    not, the layer raises :class:`~batchnorm.BatchNormError` naming itself: at once when the
+    calls are out of step, or when the process group's timeout expires if a rank stopped or
+    died. Set that timeout with
+    ``dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))`` (gloo's default
+    is 30 minutes).
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance for numerical stability. Default: 1e-5
+        momentum: factor of the running-statistics update, or None for a cumulative average.
+            Default: 0.1
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default: True
+        track_running_stats: keep running statistics and use them in eval. Default: True
+        process_group: the ranks to synchronise over; None means the default (world) group.
+            Default: None
+        device, dtype: of the parameters and buffers. Default: None
+        bias: with ``affine``, whether to learn beta too (keyword only). Default: True
+        nonfinite: what NaN/Inf batch statistics do to the running ones, as in
+            :class:`batchnorm.BatchNorm2d` (keyword only). Default: "skip"
+
+    Shape:
+        - Input: :math:`(N, C, *)`, 2D to 5D; N may differ between ranks and be 0 on some.
+        - Output: same as input
+
+    The state_dict is BatchNorm's (``weight, bias, running_mean, running_var,
+    num_batches_tracked``); ``batchnorm.convert(model, to="sync")`` converts a model and
+    ``to="batchnorm"`` / ``to="torch"`` converts it back.
+
+    Examples::
+
+        >>> # torchrun --nproc_per_node=2 train.py, with in train.py:
+        >>> dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        >>> model = batchnorm.convert(model, to="sync")
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, nonfinite=nonfinite)
+        self.process_group = process_group
 
 
-def _convert_tree(module: nn.Module, cls, process_group, prefix: str) -> nn.Module:
-    raise NotImplementedError
+class SyncBatchNormAct(_OurBatchNormAct, _SyncBase):
+    r"""SyncBatchNorm followed by an activation: ``act(SyncBatchNorm(x))``.
+
+    The statistics, gradients, running buffers and faults are :class:`SyncBatchNorm`'s; the
+    activation is :class:`batchnorm.BatchNormAct2d`'s (same arguments, same state_dict, so a
+    checkpoint of BN + activation loads). Without a process group, with one rank, or in eval it
+    runs BatchNormAct's fused kernel. In a synchronised step the activation is applied after
+    the normalisation (not fused), and ``inplace=True`` saves no memory.
+
+    Args:
+        num_features: C, the number of channels.
+        act: "relu", "leaky_relu", "elu", "silu" or "identity". Default: "relu"
+        negative_slope: slope of leaky_relu for negative inputs. Default: 0.01
+        alpha: the ELU scale. Default: 1.0
+        inplace: as in BatchNormAct2d (memory saving only when not synchronising).
+            Default: False
+        eps, momentum, affine, track_running_stats, process_group, device, dtype, bias,
+            nonfinite: as in :class:`SyncBatchNorm`.
+
+    Shape:
+        - Input: :math:`(N, C, *)`, 2D to 5D
+        - Output: same as input
+
+    Examples::
+
+        >>> m = batchnorm.SyncBatchNormAct(16, act="leaky_relu", negative_slope=0.1)
+        >>> y = m(torch.randn(8, 16, 5, 5))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        act: str = "relu",
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        inplace: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        super().__init__(num_features, act, negative_slope, alpha, inplace, eps, momentum, affine,
+                         track_running_stats, device, dtype, bias=bias, nonfinite=nonfinite)
+        self.process_group = process_group
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Name every sync layer of ``model`` after its path in it, for error messages; returns model."""
+    for path, m in model.named_modules():
+        if isinstance(m, _SyncBase):
+            m.sync_name = path or type(m).__name__
+    return model
 
 
 def all_merge_moments(partials, process_group=None, name: str = "recalibrate"):
