@@ -1,0 +1,47 @@
+"""``batchnorm experiment``: reruns of published BN experiments (for now, the paper's Figure 1)."""
+from __future__ import annotations
+
+import argparse
+
+from ._errors import CLIError
+
+EXPERIMENTS = ("figure1",)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="rerun a published BN experiment and write a report",
+        description="Rerun a published Batch Normalization experiment, print whether this run "
+        "shows the paper's claims, and write DIR/index.html, PNG plots and DIR/results.json.\n\n"
+        "figure1: Ioffe & Szegedy 2015, Figure 1 (a)-(c): 3 fully-connected hidden layers of 100 "
+        "sigmoid units with and without BN; test accuracy against steps, and one sigmoid input's "
+        "15/50/85th percentiles over training.\n\n"
+        "Examples:\n  batchnorm experiment figure1\n"
+        "  batchnorm experiment figure1 --steps 20000 --data ~/mnist/ --out reports/fig1-mnist",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", choices=EXPERIMENTS, help="which experiment")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of each network (default 5000; the paper ran 50000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="MNIST IDX files (a folder or the images file, .gz or not) or an .npz "
+                   "with x and y (default: scikit-learn's bundled digits)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="report folder (default reports/NAME)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..tour.figure1 import run_figure1
+
+    if args.steps is not None and args.steps < 10:
+        raise CLIError(f"expected --steps >= 10 (got {args.steps})", "try --steps 5000")
+    out = Path(args.out or f"reports/{args.name}")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"expected --out to be a folder (got the file {out})", "pick another --out")
+    run_figure1(out, steps=args.steps, seed=args.seed, data=args.data)
+    return 0

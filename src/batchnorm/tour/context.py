@@ -1,0 +1,56 @@
+"""What the demo's sections share: settings, the data, the output folder, progress, trained models."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import Dataset
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The demo's knobs; ``quick`` shrinks every training run for tests."""
+
+    seed: int = 0
+    quick: bool = False
+    steps: int = 400  # training steps of each network in sections 1 and 5
+    lr: float = 0.05  # SGD learning rate (momentum 0.9) of those runs
+    batch_size: int = 64
+    sweep_rates: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    sweep_steps: int = 150
+    latency_repeats: int = 30
+
+    @classmethod
+    def make(cls, seed: int, quick: bool) -> "Settings":
+        if quick:
+            return cls(seed=seed, quick=True, steps=60, sweep_rates=(0.03, 0.3, 3.0),
+                       sweep_steps=30, latency_repeats=5)
+        return cls(seed=seed)
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed, "quick": self.quick, "steps": self.steps, "lr": self.lr,
+            "momentum": 0.9, "batch_size": self.batch_size, "sweep_rates": list(self.sweep_rates),
+            "sweep_steps": self.sweep_steps, "latency_repeats": self.latency_repeats,
+        }
+
+
+@dataclass
+class Context:
+    settings: Settings
+    data: Dataset
+    out: Path
+    progress: object  # rich.progress.Progress
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # placement -> trained model
+    curves: dict = field(default_factory=dict)  # placement -> training.Curves
+
+    def task(self, description: str, total: int):
+        """A progress-bar task, as the ``(progress, task_id)`` pair training.train advances."""
+        return self.progress, self.progress.add_task(description, total=total)
+
+    def done(self, task) -> None:
+        progress, task_id = task
+        total = next(t.total for t in progress.tasks if t.id == task_id)
+        progress.update(task_id, completed=total)
