@@ -245,8 +245,7 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
         >>> folded = batchnorm.fold(model, torch.randn(1, 3, 224, 224))
         >>> print(folded.fold_report)   # per-layer action and error
     """
-    if not isinstance(model, nn.Module):
-        raise expected("an nn.Module", type(model).__name__)
+    _check_model(model)
     folded = copy.deepcopy(model).eval()
     graph = trace(folded)
     args = _as_args(example_input)
@@ -359,6 +358,13 @@ def _frozen_class(bn: nn.Module, seen) -> type:
     return _AnyRankFrozenBatchNorm
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise expected("an nn.Module", type(model).__name__)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise expected("a Python nn.Module to rewrite", "a TorchScript module, which cannot be rewritten")
+
+
 def _as_args(example_input):
     if example_input is None:
         return None
@@ -437,8 +443,7 @@ def strip_bias(model: nn.Module, example_input=None) -> nn.Module:
     >>> lean = batchnorm.strip_bias(model)
     >>> lean.strip_report.parameters_saved
     """
-    if not isinstance(model, nn.Module):
-        raise expected("an nn.Module", type(model).__name__)
+    _check_model(model)
     stripped = copy.deepcopy(model)
     graph = trace(stripped)
     captured = {}

@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = [
-    "is_batchnorm", "bn_kind", "bn_input_ranks", "is_foldable_producer", "out_channels",
+    "is_batchnorm", "bn_kind", "bn_input_ranks", "is_foldable_producer", "out_channels", "class_name",
     "activation_of", "Site", "ModelGraph", "trace",
 ]
 
@@ -75,18 +75,29 @@ def bn_input_ranks(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
+_FOLDABLE_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                   "ConvTranspose3d", "Linear"}
+
+
 def is_foldable_producer(module: object) -> bool:
-    """Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear, subclasses included."""
-    return isinstance(module, (_ConvNd, nn.Linear))
+    """Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear, subclasses included (and TorchScript'd)."""
+    if isinstance(module, (_ConvNd, nn.Linear)):
+        return True
+    return isinstance(module, torch.jit.ScriptModule) and class_name(module) in _FOLDABLE_NAMES
+
+
+def class_name(module: nn.Module) -> str:
+    """The module's class name; for TorchScript, the name of the class it was scripted from."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", type(module).__name__)
+    return type(module).__name__
 
 
 def out_channels(module: nn.Module) -> int | None:
     """Output channels of a conv (transposed or not) or linear layer."""
-    if isinstance(module, _ConvNd):
-        return module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return None
+    if not is_foldable_producer(module):
+        return None
+    return getattr(module, "out_channels", getattr(module, "out_features", None))
 
 
 _ACTIVATIONS = {
@@ -164,7 +175,9 @@ class Site:
     @property
     def is_activation(self) -> bool:
         if self.module is not None:
-            return isinstance(self.module, _ACT_MODULES)
+            return isinstance(self.module, _ACT_MODULES) or (
+                isinstance(self.module, torch.jit.ScriptModule)
+                and class_name(self.module) in {c.__name__ for c in _ACT_MODULES})
         return self.label in _ACTIVATION_LABELS
 
     @property
@@ -268,9 +281,8 @@ def _module_order(model: nn.Module, reason: str) -> ModelGraph:
     sites = [input_site]
     previous = input_site
     pairs: set[tuple[str, str]] = set()
-    tracer = _Tracer()
     for name, module in model.named_modules():
-        if name and tracer.is_leaf_module(module, name) and not _has_leaf_children(module, tracer):
+        if name and not any(True for _ in module.children()):
             site = Site(name, "module", module=module, inputs=[previous])
             previous.users.append(site)
             sites.append(site)
@@ -287,10 +299,3 @@ def _module_order(model: nn.Module, reason: str) -> ModelGraph:
     warning = (f"torch.fx could not trace the model ({reason}); the graph is approximated by "
                "module order, so findings are approximate")
     return ModelGraph(sites, approximate=True, warning=warning, sequential_pairs=pairs)
-
-
-def _has_leaf_children(module: nn.Module, tracer: _Tracer) -> bool:
-    # a leaf BN/conv never has leaf children; a plain container does
-    return not (is_batchnorm(module) or is_foldable_producer(module)) and any(
-        True for _ in module.children())
-

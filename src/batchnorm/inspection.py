@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import BatchNormError, expected
 from .graph import (
-    ModelGraph, Site, activation_of, bn_kind, is_batchnorm, is_foldable_producer, out_channels, trace,
+    ModelGraph, Site, activation_of, bn_kind, class_name, is_batchnorm, is_foldable_producer, out_channels, trace,
 )
 
 __all__ = ["inspect", "Report", "Finding", "LayerRow"]
@@ -220,12 +220,12 @@ def _row(name: str, bn: nn.Module, producer: Site | None) -> LayerRow:
     if producer is None:
         source = "-"
     elif producer.op == "module":
-        source = f"{producer.name} ({type(producer.module).__name__})"
+        source = f"{producer.name} ({class_name(producer.module)})"
     elif producer.op == "input":
         source = "input"
     else:
         source = producer.label
-    return LayerRow(name, type(bn).__name__, bn_kind(bn), int(bn.num_features), params, buffers,
+    return LayerRow(name, class_name(bn), bn_kind(bn), int(bn.num_features), params, buffers,
                     float(bn.eps), getattr(bn, "momentum", None), "train" if bn.training else "eval", source)
 
 

@@ -1,0 +1,42 @@
+"""Print a result as a human table (rich) or as JSON (--json)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+
+def emit(args, data: dict, renderable=None) -> None:
+    """JSON on stdout with --json; otherwise the rich renderable (or the dict as lines)."""
+    if getattr(args, "json", False):
+        json.dump(_plain(data), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+
+    console = Console()
+    if renderable is not None:
+        console.print(renderable)
+    else:
+        for key, value in data.items():
+            console.print(f"{key}: {value}")
+
+
+def note(args, message: str) -> None:
+    """A line for humans; silent under --json so stdout stays valid JSON."""
+    if not getattr(args, "json", False):
+        from rich.console import Console
+
+        Console().print(message)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
