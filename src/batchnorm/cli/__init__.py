@@ -8,7 +8,7 @@ import sys
 from ._errors import run_guarded
 
 # Each module defines register(subparsers) -> None, adding its parser with set_defaults(run=...).
-COMMANDS = ["demo"]
+COMMANDS = ["demo", "experiment", "inspect", "fold", "strip_bias", "recalibrate", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
