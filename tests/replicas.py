@@ -413,9 +413,10 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) or hasattr(m, "running_var"):
-                c = m.running_mean.numel()
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                c = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                    m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
                 if getattr(m, "weight", None) is not None:
                     m.weight.copy_(torch.randn(c, generator=g) * 0.5 + 1)
                     m.bias.copy_(torch.randn(c, generator=g) * 0.3)

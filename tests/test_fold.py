@@ -1,0 +1,386 @@
+"""fold, fold_weights and strip_bias against PyTorch: every replica, random graphs, odd BN kinds."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+import batchnorm
+from batchnorm.errors import BatchNormError
+from batchnorm.folding import fold, fold_weights, strip_bias
+from batchnorm.frozen import FrozenBatchNorm2d
+
+from .replicas import REPLICAS, build, randomize_bn
+
+
+def assert_close(got, want, rel=1e-5):
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= rel * max(scale, 1e-12), f"max error {err:.3e} > {rel} * {scale:.3e}"
+
+
+def snapshot(model):
+    """Every state_dict entry as raw bytes, plus every module's training flag."""
+    state = {k: (v.dtype, tuple(v.shape), v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if v.dim() else v.item())
+             for k, v in model.state_dict().items()}
+    return state, [m.training for m in model.modules()]
+
+
+# --------------------------------------------------------------------------- fold_weights
+
+
+def test_fold_weights_matches_pytorch_for_conv():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3), randomize_bn(nn.BatchNorm2d(6))
+    want_w, want_b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                          bn.eps, bn.weight, bn.bias)
+    w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    assert_close(w, want_w.detach(), 1e-6)
+    assert_close(b, want_b.detach(), 1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_fold_weights_transposed_grouped_equals_bn_after_conv(groups, dims):
+    torch.manual_seed(groups * 10 + dims)
+    conv_t = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dims - 1]
+    bn_cls = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d][dims - 1]
+    conv = conv_t(8, 12, 3, stride=2, groups=groups, bias=True)
+    bn = randomize_bn(bn_cls(12), seed=groups).eval()
+    x = torch.randn(2, 8, *([4] * dims))
+    want = bn(conv(x))
+    w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                        bn.bias, transposed=True, groups=groups)
+    got = F.__dict__[f"conv_transpose{dims}d"](x, w, b, stride=2, groups=groups)
+    assert_close(got.detach(), want.detach())
+
+
+def test_fold_weights_linear_without_affine_and_bias():
+    torch.manual_seed(1)
+    lin, bn = nn.Linear(5, 7, bias=False), nn.BatchNorm1d(7, affine=False)
+    randomize_bn(bn).eval()
+    x = torch.randn(3, 5)
+    w, b = fold_weights(lin.weight, None, bn.running_mean, bn.running_var, bn.eps)
+    assert_close(F.linear(x, w, b).detach(), bn(lin(x)).detach())
+
+
+def test_fold_weights_rejects_wrong_shapes():
+    with pytest.raises(BatchNormError, match="expected a weight with 4 output channels"):
+        fold_weights(torch.ones(3, 2, 1, 1), None, torch.zeros(4), torch.ones(4), 1e-5)
+    with pytest.raises(BatchNormError, match="expected gamma with 3 elements"):
+        fold_weights(torch.ones(3, 2), None, torch.zeros(3), torch.ones(3), 1e-5, torch.ones(2))
+    with pytest.raises(BatchNormError, match="transposed conv weight"):
+        fold_weights(torch.ones(4, 3, 1), None, torch.zeros(4), torch.ones(4), 1e-5, transposed=True, groups=2)
+
+
+# --------------------------------------------------------------------------- every replica
+
+
+@pytest.mark.parametrize("name", sorted(REPLICAS))
+def test_fold_equals_eval_on_every_replica(name):
+    model, x = build(name)
+    model.train()  # fold must not care about (or change) the input's mode
+    before = snapshot(model)
+    folded = fold(model, x)
+    assert snapshot(model) == before, "fold changed the input model"
+    assert not folded.training
+    with torch.no_grad():
+        want = copy.deepcopy(model).eval()(x)
+        got = folded(x)
+    assert_close(got, want)
+
+    _, _, n_folded, n_frozen = REPLICAS[name]
+    report = folded.fold_report
+    assert (report.count("folded"), report.count("frozen"), report.count("kept")) == (n_folded, n_frozen, 0)
+    remaining = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert remaining == [], "a PyTorch BN survived the fold"
+    assert report.max_error is not None and report.rel_error < 1e-5
+    assert all(r.max_error is not None and r.rel_error < 1e-5 for r in report.layers)
+
+
+def test_fold_leaves_no_bn_where_pytorch_fuse_keeps_them():
+    with warnings.catch_warnings():  # torch's module warns about its own jit use on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.fx.experimental.optimization import fuse
+
+    for name in ("dcgan", "conv_subclass", "densenet"):
+        model, _ = build(name)
+        fused = fuse(copy.deepcopy(model).eval())
+        kept_by_fuse = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+        ours = fold(model)
+        kept_by_us = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+        assert kept_by_fuse > 0 and kept_by_us == 0, name
+
+
+# --------------------------------------------------------------------------- BN kinds and odd graphs
+
+
+class DuckBN(nn.Module):
+    """A third-party BN: not a _BatchNorm, same attributes."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.num_features, self.eps = c, 1e-3
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def odd_kinds_model():
+    from batchnorm.layers import BatchNorm2d, BatchNormAct2d
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.SyncBatchNorm(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1), DuckBN(6),
+        nn.Conv2d(6, 6, 1), BatchNormAct2d(6, act="leaky_relu", negative_slope=0.2),
+        nn.Conv2d(6, 6, 1), BatchNorm2d(6),
+        nn.Conv2d(6, 6, 1), FrozenBatchNorm2d(6),
+        nn.MaxPool2d(2), nn.SyncBatchNorm(6),  # not after a conv: frozen affine
+        nn.MaxPool2d(2), BatchNormAct2d(6, act="elu", alpha=0.5),  # frozen affine + its ELU
+    )
+    return randomize_bn(model)
+
+
+def test_fold_handles_sync_duck_ours_frozen_and_act():
+    model = odd_kinds_model()
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold(model, x)
+    with torch.no_grad():
+        assert_close(folded(x), copy.deepcopy(model).eval()(x))
+    actions = {r.name: r.action for r in folded.fold_report.layers}
+    assert actions == {"1": "folded", "4": "folded", "6": "folded", "8": "folded", "10": "folded",
+                       "12": "frozen", "14": "frozen"}
+    assert isinstance(folded[6], nn.LeakyReLU) and folded[6].negative_slope == 0.2
+    assert isinstance(folded[14][1], nn.ELU) and folded[14][1].alpha == 0.5
+    assert not any(batchnorm.graph.is_batchnorm(m) and not isinstance(m, batchnorm.FrozenBatchNorm2d)
+                   for m in folded.modules())
+
+
+def test_fold_without_example_input_and_unknown_rank_bn():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.SyncBatchNorm(4))
+    randomize_bn(model)
+    folded = fold(model)  # no shapes: the SyncBatchNorm becomes an any-rank affine
+    x = torch.randn(2, 3, 5, 5)
+    assert folded.fold_report.max_error is None
+    with torch.no_grad():
+        assert_close(folded(x), copy.deepcopy(model).eval()(x))
+
+
+class SharedOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), \
+            nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y) + y  # conv output read twice: BN cannot fold
+        return self.bn2(self.conv2(z))  # no running stats: eval uses the batch, kept
+
+
+def test_fold_keeps_shared_output_and_statless_bn_correct():
+    model = randomize_bn(SharedOutput())
+    x = torch.randn(4, 3, 5, 5)
+    folded = fold(model, x)
+    actions = {r.name: (r.action, r.reason) for r in folded.fold_report.layers}
+    assert actions["bn"][0] == "frozen" and "other users" in actions["bn"][1]
+    assert actions["bn2"][0] == "kept"
+    with torch.no_grad():
+        assert_close(folded(x), copy.deepcopy(model).eval()(x))
+
+
+def test_fold_skips_linear_on_3d_input():
+    model = randomize_bn(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))  # BN normalises dim 1 = 5 rows
+    x = torch.randn(2, 5, 5)
+    folded = fold(model, x)
+    assert folded.fold_report.layers[0].action == "frozen"
+    with torch.no_grad():
+        assert_close(folded(x), copy.deepcopy(model).eval()(x))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.body(x)
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            x = x * 2
+        return self.bn(self.conv(x))
+
+
+def test_fold_falls_back_to_sequential_pairs_when_tracing_fails():
+    model = randomize_bn(Untraceable())
+    x = torch.randn(2, 3, 6, 6)
+    folded = fold(model, x)
+    report = folded.fold_report
+    assert report.warning and "approximate" in report.warning
+    actions = {r.name: r.action for r in report.layers}
+    assert actions == {"body.1": "folded", "bn": "frozen"}  # conv → bn not provably adjacent
+    with torch.no_grad():
+        assert_close(folded(x), copy.deepcopy(model).eval()(x))
+
+
+def test_fold_report_prints_and_serialises():
+    import json
+
+    model, x = build("densenet")
+    report = fold(model, x).fold_report
+    text = str(report)
+    assert "features.1" in text and "folded" in text and "frozen" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["folded"] == 5 and data["frozen"] == 6 and len(data["layers"]) == 11
+
+
+def test_fold_rejects_non_modules_and_bad_inputs():
+    with pytest.raises(BatchNormError, match="expected an nn.Module"):
+        fold("model")
+    with pytest.raises(BatchNormError, match="example_input"):
+        fold(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), example_input=[1, 2])
+    with pytest.raises(BatchNormError, match="failed on example_input"):
+        fold(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), torch.randn(1, 2, 3, 3))
+
+
+# --------------------------------------------------------------------------- random graphs
+
+
+class RandomGraph(nn.Module):
+    """A program of conv / conv-transpose / BN / act / add / cat ops over a list of tensors."""
+
+    def __init__(self, program, c0):
+        super().__init__()
+        self.program = program
+        self.layers = nn.ModuleList()
+        channels = [c0]
+        for op, a, b, opt in program:
+            c = channels[a]
+            if op == "conv":
+                cls = nn.ConvTranspose2d if opt % 3 == 2 else nn.Conv2d
+                out = 2 + opt % 5
+                self.layers.append(cls(c, out, 1 + 2 * (opt % 2), padding=opt % 2, bias=opt % 4 == 1))
+                channels.append(out)
+            elif op == "bn":
+                self.layers.append(nn.BatchNorm2d(c))
+                channels.append(c)
+            elif op == "act":
+                self.layers.append([nn.ReLU(), nn.Hardswish(), nn.LeakyReLU(0.1)][opt % 3])
+                channels.append(c)
+            elif op == "add":
+                self.layers.append(nn.Identity())
+                channels.append(c if channels[b] == c else c)
+            else:  # cat
+                self.layers.append(nn.Identity())
+                channels.append(c + channels[b])
+        self.channels = channels
+
+    def forward(self, x):
+        values = [x]
+        for (op, a, b, _), layer in zip(self.program, self.layers):
+            if op == "add":
+                other = values[b] if self.channels[b] == self.channels[a] else values[a]
+                values.append(values[a] + other)
+            elif op == "cat":
+                values.append(torch.cat([values[a], values[b]], 1))
+            else:
+                values.append(layer(values[a]))
+        return values[-1]
+
+
+@st.composite
+def programs(draw):
+    n = draw(st.integers(2, 10))
+    program = []
+    for i in range(n):
+        op = draw(st.sampled_from(["conv", "conv", "bn", "bn", "act", "add", "cat"]))
+        a = draw(st.integers(0, i))
+        if op == "bn" and draw(st.booleans()) and program:
+            # favour BN right after a conv to exercise folding
+            convs = [j + 1 for j, p in enumerate(program) if p[0] == "conv"]
+            a = draw(st.sampled_from(convs)) if convs else a
+        program.append((op, a, draw(st.integers(0, i)), draw(st.integers(0, 20))))
+    return program
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(), st.integers(0, 1000))
+def test_fold_equals_eval_on_random_graphs(program, seed):
+    torch.manual_seed(seed)
+    model = randomize_bn(RandomGraph(program, 3), seed)
+    x = torch.randn(2, 3, 5, 5)
+    before = snapshot(model)
+    folded = fold(model, x)
+    assert snapshot(model) == before
+    with torch.no_grad():
+        want = copy.deepcopy(model).eval()(x)
+        got = folded(x)
+    assert_close(got, want)
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(folded.fold_report.layers) == bns
+    assert all(r.action in ("folded", "frozen") for r in folded.fold_report.layers)
+
+
+# --------------------------------------------------------------------------- strip_bias
+
+
+def biased_model():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 3, padding=1, groups=2, bias=True), nn.BatchNorm2d(4, momentum=None),
+        nn.Conv2d(4, 4, 1, bias=True), nn.ReLU(), nn.BatchNorm2d(4),  # act in between: bias stays
+        nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "bias", None) is not None and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                m.bias.normal_(0, 2)
+    return randomize_bn(model)
+
+
+def test_strip_bias_keeps_eval_and_training_outputs():
+    model = biased_model()
+    x = torch.randn(4, 3, 4, 4)
+    before = snapshot(model)
+    lean = strip_bias(model)
+    assert snapshot(model) == before, "strip_bias changed the input model"
+    report = lean.strip_report
+    assert [(p, b) for p, b, _ in report.layers] == [("0", "1"), ("3", "4"), ("9", "10")]
+    assert report.parameters_saved == 6 + 4 + 5
+    assert lean[0].bias is None and lean[3].bias is None and lean[5].bias is not None and lean[9].bias is None
+    want_params = sum(p.numel() for p in model.parameters()) - report.parameters_saved
+    assert sum(p.numel() for p in lean.parameters()) == want_params
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        assert_close(lean.eval()(x), ref.eval()(x), 1e-6)
+        lean.train(), ref.train()
+        for _ in range(2):  # training outputs, and the running statistics they leave
+            x = torch.randn(4, 3, 4, 4)
+            assert_close(lean(x), ref(x), 1e-5)
+        lean.eval(), ref.eval()
+        assert_close(lean(x), ref(x), 1e-5)
+
+
+def test_strip_bias_leaves_shared_outputs_alone():
+    model = SharedOutput()
+    lean = strip_bias(model)
+    assert lean.strip_report.parameters_saved == 4  # conv2 → bn2 only; conv's output is shared
+    assert lean.conv.bias is not None and lean.conv2.bias is None
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        assert_close(lean.eval()(x), copy.deepcopy(model).eval()(x), 1e-6)
