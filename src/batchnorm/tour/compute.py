@@ -35,8 +35,8 @@ def run(ctx: Context) -> R.Section:
     x = feature[:, CHANNEL].double().numpy()  # (4, H, W)
     m = x.size
     eps, momentum = bn.eps, bn.momentum
-    gamma = float(bn.weight[CHANNEL])
-    beta = float(bn.bias[CHANNEL])
+    gamma = float(bn.weight.detach()[CHANNEL])
+    beta = float(bn.bias.detach()[CHANNEL])
     rm, rv = float(bn.running_mean[CHANNEL]), float(bn.running_var[CHANNEL])
 
     total = x.sum()

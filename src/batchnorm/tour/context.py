@@ -19,14 +19,14 @@ class Settings:
     lr: float = 0.05  # SGD learning rate (momentum 0.9) of those runs
     batch_size: int = 64
     sweep_rates: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-    sweep_steps: int = 150
+    sweep_steps: int = 300
     latency_repeats: int = 30
 
     @classmethod
     def make(cls, seed: int, quick: bool) -> "Settings":
         if quick:
-            return cls(seed=seed, quick=True, steps=60, sweep_rates=(0.03, 0.3, 3.0),
-                       sweep_steps=30, latency_repeats=5)
+            return cls(seed=seed, quick=True, steps=50, sweep_rates=(0.03, 0.3, 3.0),
+                       sweep_steps=25, latency_repeats=5)
         return cls(seed=seed)
 
     def to_dict(self) -> dict:

@@ -216,5 +216,5 @@ def _plot_percentiles(out: Path, curves: dict[str, Curves], config: Config) -> s
         ax.set(title=f"({letter}) sigmoid input, {LABELS[key]}", xlabel="training step",
                ylabel=f"input of sigmoid {config.probe_unit}, last hidden layer")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     return R.save_figure(fig, out, "figure1_bc_percentiles.png")

@@ -177,21 +177,19 @@ def _plot_converge(ctx: Context, conv: dict) -> str:
 
 
 def _real_batches(ctx: Context) -> dict:
-    model = copy.deepcopy(ctx.models["conv-bn-relu"])  # train mode updates its buffers: a copy
+    # Train-mode calls update the running statistics: each mode gets its own copy.
+    model = copy.deepcopy(ctx.models["conv-bn-relu"]).train()
+    frozen = copy.deepcopy(ctx.models["conv-bn-relu"]).eval()
     x = torch.from_numpy(ctx.data.x_test)
     y = torch.from_numpy(ctx.data.y_test)
     logits_train, logits_eval = [], []
     with torch.no_grad():
         for j in range(1, PARTNERS + 1):
             pair = x[[0, j]]
-            model.train()
             logits_train.append(model(pair)[0])
-            model.eval()
-            logits_eval.append(model(pair)[0])
+            logits_eval.append(frozen(pair)[0])
         lt, le = torch.stack(logits_train), torch.stack(logits_eval)
-        model.eval()
-        acc_eval = float((model(x).argmax(1) == y).double().mean())
-        model.train()
+        acc_eval = float((frozen(x).argmax(1) == y).double().mean())
         acc_train = {}
         for b in BATCH_SIZES:
             n = (len(y) // b) * b  # whole batches only

@@ -141,7 +141,9 @@ def run(ctx: Context) -> R.Section:
     sec.p("Ioffe &amp; Szegedy's Figure 1 follows the 15th, 50th and 85th percentiles of a hidden "
           "unit's input over training. Here: the pre-activations of the second conv block (the "
           "values its ReLU receives), over all channels and positions of the test images, in eval "
-          "mode. With BN they stay centred near 0 with a steady spread; without BN they wander.")
+          "mode (so at step 0 the BN network still uses the initial running statistics, mean 0 "
+          "and variance 1). Without BN nothing holds them in place: they drift as the layers "
+          "below them learn (the internal covariate shift BN was designed against).")
     sec.fig(plot_percentiles(ctx, runs, "s1_percentiles.png", "pre-activation value"),
             "15th / 50th / 85th percentiles of the second block's pre-activations during training.")
     sec.html.append(R.table(
@@ -150,6 +152,13 @@ def run(ctx: Context) -> R.Section:
         [[LABELS[k], *(R.fmt(r["percentile_drift"][f"p{p}"]) for p in PERCENTILES),
           *(R.fmt(r["percentiles"][f"p{p}"][-1]) for p in PERCENTILES)]
          for k, r in (("conv-bn-relu", bn), ("none", plain))]))
+    half = s.steps // 2
+    late = {k: _late_move(runs[k], half) for k in runs}
+    sec.results["percentile_move_second_half"] = late
+    sec.p(f"Over the second half of training (steps {half}–{s.steps}) the median moved by "
+          f"{R.fmt(late['conv-bn-relu']['p50'])} with BN and {R.fmt(late['none']['p50'])} without; "
+          f"the 15–85 spread changed by {R.fmt(late['conv-bn-relu']['spread'])} with BN and "
+          f"{R.fmt(late['none']['spread'])} without.")
     sec.p(f"The learning-rate sweep trains each network for {s.sweep_steps} steps at each rate, "
           f"same seed. A rate <em>works</em> when the run ends at ≥ {SWEEP_WORKS:.0%} test "
           "accuracy without the loss becoming NaN or infinite.")
@@ -174,6 +183,14 @@ def run(ctx: Context) -> R.Section:
         ("learning rates that work, without BN", ", ".join(f"{v:g}" for v in works["none"]) or "none"),
     ]
     return sec
+
+
+def _late_move(curves: Curves, start: int) -> dict:
+    """Range of the median and of the p15-p85 spread over evaluations at steps >= ``start``."""
+    rows = [r for st, r in zip(curves.eval_steps, curves.percentiles) if st >= start]
+    med = [r[1] for r in rows]
+    spread = [r[2] - r[0] for r in rows]
+    return {"p50": max(med) - min(med), "spread": max(spread) - min(spread)}
 
 
 def _sweep_cell(row: dict) -> str:
