@@ -288,7 +288,7 @@ def _module_order(model: nn.Module, reason: str) -> ModelGraph:
             sites.append(site)
             previous = site
     for parent_name, parent in model.named_modules():
-        if isinstance(parent, nn.Sequential):
+        if isinstance(parent, nn.Sequential) or class_name(parent) == "Sequential":
             children = list(parent.named_children())
             prefix = f"{parent_name}." if parent_name else ""
             for (a_name, _), (b_name, _) in zip(children, children[1:]):
