@@ -74,8 +74,12 @@ def _to_torch(obj):
     return _convert(obj, lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
 
 
-def run_ranks(fn, world: int, *args, pg_timeout: float = 10.0, deadline: float = 50.0) -> list:
-    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]`` computed on W gloo ranks."""
+def run_ranks(fn, world: int, *args, pg_timeout: float = 10.0, deadline: float = 50.0,
+              may_die: tuple[int, ...] = ()) -> list:
+    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]`` computed on W gloo ranks.
+
+    Ranks in ``may_die`` may exit without a result (their entry is then None).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,26 +90,32 @@ def run_ranks(fn, world: int, *args, pg_timeout: float = 10.0, deadline: float =
             p.start()
         got = {}
         end = time.monotonic() + deadline
+
+        def done() -> bool:
+            left = set(range(world)) - set(got)
+            return left <= set(may_die) and not any(procs[r].is_alive() for r in left)
+
         try:
-            while len(got) < world:
+            while not done():
                 left = end - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"ranks {sorted(set(range(world)) - set(got))} gave no "
                                        f"result within {deadline} s")
                 try:
-                    rank, value = results.get(timeout=min(left, 1.0))
+                    rank, value = results.get(timeout=min(left, 0.5))
                     got[rank] = value
                 except queue.Empty:
-                    if all(not p.is_alive() for p in procs) and results.empty():
-                        missing = sorted(set(range(world)) - set(got))
-                        raise RuntimeError(f"ranks {missing} exited without a result") from None
+                    dead = [r for r in range(world) if r not in got and r not in may_die
+                            and not procs[r].is_alive()]
+                    if dead and results.empty():
+                        raise RuntimeError(f"ranks {dead} exited without a result") from None
         finally:
             for p in procs:
-                p.join(timeout=max(0.0, end - time.monotonic()) if len(got) == world else 0.5)
+                p.join(timeout=max(0.0, min(5.0, end - time.monotonic())))
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=5)
-    return [_to_torch(got[r]) for r in range(world)]
+    return [_to_torch(got.get(r)) for r in range(world)]
 
 
 def unwrap(results: list) -> list:

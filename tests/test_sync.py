@@ -6,6 +6,8 @@ collective timeout and a hard deadline.
 """
 from __future__ import annotations
 
+import traceback
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,43 @@ def test_without_process_group_is_plain_batchnorm():
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for k, v in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The distributed checks share two spawned groups (2 ranks with batches 4 + 4, 3 ranks with
+# 5 + 3 + 0): each rank runs every part of the suite and sends back all results at once.
+
+SIZES = {2: (4, 4), 3: (5, 3, 0)}
+
+
+def _suite(rank, world):
+    sizes = SIZES[world]
+    parts = {
+        "layer": lambda: _configs(rank, world, sizes),
+        "ddp": lambda: _ddp_run(rank, world, sizes, broadcast_buffers=world == 2),
+        "one_value": lambda: _one_value_per_channel(rank, world) if world == 2 else None,
+        "recal": lambda: _recal_run(rank, world) if world == 3 else None,
+    }
+    out = {}
+    for name, part in parts.items():
+        try:
+            out[name] = part()
+        except Exception as err:  # reported by the test that reads this part
+            out[name] = RankError(type(err).__name__, str(err), traceback.format_exc())
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """suite(world, part) -> that part's result on every rank (spawned once per world size)."""
+    cache = {}
+
+    def get(world, part):
+        if world not in cache:
+            cache[world] = unwrap(run_ranks(_suite, world))
+        return unwrap([r[part] for r in cache[world]])
+
+    return get
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +187,10 @@ def _configs(rank, world, sizes):
 _CONFIGS = [((4, 3, 5), 0.1, True), ((4, 3, 5), None, False), ((5,), 0.5, True)]
 
 
-@pytest.mark.parametrize("sizes", [(4, 4), (5, 3, 0)], ids=["2ranks-equal", "3ranks-5-3-0"])
-def test_layer_equals_one_process_on_whole_batch(sizes):
-    results = unwrap(run_ranks(_configs, len(sizes), sizes))
+@pytest.mark.parametrize("world", [2, 3], ids=["2ranks-equal", "3ranks-5-3-0"])
+def test_layer_equals_one_process_on_whole_batch(suite, world):
+    sizes = SIZES[world]
+    results = suite(world, "layer")
     for i, (shape, momentum, affine) in enumerate(_CONFIGS):
         want = _single_steps(sizes, shape, momentum, affine, [True, True, False], len(sizes))
         _compare(sizes, [r[i] for r in results], want)
@@ -216,3 +256,178 @@ def test_state_dict_loads_both_ways():
     ours.load_state_dict(theirs.state_dict())
     nn.BatchNorm2d(3).load_state_dict(ours.state_dict())
     assert torch.equal(ours.running_var, theirs.running_var)
+
+
+def _one_value_per_channel(rank, world):
+    out = {}
+    bn = SyncBatchNorm(3).train()
+    x = torch.arange(3.0).reshape(1, 3) + rank  # one sample per rank: two values per channel
+    out["y"] = bn(x).detach()
+    out["rm"], out["rv"] = bn.running_mean.clone(), bn.running_var.clone()
+    try:  # one value per channel over all ranks: every rank raises, none hangs
+        bn(torch.ones(1 - rank, 3))
+    except BatchNormError as err:
+        out["error"] = str(err)
+    return out
+
+
+def test_one_value_per_rank_is_fine_one_value_overall_raises(suite):
+    got = suite(2, "one_value")
+    x = torch.stack([torch.arange(3.0), torch.arange(3.0) + 1])
+    want = nn.BatchNorm1d(3).train()
+    y = want(x)
+    for rank, g in enumerate(got):
+        torch.testing.assert_close(g["y"], y[rank:rank + 1], **TOL)
+        torch.testing.assert_close(g["rv"], want.running_var, **TOL)
+        assert "more than 1 value per channel" in g["error"] and "SyncBatchNorm(3)" in g["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP training == one process on the whole batches
+
+
+def _net():
+    import batchnorm
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3), batchnorm.BatchNormAct2d(6, act="silu"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5),
+    )
+
+
+def _batch(step, n):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 5, (n,), generator=g)
+
+
+def _train(model, sizes, rank, world, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    n = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for step in range(steps):
+        x, t = _batch(step, n)
+        out = model(x[lo:hi])
+        # DDP averages gradients over ranks: world * (local sum) / n averages to (total sum) / n
+        loss = nn.functional.cross_entropy(out, t[lo:hi], reduction="sum") * world / n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _ddp_run(rank, world, sizes, broadcast_buffers):
+    import batchnorm
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = batchnorm.convert(_net(), to="sync")
+    ddp = DDP(model, broadcast_buffers=broadcast_buffers)
+    _train(ddp, sizes, rank, world)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("world", [2, 3], ids=["2ranks-broadcast", "3ranks-5-3-0-nobroadcast"])
+def test_ddp_training_equals_one_process(suite, world):
+    got = suite(world, "ddp")
+    single = _net()
+    _train(single, (sum(SIZES[world]),), rank=0, world=1)
+    want = single.state_dict()
+    for rank, state in enumerate(got):
+        assert state.keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(state[k], v, **TOL, msg=lambda m: f"rank {rank} {k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed recalibration == one process on every rank's batches
+
+
+def _recal_batches(rank):
+    counts = [3, 1, 0][rank]  # ranks hold different numbers of batches, one none
+    sizes = [[4, 6, 5], [7], []][rank]
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(sizes[i], 3, 6, 6, generator=g) * (1 + rank) + rank for i in range(counts)]
+
+
+def _recal_run(rank, world):
+    import batchnorm
+
+    model = batchnorm.convert(_net(), to="sync").eval()
+    batchnorm.recalibrate(model, _recal_batches(rank), progress=False,
+                          process_group=torch.distributed.group.WORLD)
+    assert not model.training
+    return {k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+
+def test_distributed_recalibration_equals_one_process(suite):
+    import batchnorm
+
+    got = suite(3, "recal")
+    single = _net().eval()
+    batchnorm.recalibrate(single, [b for r in range(3) for b in _recal_batches(r)], progress=False)
+    want = single.state_dict()
+    for rank, state in enumerate(got):
+        assert len(state) == 9
+        for k, v in state.items():
+            torch.testing.assert_close(v, want[k], **TOL, msg=lambda m: f"rank {rank} {k}: {m}")
+    assert int(got[0]["1.num_batches_tracked"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: ranks out of step end in a BatchNormError naming the layer, never a hang
+
+FAULT_TIMEOUT = 2.0  # the process group's timeout in these tests, seconds
+
+
+def _two_layers():
+    import batchnorm
+
+    return batchnorm.convert(nn.ModuleDict({"stem": nn.BatchNorm2d(4), "head": nn.BatchNorm2d(4)}),
+                             to="sync")
+
+
+def _fault(rank, world, kind):
+    import os
+    import time
+
+    net, x = _two_layers(), torch.randn(2, 4, 3, 3)
+    net["stem"](x)  # one call in step
+    if kind == "other_layer":  # rank 1 calls another layer of the same size
+        layer = net["stem"] if rank == 0 else net["head"]
+    elif rank == 1:  # rank 0 makes one call more; rank 1 waits past the timeout or dies
+        if kind == "dies":
+            os._exit(3)
+        time.sleep(FAULT_TIMEOUT + 3)
+        return {"error": None}
+    else:
+        layer = net["stem"]
+    start = time.monotonic()
+    try:
+        layer(x)
+    except BatchNormError as err:
+        return {"error": str(err), "seconds": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_fault_ranks_calling_different_layers():
+    got = unwrap(run_ranks(_fault, 2, "other_layer", pg_timeout=FAULT_TIMEOUT))
+    for rank, name in ((0, "'stem'"), (1, "'head'")):
+        err = got[rank]["error"]
+        assert err is not None and name in err and "call #2" in err, err
+        assert f"rank {1 - rank} in forward call #" in err, err
+        assert got[rank]["seconds"] < FAULT_TIMEOUT  # seen at once, not by a timeout
+
+
+def test_fault_extra_call_ends_at_the_timeout():
+    got = unwrap(run_ranks(_fault, 2, "waits", pg_timeout=FAULT_TIMEOUT))
+    err = got[0]["error"]
+    assert err is not None and "'stem'" in err and "forward call #2" in err, err
+    assert FAULT_TIMEOUT * 0.5 < got[0]["seconds"] < FAULT_TIMEOUT + 3
+
+
+def test_fault_dead_rank():
+    got = run_ranks(_fault, 2, "dies", pg_timeout=FAULT_TIMEOUT, may_die=(1,))
+    assert got[1] is None
+    err = unwrap(got)[0]["error"]
+    assert err is not None and "'stem'" in err and "failed collective" in err, err
+    assert got[0]["seconds"] < FAULT_TIMEOUT + 3

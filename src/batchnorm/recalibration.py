@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import sync
 from .errors import expected
 from .graph import bn_kind, is_batchnorm
 
@@ -53,8 +54,14 @@ def recalibrate(
         progress: show a progress bar. Default: True
         input_fn: ``batch -> input``, when the default choice is wrong. A tuple it returns is
             passed as positional arguments, a dict as keyword arguments. Default: None
-        process_group: reserved for merging statistics across processes
-            (``torch.distributed``); must be None for now. Default: None
+        process_group: a ``torch.distributed`` process group (``dist.group.WORLD`` for all
+            ranks) whose ranks each pass their own ``data``: every rank runs its batches
+            locally (SyncBatchNorm layers do not synchronise per batch, so ranks may hold
+            different numbers of batches, even none), then one all-reduce averages each
+            layer's statistics over all batches of all ranks, weighted by batch count. Every
+            rank ends with identical running statistics, equal to one process recalibrating
+            on all the ranks' batches. Every rank of the group must call ``recalibrate``.
+            Default: None (this process's data only)
 
     Returns:
         ``model``.
@@ -68,9 +75,6 @@ def recalibrate(
         raise expected("batches to be None or a positive integer", repr(batches))
     if input_fn is not None and not callable(input_fn):
         raise expected("input_fn to be callable", type(input_fn).__name__)
-    if process_group is not None:
-        raise expected("process_group=None (merging across processes is not implemented yet)",
-                       type(process_group).__name__)
     if not hasattr(data, "__iter__"):
         raise expected("data to be an iterable of batches", type(data).__name__)
     layers = [m for m in model.modules() if is_batchnorm(m) and bn_kind(m) != "frozen"
@@ -86,10 +90,14 @@ def recalibrate(
             _reset(m)
             m.momentum = None
         model.train()
-        seen = _accumulate(model, data, batches, input_fn, progress)
-        if seen == 0:
-            raise expected("at least one batch in data", "no batches")
-        _merge_across_processes(layers, process_group)
+        if process_group is None:
+            seen = _accumulate(model, data, batches, input_fn, progress)
+            if seen == 0:
+                raise expected("at least one batch in data", "no batches")
+        else:  # a rank without batches still joins the merge; it raises if no rank had any
+            with sync.local_only(model):
+                _accumulate(model, data, batches, input_fn, progress)
+            sync.merge_running_stats(layers, process_group)
     except BaseException:
         with torch.no_grad():
             for m, buffers in zip(layers, saved):
@@ -136,15 +144,6 @@ def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn,
             seen += 1
             advance()
     return seen
-
-
-def _merge_across_processes(layers: list[nn.Module], process_group) -> None:
-    """Hook for distributed recalibration: combine each layer's statistics across ranks.
-
-    Single process: nothing to merge. A distributed version all-reduces, per layer, the
-    batch-count-weighted sums of running_mean and running_var and the batch counts.
-    """
-    return None
 
 
 def _call_args(batch, input_fn, device) -> tuple[tuple, dict]:

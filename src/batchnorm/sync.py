@@ -27,6 +27,7 @@ gloo's default is 30 minutes); that failure is re-raised as a BatchNormError nam
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -38,8 +39,8 @@ from . import ops
 from .errors import BatchNormError, check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments",
-           "all_merge_moments"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
+           "local_only", "merge_running_stats"]
 
 _FORWARD, _BACKWARD, _RECALIBRATE = 1.0, 2.0, 3.0
 _PHASES = {_FORWARD: "forward", _BACKWARD: "backward", _RECALIBRATE: "recalibration"}
@@ -102,6 +103,11 @@ class _Link:
         self.name = name
         self.key = key
 
+    def _failed(self, phase: float, call: int, err: RuntimeError) -> BatchNormError:
+        return self._fail(phase, call, f"a failed collective: {_first_line(err)}; a rank died, "
+                          "stopped early or waits elsewhere; the process group's timeout bounds "
+                          "the wait: dist.init_process_group(..., timeout=timedelta(seconds=...))")
+
     def _fail(self, phase: float, call: int, why: str) -> BatchNormError:
         return BatchNormError(
             f"{self.name}: expected every rank of the process group to make the same "
@@ -122,9 +128,7 @@ class _Link:
         try:
             _all_gather_single(received, sent, self.group)
         except RuntimeError as err:  # timeouts and dead peers (DistBackendError is one)
-            raise self._fail(phase, call, f"a failed collective: {_first_line(err)}; a rank "
-                             "died, stopped early or is stuck elsewhere; the process group's "
-                             "timeout bounds the wait") from err
+            raise self._failed(phase, call, err) from err
         rows = received.view(self.world, sent.numel())
         heads = rows[:, -_HEADER:]
         bad = ~(heads == header).all(dim=1)
@@ -141,9 +145,7 @@ class _Link:
         try:
             dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=self.group)
         except RuntimeError as err:
-            raise self._fail(phase, call, f"a failed collective: {_first_line(err)}; a rank "
-                             "died, stopped early or is stuck elsewhere; the process group's "
-                             "timeout bounds the wait") from err
+            raise self._failed(phase, call, err) from err
         got = sent[-2 * _HEADER:]
         want = torch.cat([header, header.square()]) * self.world
         if not torch.equal(got, want):
@@ -164,7 +166,7 @@ def _describe(head: torch.Tensor) -> str:
     if any(math.isnan(v) for v in (key, call, phase, channels)):
         return "a call of another size (a different layer or collective)"
     return (f"{_PHASES.get(phase, 'unknown')} call #{int(call)} of a layer with "
-            f"{int(channels)} channels, key {int(key)}")
+            f"{int(channels)} channels (layer key {int(key)})")
 
 
 def _first_line(err: BaseException) -> str:
@@ -264,10 +266,11 @@ class _SyncBase(_OurBatchNorm):
     sync_name: str | None = None  # the layer's path in its model (set by convert); names errors
     source_ranks: tuple[int, ...] | None = None  # ranks of the BN it replaced, for converting back
     _sync_calls = 0
+    _local_only = False  # set by local_only() during recalibration
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group, world = _group_world(self.process_group)
-        if not (self.training and world > 1):  # eval never syncs, as in PyTorch
+        if not (self.training and world > 1) or self._local_only:  # eval never syncs (PyTorch)
             return super().forward(input)
         return self._sync_forward(input, group, world)
 
@@ -445,5 +448,73 @@ def name_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def all_merge_moments(partials, process_group=None, name: str = "recalibrate"):
-    raise NotImplementedError
+# ---------------------------------------------------------------------------------------------
+# Distributed recalibration: what batchnorm.recalibrate calls with a process group
+
+
+@contextlib.contextmanager
+def local_only(model: nn.Module):
+    """Within the block, the sync layers of ``model`` normalise with their own rank's batch only.
+
+    Recalibration runs each rank's batches locally (ranks may hold different numbers of
+    batches) and merges the statistics once at the end with :func:`merge_running_stats`.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _SyncBase)]
+    before = [m._local_only for m in layers]
+    try:
+        for m in layers:
+            m._local_only = True
+        yield
+    finally:
+        for m, flag in zip(layers, before):
+            m._local_only = flag
+
+
+@torch.no_grad()
+def merge_running_stats(layers: list[nn.Module], process_group) -> None:
+    """Average each layer's running statistics over ranks, weighted by ``num_batches_tracked``.
+
+    After a recalibration pass with ``momentum=None``, rank r's ``running_mean`` is the average of
+    its B_r per-batch means (likewise ``running_var``). The average over every rank's batches is
+
+        running = sum_r B_r * running_r / sum_r B_r,      num_batches_tracked = sum_r B_r
+
+    which is what one process recalibrating on all the batches computes. All layers travel in
+    ONE all-reduce, with a check header, so every rank ends with identical statistics. Layers
+    that no rank saw a batch for keep their values. Raises BatchNormError when the ranks hold
+    different layers, or when no rank saw any batch.
+    """
+    group, world = _group_world(process_group)
+    if world == 1:
+        return
+    if not layers:
+        dev = torch.device("cpu")
+    else:
+        dev = layers[0].running_mean.device
+    parts = []
+    for m in layers:
+        b = _batches_seen(m)
+        parts += [m.running_mean.to(torch.float64) * b, m.running_var.to(torch.float64) * b,
+                  torch.tensor([b], dtype=torch.float64, device=dev)]
+    payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
+    link = _Link(group, world, "recalibrate", _layer_key("recalibrate"))
+    channels = sum(m.num_features for m in layers)
+    total = link.all_reduce(payload, _RECALIBRATE, len(layers), channels)
+    i, seen = 0, 0.0
+    for m in layers:
+        c = m.num_features
+        mean_sum, var_sum, b = total[i:i + c], total[i + c:i + 2 * c], float(total[i + 2 * c])
+        i += 2 * c + 1
+        seen = max(seen, b)
+        if b > 0:
+            m.running_mean.copy_(mean_sum / b)
+            m.running_var.copy_(var_sum / b)
+            if getattr(m, "num_batches_tracked", None) is not None:
+                m.num_batches_tracked.fill_(int(b))
+    if layers and seen == 0:
+        raise expected("at least one batch on some rank", "no batches on any rank")
+
+
+def _batches_seen(m: nn.Module) -> float:
+    nbt = getattr(m, "num_batches_tracked", None)
+    return 0.0 if nbt is None else float(nbt)
