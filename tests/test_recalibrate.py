@@ -1,0 +1,145 @@
+"""recalibrate equals torch.optim.swa_utils.update_bn, restores what it touches, fails cleanly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+from batchnorm.errors import BatchNormError
+from batchnorm.frozen import FrozenBatchNorm2d
+from batchnorm.recalibration import recalibrate
+
+from .replicas import build
+
+
+def batches(shape, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * 2 + 1 for _ in range(n)]
+
+
+def assert_same_state(a: nn.Module, b: nn.Module, tol=0.0):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert (sa[k].double() - sb[k].double()).abs().max().item() <= tol, k
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "mobilenet_v3", "conv_subclass", "dcgan"])
+def test_equals_update_bn(name):
+    model, x = build(name)
+    data = batches((4, *x.shape[1:]))
+    want, got = copy.deepcopy(model), copy.deepcopy(model)
+    update_bn(data, want)
+    assert recalibrate(got, data, progress=False) is got
+    assert_same_state(got, want, tol=1e-6)
+    changed = [k for k, v in got.state_dict().items() if "running_mean" in k
+               and not torch.equal(v, model.state_dict()[k])]
+    assert changed, "recalibration changed nothing"
+
+
+def test_tuples_dicts_input_fn_and_batch_limit():
+    model, x = build("resnet_basic")
+    data = batches((3, 3, 16, 16), n=5)
+    want = copy.deepcopy(model)
+    update_bn(data[:3], want)
+    labels = torch.zeros(3)
+    for source, kwargs in [
+        ([(t, labels) for t in data], {}),
+        ([{"image": t, "label": labels} for t in data], {}),
+        ([{"pixels": t} for t in data], {"input_fn": lambda b: b["pixels"]}),
+        (iter(data), {}),  # a one-shot iterator without len
+    ]:
+        got = recalibrate(copy.deepcopy(model), source, batches=3, progress=False, **kwargs)
+        assert_same_state(got, want, tol=1e-6)
+
+
+def test_input_fn_tuple_and_dict_become_arguments():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, a, b=None):
+            return self.bn(a + b)
+
+    data = [(torch.randn(4, 3), torch.randn(4, 3)) for _ in range(3)]
+    with torch.no_grad():
+        sums = torch.stack([a + b for a, b in data])
+    m1 = recalibrate(TwoInputs(), data, input_fn=lambda t: t, progress=False)
+    m2 = recalibrate(TwoInputs(), data, input_fn=lambda t: {"a": t[0], "b": t[1]}, progress=False)
+    mean = sums.mean(dim=1).mean(dim=0)  # average of the per-batch means
+    var = sums.var(dim=1, unbiased=True).mean(dim=0)
+    for m in (m1, m2):
+        assert torch.allclose(m.bn.running_mean, mean, atol=1e-6)
+        assert torch.allclose(m.bn.running_var, var, atol=1e-5)
+
+
+def test_restores_momentum_and_mixed_training_flags():
+    model, x = build("resnet_basic")
+    model.eval()
+    model.layers[0].bn1.train()
+    model.layers[0].bn1.momentum = 0.3
+    model.layers[1].bn2.momentum = None
+    flags = [m.training for m in model.modules()]
+    momenta = [getattr(m, "momentum", "-") for m in model.modules()]
+    recalibrate(model, batches((2, 3, 16, 16), n=2), progress=True)  # with the progress bar
+    assert [m.training for m in model.modules()] == flags
+    assert [getattr(m, "momentum", "-") for m in model.modules()] == momenta
+
+
+class FailsOnThirdBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.calls = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=0.2), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        return self.bn(self.conv(x))
+
+
+def test_failure_restores_statistics_momentum_and_mode():
+    model = FailsOnThirdBatch().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+        model.bn.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        recalibrate(model, batches((2, 3, 4, 4), n=4), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.bn.momentum == 0.2 and not model.training and not model.bn.training
+
+    with pytest.raises(BatchNormError, match="expected at least one batch"):
+        recalibrate(model, [], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_frozen_and_statless_bn_are_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False))
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+    recalibrate(model, batches((2, 3, 4, 4), n=2), progress=False)
+    assert torch.equal(model[1].running_mean, torch.full((4,), 3.0))
+    assert recalibrate(nn.Linear(2, 2), [torch.randn(1, 2)]) is not None  # no BN: nothing to do
+
+
+def test_bad_arguments_change_nothing():
+    model, _ = build("resnet_basic")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, match in [({"batches": 0}, "batches to be None or a positive integer"),
+                          ({"batches": True}, "batches"), ({"input_fn": 3}, "input_fn to be callable")]:
+        with pytest.raises(BatchNormError, match=match):
+            recalibrate(model, batches((2, 3, 16, 16)), **kwargs)
+    with pytest.raises(BatchNormError, match="data to be an iterable"):
+        recalibrate(model, 5)
+    with pytest.raises(BatchNormError, match="expected a dict batch with one of the keys"):
+        recalibrate(model, [{"foo": torch.randn(2, 3, 16, 16)}], progress=False)
+    with pytest.raises(BatchNormError, match="expected batches that are tensors"):
+        recalibrate(model, [3.0], progress=False)
+    with pytest.raises(BatchNormError, match="expected an nn.Module"):
+        recalibrate("model", [])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
