@@ -184,7 +184,9 @@ def _swap(model: nn.Module, target: _Target) -> nn.Module:
                 done[id(m)] = target.build(m)
             else:
                 done[id(m)] = m
-                for name, child in list(m.named_children()):
+                for name, child in list(m._modules.items()):  # shared children too
+                    if child is None:
+                        continue
                     new = visit(child)
                     if new is not child:
                         setattr(m, name, new)
