@@ -1,0 +1,56 @@
+"""export_onnx: fold, export, and an onnxruntime round trip that matches PyTorch."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+from batchnorm.errors import BatchNormError
+from batchnorm.onnx_export import export_onnx
+
+from .replicas import build
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "dcgan"])
+def test_round_trip_with_onnxruntime(name, tmp_path):
+    model, x = build(name)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / f"{name}.onnx"
+    result = export_onnx(model, x, path)
+    assert path.exists() and result.path == str(path)
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+    assert result.max_error < 1e-4 and result.rel_error < 1e-5
+    # independent check: run the file ourselves against the original model in eval mode
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        want = copy.deepcopy(model).eval()(x)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "onnxruntime" in str(result)
+
+
+def test_missing_extra_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
+    model, x = build("dcgan")
+    with pytest.raises(BatchNormError, match=r"pip install 'batchnorm\[onnx\]'"):
+        export_onnx(model, x, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_example_input(tmp_path):
+    model, _ = build("dcgan")
+    with pytest.raises(BatchNormError, match="example_input"):
+        export_onnx(model, None, tmp_path / "m.onnx")
+    with pytest.raises(BatchNormError, match="failed on example_input"):
+        export_onnx(model, torch.randn(1, 5, 1, 1), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
