@@ -135,7 +135,7 @@ def test_demo_conv_bias_strip_and_fold(demo):
 
 def test_demo_placements_and_curves(demo):
     r = demo[1]
-    s1, s5 = r["s1_purpose"], r["s5_placement"]
+    s1, s5 = r["s1_purpose"], r["s5_placement"]["placements"]
     steps = r["settings"]["steps"]
     for run in (s1["with_bn"], s1["without_bn"]):
         assert len(run["loss"]) == steps and run["eval_steps"] == list(range(steps + 1))

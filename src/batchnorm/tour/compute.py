@@ -85,9 +85,9 @@ def run(ctx: Context) -> R.Section:
         ["Σ (x − μ_B)²", "sum of squared deviations", R.fmt(sq, 6)],
         ["σ²_B = Σ(x − μ_B)² / m", f"{R.fmt(sq, 6)} / {m}  (biased)", R.fmt(var, 6)],
         ["√(σ²_B + ε)", f"√({R.fmt(var, 6)} + {eps:g})", R.fmt(denom, 6)],
-        ["running_mean", f"{1 - momentum:g}·{R.fmt(rm, 6)} + {momentum:g}·{R.fmt(mean, 6)}",
+        ["running_mean", f"{1 - momentum:g}·{_p(rm)} + {momentum:g}·{_p(mean)}",
          R.fmt(new_rm, 6)],
-        ["running_var", f"{1 - momentum:g}·{R.fmt(rv, 6)} + {momentum:g}·{R.fmt(unbiased, 6)} "
+        ["running_var", f"{1 - momentum:g}·{_p(rv)} + {momentum:g}·{_p(unbiased)} "
          f"(unbiased: σ²_B·{m}/{m - 1})", R.fmt(new_rv, 6)],
     ]
     sec.html.append(R.table(["quantity", "computation", "value"], steps, left=2))
@@ -109,6 +109,12 @@ def run(ctx: Context) -> R.Section:
         ("hand computation vs the layer, max |diff|", R.fmt(max(check.values()))),
     ]
     return sec
+
+
+def _p(value: float) -> str:
+    """A factor in a written-out product: negative values in parentheses."""
+    text = R.fmt(value, 6)
+    return f"({text})" if value < 0 else text
 
 
 def _plot(ctx: Context, x: np.ndarray, y: np.ndarray, gamma: float, beta: float) -> str:

@@ -150,10 +150,11 @@ def run(ctx: Context) -> R.Section:
         ["max |∂loss/∂weight| of the same conv", R.fmt(grads["weight_before_bn"])],
         ["max |∂loss/∂bias| of the first conv in the no-BN network (§1)", R.fmt(grads["bias_without_bn"])],
     ]))
-    sec.p("Adding b to every value of a channel moves its batch mean by exactly b, and BN "
-          "subtracts the batch mean: the output does not change (up to float32 rounding) and the "
-          "bias's gradient, Σ ∂L/∂x̂ · ∂x̂/∂b, is zero because ∂x̂/∂b sums to zero over the batch. "
-          "BN's β does the bias's job. Hence <code>Conv2d(..., bias=False)</code> before BN.")
+    sec.p("Adding b to every value of a channel moves its batch mean by exactly b and leaves its "
+          "variance unchanged, so x̂ = ((x + b) − (μ_B + b))/√(σ²_B + ε) does not depend on b at "
+          "all: the output does not change and the bias's gradient is zero, both up to float32 "
+          "rounding. BN's β does the bias's job. Hence <code>Conv2d(..., bias=False)</code> "
+          "before BN.")
     sec.p(f"In eval mode the bias does matter, by up to {R.fmt(eval_shift)} on the outputs: "
           "running_mean was estimated without it. <code>batchnorm.strip_bias</code> removes the "
           "bias and subtracts it from running_mean:")

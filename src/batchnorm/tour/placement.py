@@ -33,7 +33,7 @@ def run(ctx: Context) -> R.Section:
             "final_test_acc": summary["final_test_acc"], "final_loss": summary["final_loss"],
             "steps_to_90pct": summary["steps_to_90pct"], "curves": summary, "inspect": report,
         }
-    sec.results = results
+    sec.results = {"placements": results}
 
     s = ctx.settings
     sec.p("The lesson puts BN between the convolution and the ReLU: BN centres and scales each "
@@ -54,6 +54,19 @@ def run(ctx: Context) -> R.Section:
     sec.html.append(R.table(["order", "final test accuracy", "final training loss",
                              "first step ≥ 90%", "BN layers", "BN parameters",
                              "foldable BN", "inspect findings"], rows))
+    best = max(ORDER, key=lambda p: results[p]["final_test_acc"] or 0.0)
+    reached = [p for p in ORDER if results[p]["steps_to_90pct"] is not None]
+    fastest = min(reached, key=lambda p: results[p]["steps_to_90pct"]) if reached else None
+    foldable = {p: results[p]["inspect"]["totals"]["foldable"] for p in ORDER}
+    sec.results["best_final_test_acc"] = best
+    sec.results["fastest_to_90pct"] = fastest
+    sec.p(f"In this run the best final test accuracy is {R.esc(LABELS[best])}'s and the first to "
+          + (f"reach 90% is {R.esc(LABELS[fastest])}. " if fastest else "reach 90%: none. ")
+          + ("On a task this small both BN orders train well; "
+             if all((results[p]["final_test_acc"] or 0) >= 0.9 for p in ORDER[:2]) else "")
+          + f"What differs regardless of accuracy is inference: inspect finds {foldable['conv-bn-relu']} BN "
+          f"layers that fold into their conv with Conv-BN-ReLU and {foldable['conv-relu-bn']} with "
+          "Conv-ReLU-BN, where each BN stays a separate per-channel pass (§6).")
     for p in ORDER:
         sec.html.append(f"<h3>inspect: {R.esc(LABELS[p])}</h3>")
         sec.html.append(_findings_table(results[p]["inspect"]))

@@ -142,7 +142,7 @@ def run(ctx: Context) -> R.Section:
           "unit's input over training. Here: the pre-activations of the second conv block (the "
           "values its ReLU receives), over all channels and positions of the test images, in eval "
           "mode (so at step 0 the BN network still uses the initial running statistics, mean 0 "
-          "and variance 1). Without BN nothing holds them in place: they drift as the layers "
+          "and variance 1). Without BN nothing holds them in place: they can drift as the layers "
           "below them learn (the internal covariate shift BN was designed against).")
     sec.fig(plot_percentiles(ctx, runs, "s1_percentiles.png", "pre-activation value"),
             "15th / 50th / 85th percentiles of the second block's pre-activations during training.")

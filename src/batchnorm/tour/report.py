@@ -48,6 +48,8 @@ def fmt(value, digits: int = 4) -> str:
     value = float(value)
     if not math.isfinite(value):
         return str(value)
+    if value == 0:
+        return "0"
     if value != 0 and (abs(value) < 10 ** -(digits - 1) or abs(value) >= 1e6):
         return f"{value:.{max(digits - 2, 1)}e}"
     return f"{value:.{digits}f}"
