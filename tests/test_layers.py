@@ -458,6 +458,18 @@ def test_torch_compile_conv_bn_relu_matches_eager():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert int(compiled_model[1].num_batches_tracked) == 1
 
+    # the non-finite guard holds in the compiled model too (no warning there: no Python bool)
+    compiled_model.train()
+    before = {k: v.clone() for k, v in compiled_model.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")  # NaN in every channel after the 3x3 conv
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+    for key, value in compiled_model.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            assert torch.equal(value, before[key]), key
+
 
 # ------------------------------------------------------------------------------------------------
 # Memory: the inplace stack keeps <= 0.6x the activation bytes of PyTorch's BN + LeakyReLU

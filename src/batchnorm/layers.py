@@ -128,8 +128,9 @@ class _OurBatchNorm(_BatchNorm):
         """EMA (or cumulative average for momentum=None) of the batch statistics.
 
         Branch-free in the statistics' values (a ``torch.where`` on the finiteness flag), so that
-        torch.compile sees no data-dependent Python branch; the warning and ``raise`` mode need
-        the flag as a Python bool and are only evaluated outside compilation.
+        torch.compile sees no data-dependent Python branch in the default mode. The warning needs
+        the flag as a Python bool, so a compiled "skip" protects the buffers without warning;
+        "raise" always reads it (a graph break under torch.compile).
         """
         nbt, rm, rv = self.num_batches_tracked, self.running_mean, self.running_var
         if n == 0:  # empty batch: PyTorch counts it and leaves the statistics
@@ -140,7 +141,8 @@ class _OurBatchNorm(_BatchNorm):
             ok = None
         else:
             ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            if not torch.compiler.is_compiling() and not bool(ok):
+            check_now = self.nonfinite == "raise" or not torch.compiler.is_compiling()
+            if check_now and not bool(ok):
                 bad = int((~(torch.isfinite(mean) & torch.isfinite(var))).sum())
                 if self.nonfinite == "raise":
                     raise expected(
