@@ -201,7 +201,7 @@ def test_inspect_changes_nothing_and_serialises():
 def test_inspect_rejects_bad_arguments():
     with pytest.raises(BatchNormError, match="expected an nn.Module"):
         inspect(42)
-    with pytest.raises(BatchNormError, match="failed on example_input"):
+    with pytest.raises(BatchNormError, match="runs on example_input"):
         inspect(good(), torch.randn(2, 5, 8, 8))
     with pytest.raises(BatchNormError, match="example_input to be a tensor"):
         inspect(good(), "x")

@@ -390,7 +390,7 @@ def _capture(model: nn.Module, args: tuple) -> tuple[dict, object]:
         with torch.no_grad():
             out = model(*args)
     except Exception as exc:
-        raise BatchNormError(f"the model failed on example_input: {type(exc).__name__}: {exc}") from exc
+        raise _failed_on(args, exc) from exc
     finally:
         for h in handles:
             h.remove()
@@ -474,3 +474,8 @@ def strip_bias(model: nn.Module, example_input=None) -> nn.Module:
     stripped.strip_report = report
     return stripped
 
+
+def _failed_on(args, exc: Exception) -> BatchNormError:
+    shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return expected(f"a model that runs on example_input of shape {shapes}", f"{type(exc).__name__}: {reason}")

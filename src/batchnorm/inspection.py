@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import BatchNormError, expected
+from .errors import expected
+from .folding import _failed_on
 from .graph import (
     ModelGraph, Site, activation_of, bn_kind, class_name, is_batchnorm, is_foldable_producer, out_channels, trace,
 )
@@ -304,7 +305,7 @@ def _input_shapes(model: nn.Module, example_input) -> dict[str, tuple[int, ...]]
         with torch.no_grad():
             probe(*args)
     except Exception as exc:
-        raise BatchNormError(f"the model failed on example_input: {type(exc).__name__}: {exc}") from exc
+        raise _failed_on(args, exc) from exc
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,190 @@
+"""The model-tool commands on saved files, including every bad-file case (exit 2, one line)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import update_bn
+
+from batchnorm.cli import main
+
+from .replicas import build
+
+
+@pytest.fixture
+def files(tmp_path):
+    model, x = build("resnet_basic")
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save(torch.randn(3), tmp_path / "tensor.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(copy.deepcopy(model).eval()), tmp_path / "scripted.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02 this is not a checkpoint")
+    data = torch.randn(10, 3, 16, 16)
+    torch.save(data, tmp_path / "data.pt")
+    np.save(tmp_path / "data.npy", data.numpy())
+    np.savez(tmp_path / "data.npz", labels=np.zeros(10), x=data.numpy())
+    np.save(tmp_path / "flat.npy", np.zeros(5))
+    (tmp_path / "data.txt").write_text("1 2 3")
+    return tmp_path, model, x
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_inspect_table_json_and_torchscript(files, capsys):
+    d, model, _ = files
+    status, out, _ = run(capsys, "inspect", d / "model.pt")
+    assert status == 0 and "layers.0.bn1" in out and "findings" in out
+    status, out, _ = run(capsys, "inspect", d / "model.pt", "--input-shape", "2,3,16,16", "--json")
+    data = json.loads(out)
+    assert status == 0 and data["totals"]["bn_layers"] == 8 and data["model"].endswith("model.pt")
+    assert {f["code"] for f in data["findings"]} == {"conv-bn-act"}
+    status, out, _ = run(capsys, "inspect", d / "scripted.pt", "--json")
+    assert status == 0 and len(json.loads(out)["layers"]) == 8 and json.loads(out)["approximate"]
+
+
+def test_inspect_module_function(tmp_path, capsys, monkeypatch):
+    (tmp_path / "zoo_for_cli_test.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))\n"
+        "def not_a_model():\n    return 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status, out, _ = run(capsys, "inspect", "zoo_for_cli_test:build", "--json")
+    assert status == 0 and [f["code"] for f in json.loads(out)["findings"]] == ["act-before-bn"]
+    for spec, message in [("zoo_for_cli_test:not_a_model", "to return an nn.Module (got int)"),
+                          ("zoo_for_cli_test:missing", "expected a function 'missing'"),
+                          ("no_such_module_xyz:build", "expected an importable module 'no_such_module_xyz'")]:
+        status, out, err = run(capsys, "inspect", spec)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_fold_writes_an_equal_model(files, capsys):
+    d, model, x = files
+    status, out, _ = run(capsys, "fold", d / "model.pt", "-o", d / "folded.pt", "--input-shape", "2,3,16,16", "--json")
+    data = json.loads(out)
+    assert status == 0 and data["folded"] == 8 and data["rel_error"] < 1e-5 and data["output"].endswith("folded.pt")
+    folded = torch.load(d / "folded.pt", weights_only=False)
+    assert not hasattr(folded, "fold_report")
+    with torch.no_grad():
+        want = model.eval()(x)
+        assert (folded(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    status, out, _ = run(capsys, "fold", d / "model.pt", "-o", d / "folded2.pt")
+    assert status == 0 and "8 folded" in out and "wrote" in out
+
+
+def test_strip_bias_writes_a_leaner_model(tmp_path, capsys):
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    torch.save(model, tmp_path / "biased.pt")
+    status, out, _ = run(capsys, "strip-bias", tmp_path / "biased.pt", "-o", tmp_path / "lean.pt", "--json")
+    assert status == 0 and json.loads(out)["parameters_saved"] == 4
+    lean = torch.load(tmp_path / "lean.pt", weights_only=False)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(lean.eval()(x), model.eval()(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("source, extra", [("data.pt", []), ("data.npy", []), ("data.npz", ["--key", "x"])])
+def test_recalibrate_equals_update_bn(files, capsys, source, extra):
+    d, model, _ = files
+    status, out, _ = run(capsys, "recalibrate", d / "model.pt", "--data", d / source, "-o", d / "recal.pt",
+                         "--batch-size", "4", "--json", *extra)
+    assert status == 0 and json.loads(out) == {"output": str(d / "recal.pt"), "batches": 3, "samples": 10}
+    want = copy.deepcopy(model)
+    update_bn(list(torch.load(d / "data.pt").split(4)), want)
+    got = torch.load(d / "recal.pt", weights_only=False)
+    for k, v in want.state_dict().items():
+        assert torch.allclose(got.state_dict()[k].double(), v.double(), atol=1e-6), k
+
+
+def test_export_command(files, capsys):
+    pytest.importorskip("onnxruntime")
+    d, _, _ = files
+    status, out, _ = run(capsys, "export", d / "model.pt", "-o", d / "model.onnx", "--input-shape", "1,3,16,16",
+                         "--json")
+    data = json.loads(out)
+    assert status == 0 and (d / "model.onnx").exists() and data["max_error"] < 1e-4 and data["folded"] == 8
+
+
+BAD = [
+    # (argv after the command's own name, substring of the one-line error)
+    (["inspect", "{d}/missing.pt"], "no such file"),
+    (["inspect", "{d}"], "a directory"),
+    (["inspect", "{d}/corrupt.pt"], "unreadable"),
+    (["inspect", "{d}/tensor.pt"], "expected a model (nn.Module)"),
+    (["inspect", "{d}/weights.pt"], "a state_dict"),
+    (["inspect", "{d}/model.pt", "--input-shape", "1,x,3"], "expected --input-shape"),
+    (["inspect", "{d}/model.pt", "--input-shape", "1,5,16,16"], "runs on example_input"),
+    (["fold", "{d}/missing.pt", "-o", "{d}/out.pt"], "no such file"),
+    (["fold", "{d}/corrupt.pt", "-o", "{d}/out.pt"], "unreadable"),
+    (["fold", "{d}/weights.pt", "-o", "{d}/out.pt"], "a state_dict"),
+    (["fold", "{d}/scripted.pt", "-o", "{d}/out.pt"], "TorchScript"),
+    (["fold", "{d}/model.pt", "-o", "{d}/model.pt"], "different from the input"),
+    (["fold", "{d}/model.pt", "-o", "{d}/./model.pt"], "different from the input"),
+    (["fold", "{d}/model.pt", "-o", "{d}/nowhere/out.pt"], "no such folder"),
+    (["fold", "{d}/model.pt", "-o", "{d}"], "a directory"),
+    (["strip-bias", "{d}/tensor.pt", "-o", "{d}/out.pt"], "expected a model"),
+    (["strip-bias", "{d}/model.pt", "-o", "{d}/model.pt"], "different from the input"),
+    (["strip-bias", "{d}/scripted.pt", "-o", "{d}/out.pt"], "TorchScript"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/missing.npy", "-o", "{d}/out.pt"], "no such file"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/corrupt.pt", "-o", "{d}/out.pt"], "unreadable"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/model.pt", "-o", "{d}/out.pt"], "unreadable"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/flat.npy", "-o", "{d}/out.pt"], "rank >= 2"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.txt", "-o", "{d}/out.pt"], ".pt, .npy or .npz"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npz", "--key", "y", "-o", "{d}/out.pt"], "array 'y'"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/data.npy"], "different from the input"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/model.pt"], "different from the input"),
+    (["recalibrate", "{d}/corrupt.pt", "--data", "{d}/data.npy", "-o", "{d}/out.pt"], "unreadable"),
+    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/out.pt", "--batch-size", "0"], "--batch-size"),
+    (["export", "{d}/missing.pt", "-o", "{d}/out.onnx", "--input-shape", "1,3,16,16"], "no such file"),
+    (["export", "{d}/model.pt", "-o", "{d}/out.pt", "--input-shape", "1,3,16,16"], "ending in .onnx"),
+    (["export", "{d}/scripted.pt", "-o", "{d}/out.onnx", "--input-shape", "1,3,16,16"], "TorchScript"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[:1] + [a[1].split("/")[-1]]) + f"-{i}"
+                                                     for i, (a, _) in enumerate(BAD)])
+def test_bad_files_give_one_line_and_status_2(files, capsys, argv, message):
+    d, _, _ = files
+    before = sorted(os.listdir(d))
+    mtimes = {f: os.stat(d / f).st_mtime_ns for f in before}
+    status, out, err = run(capsys, *[a.format(d=d) for a in argv])
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batchnorm: error: expected"), err
+    assert message in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert sorted(os.listdir(d)) == before, "a bad call left a file behind"
+    assert {f: os.stat(d / f).st_mtime_ns for f in before} == mtimes, "a bad call touched a file"
+
+
+def test_console_script_has_no_traceback(files):
+    d, _, _ = files
+    for args in (["inspect", str(d / "corrupt.pt")], ["fold", str(d / "model.pt"), "-o", str(d / "model.pt")]):
+        proc = subprocess.run([sys.executable, "-m", "batchnorm.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_has_examples(capsys):
+    for command in ("inspect", "fold", "strip-bias", "recalibrate", "export"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and "Examples:" in out and f"batchnorm {command}" in out
+        assert "trust" in out
