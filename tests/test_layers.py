@@ -259,6 +259,25 @@ def test_guard_update_is_pytorch():
     assert torch.isnan(ours.running_mean[2])
 
 
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_guard_branch_free_path_equals_eager(momentum, monkeypatch):
+    """The path torch.compile takes (no Python bool) updates exactly as the eager one."""
+    batches = [torch.randn(4, 3, 2, 2), _nan_batch(), torch.randn(4, 3, 2, 2) * 2, _nan_batch()]
+    eager = batchnorm.BatchNorm2d(3, momentum=momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x in batches:
+            eager(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = batchnorm.BatchNorm2d(3, momentum=momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on that path
+        for x in batches:
+            traced(x)
+    assert int(traced.num_batches_tracked) == 2
+    assert_state_dicts_equal(traced.state_dict(), eager.state_dict())
+
+
 def test_guard_rejects_unknown_mode():
     with pytest.raises(BatchNormError, match=r"expected nonfinite in \('skip', 'raise', 'update'\)"):
         batchnorm.BatchNorm2d(3, nonfinite="ignore")

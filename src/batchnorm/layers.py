@@ -125,53 +125,61 @@ class _OurBatchNorm(_BatchNorm):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
-        """EMA (or cumulative average for momentum=None) of the batch statistics.
+        """EMA (or cumulative average for momentum=None) of the batch statistics, guarded.
 
-        Branch-free in the statistics' values (a ``torch.where`` on the finiteness flag), so that
-        torch.compile sees no data-dependent Python branch in the default mode. The warning needs
-        the flag as a Python bool, so a compiled "skip" protects the buffers without warning;
-        "raise" always reads it (a graph break under torch.compile).
+        Eager: a non-finite batch returns early (or raises) before anything changes, and a
+        finite one updates in place. Under torch.compile the Python bool would be a graph break,
+        so the default "skip" there is branch-free (``torch.where`` on the finiteness flag) and
+        protects the buffers without warning; "raise" always reads the flag.
         """
         nbt, rm, rv = self.num_batches_tracked, self.running_mean, self.running_var
         if n == 0:  # empty batch: PyTorch counts it and leaves the statistics
             if nbt is not None:
                 nbt.add_(1)
             return
-        if self.nonfinite == "update":
-            ok = None
-        else:
+        ok = None  # None: known finite (or not guarded); else a 0-d bool tensor
+        if self.nonfinite != "update":
             ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            check_now = self.nonfinite == "raise" or not torch.compiler.is_compiling()
-            if check_now and not bool(ok):
-                bad = int((~(torch.isfinite(mean) & torch.isfinite(var))).sum())
-                if self.nonfinite == "raise":
-                    raise expected(
-                        "finite batch statistics (nonfinite='raise')",
-                        f"NaN/Inf mean or variance in {bad} of {self.num_features} channels; "
-                        f"running statistics left unchanged")
-                if not self._warned_nonfinite:
-                    self._warned_nonfinite = True
-                    warnings.warn(
-                        f"{type(self).__name__}({self.num_features}): a training batch had NaN/Inf "
-                        f"statistics in {bad} channel(s); running statistics and "
-                        f"num_batches_tracked were left unchanged (nonfinite='skip'; "
-                        f"warned once per layer)", RuntimeWarning, stacklevel=3)
+            if self.nonfinite == "raise" or not torch.compiler.is_compiling():
+                if not bool(ok):
+                    self._reject_nonfinite(mean, var)
+                    return
+                ok = None
         if nbt is not None:
             nbt.add_(1 if ok is None else ok.to(nbt.dtype))
         if rm is None:
             return
-        if self.momentum is None:  # cumulative average: factor 1 / num_batches_tracked
-            factor = 0.0 if nbt is None else 1.0 / nbt.double()
-        else:
+        mean = mean.to(rm.dtype)
+        unbiased = var.to(rv.dtype) * (n / (n - 1))  # the running estimate is unbiased
+        if self.momentum is not None:
             factor = self.momentum
-        # in float64, as PyTorch's CPU kernel accumulates; unbiased variance for the estimate
-        new_mean = rm.double() * (1 - factor) + mean.double() * factor
-        new_var = rv.double() * (1 - factor) + var.double() * (n / (n - 1)) * factor
-        if ok is not None:
-            new_mean = torch.where(ok, new_mean, rm.double())
-            new_var = torch.where(ok, new_var, rv.double())
-        rm.copy_(new_mean)
-        rv.copy_(new_var)
+        elif nbt is None:
+            factor = 0.0
+        elif ok is None:
+            factor = 1.0 / float(nbt)  # cumulative average, as PyTorch
+        else:
+            factor = (1.0 / nbt.to(rm.dtype))  # tensor: no Python float under compile
+        if ok is None:
+            rm.lerp_(mean, factor)  # rm + factor * (mean - rm)
+            rv.lerp_(unbiased, factor)
+        else:
+            rm.copy_(torch.where(ok, torch.lerp(rm, mean, factor), rm))
+            rv.copy_(torch.where(ok, torch.lerp(rv, unbiased, factor), rv))
+
+    def _reject_nonfinite(self, mean: Tensor, var: Tensor) -> None:
+        """nonfinite="raise": raise; "skip": warn once per layer. Buffers are left alone."""
+        bad = int((~(torch.isfinite(mean) & torch.isfinite(var))).sum())
+        if self.nonfinite == "raise":
+            raise expected("finite batch statistics (nonfinite='raise')",
+                           f"NaN/Inf mean or variance in {bad} of {self.num_features} channels; "
+                           "running statistics left unchanged")
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}({self.num_features}): a training batch had NaN/Inf "
+                f"statistics in {bad} channel(s); running statistics and num_batches_tracked "
+                "were left unchanged (nonfinite='skip'; warned once per layer)",
+                RuntimeWarning, stacklevel=4)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
