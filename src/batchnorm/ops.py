@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .errors import check_eps, expected
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval"]
@@ -111,6 +114,12 @@ def bn_act_train(
     _check_param("weight", weight, x, c)
     _check_param("bias", bias, x, c)
     negative_slope, alpha = _check_act(act, negative_slope, alpha, inplace)
+    if _kernels_take(x, weight, bias):
+        y, mean, var = torch.ops.batchnorm.bn_act_train(
+            x, weight, bias, eps, act, negative_slope, alpha, inplace
+        )
+        # the op returns float64 statistics; the contract is the input's dtype, detached
+        return y, mean.detach().to(x.dtype), var.detach().to(x.dtype)
     if inplace:
         return _PlainInplaceTrain.apply(x, weight, bias, eps, act, negative_slope, alpha)
     return _plain_train(x, weight, bias, eps, act, negative_slope, alpha)
@@ -169,7 +178,246 @@ def bn_act_eval(
     _check_param("running_mean", running_mean, x, c, required=True)
     _check_param("running_var", running_var, x, c, required=True)
     negative_slope, alpha = _check_act(act, negative_slope, alpha, inplace=False)
+    if _kernels_take(x, weight, bias, running_mean, running_var):
+        return torch.ops.batchnorm.bn_act_eval(
+            x, weight, bias, running_mean.detach(), running_var.detach(), eps, act,
+            negative_slope, alpha,
+        )
     return _plain_eval(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops over the numba kernels
+#
+# Four ops in the "batchnorm" namespace: two forwards, each with its backward as an op of its
+# own, tied together with register_autograd. Fake implementations give shapes and strides, so
+# torch.compile and torch.export keep each op as one node. Statistics leave the training op in
+# float64: the backward recomputes x - mean from them, and a float32 mean would cost float32 data
+# far from zero (mean 1e4, std 1e-2) most of its precision.
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernels_take(x: Tensor, *per_channel: Tensor | None) -> bool:
+    """True when the fused kernels handle x: CPU, float32/float64, contiguous or channels-last."""
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return False
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in per_channel):
+        return False
+    return _layout(x) is not None
+
+
+def _layout(t: Tensor) -> str | None:
+    """"ncs" for (N, C, S) contiguous memory, "mc" for channels-last (M, C), None otherwise."""
+    if t.is_contiguous():
+        return "mc" if math.prod(t.shape[2:]) == 1 else "ncs"
+    if t.permute(0, *range(2, t.dim()), 1).is_contiguous():
+        return "mc"
+    return None
+
+
+def _kernel_array(t: Tensor, layout: str) -> np.ndarray:
+    """A NumPy view of t's memory as (N, C, S) or (M, C), sharing storage."""
+    n, c = t.shape[0], t.shape[1]
+    if layout == "ncs":
+        return t.detach().numpy().reshape(n, c, -1)  # (N, C, S)
+    return t.detach().permute(0, *range(2, t.dim()), 1).numpy().reshape(-1, c)  # (M, C)
+
+
+def _np(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().numpy()
+
+
+def _as_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """t (same shape as like) copied into like's strides if they differ (e.g. an expanded dy)."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+
+
+def _run(kernel, x: Tensor, outs: list[Tensor], inputs: list[Tensor], *args):
+    """Call kernel(*inputs, *args, *outs) on kernel views; inputs/outs share x's layout."""
+    kernels.set_threads(torch.get_num_threads())
+    layout = _layout(x)
+    return kernel(*[_kernel_array(t, layout) for t in inputs], *args,
+                  *[_kernel_array(t, layout) for t in outs])
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself if the kernels can view it, else a contiguous copy (ops called with odd strides)."""
+    return x if _layout(x) is not None else x.contiguous()
+
+
+@torch.library.custom_op("batchnorm::bn_act_train", mutates_args=())
+def _train_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = x.shape[1]
+    if x.numel() == 0:
+        return torch.empty_like(x), x.new_zeros(c, dtype=torch.float64), x.new_full(
+            (c,), math.nan, dtype=torch.float64)
+    x = _dense(x)
+    y = torch.empty_like(x)
+    mean, var = _run(
+        lambda xv, yv: kernels.train_forward(xv, _np(weight), _np(bias), eps, act,
+                                             negative_slope, alpha, yv),
+        x, [y], [x],
+    )
+    return y, torch.from_numpy(mean), torch.from_numpy(var)
+
+
+@_train_op.register_fake
+def _(x, weight, bias, eps, act, negative_slope, alpha, inplace):
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty(c, dtype=torch.float64), x.new_empty(
+        c, dtype=torch.float64)
+
+
+@torch.library.custom_op("batchnorm::bn_act_train_backward", mutates_args=())
+def _train_backward_op(
+    dy: Tensor,
+    src: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = src.shape[1]
+    pdtype = src.dtype if weight is None else weight.dtype
+    if src.numel() == 0:
+        return torch.empty_like(src), src.new_zeros(c, dtype=pdtype), src.new_zeros(c, dtype=pdtype)
+    src = _dense(src)
+    dy = _as_layout_of(dy, src)
+    dx = torch.empty_like(src)
+    dweight, dbias = _run(
+        lambda dyv, sv, dxv: kernels.train_backward(
+            dyv, sv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, act,
+            negative_slope, alpha, inplace, dxv),
+        src, [dx], [dy, src],
+    )
+    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
+
+
+@_train_backward_op.register_fake
+def _(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace):
+    c = src.shape[1]
+    pdtype = src.dtype if weight is None else weight.dtype
+    return torch.empty_like(src), src.new_empty(c, dtype=pdtype), src.new_empty(c, dtype=pdtype)
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, act, negative_slope, alpha, inplace = inputs
+    y, mean, var = output
+    # InPlace-ABN: keep the output (which the next layer keeps anyway), not the input
+    ctx.save_for_backward(y if inplace else x, weight, bias, mean, var)
+    ctx.params = (eps, act, negative_slope, alpha, inplace)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _train_backward(ctx, dy, _dmean, _dvar):
+    src, weight, bias, mean, var = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.batchnorm.bn_act_train_backward(
+        dy, src, weight, bias, mean, var, *ctx.params
+    )
+    return (dx, None if weight is None else dweight, None if bias is None else dbias,
+            None, None, None, None, None)
+
+
+_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+@torch.library.custom_op("batchnorm::bn_act_eval", mutates_args=())
+def _eval_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    x = _dense(x)
+    y = torch.empty_like(x)
+    _run(
+        lambda xv, yv: kernels.eval_forward(xv, _np(weight), _np(bias), _np(running_mean),
+                                            _np(running_var), eps, act, negative_slope, alpha, yv),
+        x, [y], [x],
+    )
+    return y
+
+
+@_eval_op.register_fake
+def _(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::bn_act_eval_backward", mutates_args=())
+def _eval_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = x.shape[1]
+    pdtype = x.dtype if weight is None else weight.dtype
+    if x.numel() == 0:
+        return torch.empty_like(x), x.new_zeros(c, dtype=pdtype), x.new_zeros(c, dtype=pdtype)
+    x = _dense(x)
+    dy = _as_layout_of(dy, x)
+    dx = torch.empty_like(x)
+    dweight, dbias = _run(
+        lambda dyv, xv, dxv: kernels.eval_backward(
+            dyv, xv, _np(weight), _np(bias), _np(running_mean), _np(running_var), eps, act,
+            negative_slope, alpha, dxv),
+        x, [dx], [dy, x],
+    )
+    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
+
+
+@_eval_backward_op.register_fake
+def _(dy, x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    c = x.shape[1]
+    pdtype = x.dtype if weight is None else weight.dtype
+    return torch.empty_like(x), x.new_empty(c, dtype=pdtype), x.new_empty(c, dtype=pdtype)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha = inputs
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+    ctx.params = (eps, act, negative_slope, alpha)
+
+
+def _eval_backward(ctx, dy):
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.batchnorm.bn_act_eval_backward(
+        dy, x, weight, bias, running_mean, running_var, *ctx.params
+    )
+    # the statistics are constants in evaluation: no gradient flows into them
+    return (dx, None if weight is None else dweight, None if bias is None else dbias,
+            None, None, None, None, None, None)
+
+
+_eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Fused batch-norm + activation kernels on NumPy arrays (numba, parallel, cached on disk).
+
+Four entry points, each taking float32 or float64 arrays in one of two layouts:
+
+- ``(N, C, S)``: contiguous NCHW-style memory, S the product of the spatial sizes;
+- ``(M, C)``: channels-last memory (NHWC / NDHWC, or plain ``(N, C)``), M = N * spatial.
+
+:func:`train_forward` (statistics + normalise + activation), :func:`eval_forward`,
+:func:`train_backward` and :func:`eval_backward` write into caller-provided output arrays and
+return per-channel float64 results. Nothing here imports torch; :mod:`batchnorm.ops` wraps these
+as PyTorch custom ops.
+
+Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
+so results are bitwise identical for any thread count (:func:`set_threads`).
+
+Kernels compile on first use (a few seconds each) and are cached on disk next to this package
+(numba ``cache=True``). Numba does not notice edits to a helper in another file of this package:
+after changing ``_activation.py`` or ``statistics.py``, delete ``kernels/__pycache__``.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._activation import CODES, consts
+from .backward import (
+    eval_backward_mc,
+    eval_backward_ncs,
+    reduce_mc,
+    reduce_ncs,
+    write_dx_mc,
+    write_dx_ncs,
+)
+from .normalize import normalize_mc, normalize_ncs
+from .statistics import moments_mc, moments_ncs
+
+__all__ = [
+    "CODES",
+    "train_forward",
+    "eval_forward",
+    "train_backward",
+    "eval_backward",
+    "moments",
+    "set_threads",
+]
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels on ``n`` threads (clipped to numba's pool size, at least 1)."""
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float64 ``(mean, M2)`` of x ``(N, C, S)`` or ``(M, C)`` (non-empty)."""
+    return moments_ncs(x) if x.ndim == 3 else moments_mc(x)
+
+
+def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
+    """Normalise x with its batch statistics, affine, activation, into y; return (mean, var).
+
+    ``mean`` and the biased ``var`` are float64 arrays of shape (C,). ``weight`` / ``bias`` are
+    (C,) arrays or None; ``act`` a name from ``CODES``. x must be non-empty.
+    """
+    mean, m2 = moments(x)
+    var = m2 / _count(x)
+    _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha)
+    return mean, var
+
+
+def eval_forward(x, weight, bias, mean, var, eps, act, negative_slope, alpha, y):
+    """y = act(weight * (x - mean) / sqrt(var + eps) + bias) with given statistics."""
+    _normalize(x, y, np.asarray(mean, np.float64), np.asarray(var, np.float64), weight, bias,
+               eps, act, negative_slope, alpha)
+
+
+def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace, dx):
+    """Write dL/dx into dx for the training forward; return float64 (dweight, dbias).
+
+    ``src`` is the forward's input x, or its output y when ``inplace`` (then x_hat is recovered
+    as ``(act^-1(y) - bias) / weight``, with ``|weight| < eps`` replaced by ``sign * eps``).
+    ``mean`` / ``var`` are the float64 batch statistics :func:`train_forward` returned.
+    """
+    dtype = src.dtype
+    invstd = _invstd(var, eps)
+    gamma = _gamma(weight, src)
+    mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
+    code = CODES[act]
+    k = consts(dtype, negative_slope, alpha)
+    layout_reduce = reduce_ncs if src.ndim == 3 else reduce_mc
+    sum_g, sum_ge = layout_reduce(dy, src, mean_hi, mean_lo, scale, shift, code, inplace, k)
+    m = _count(src)
+    k1 = gamma * invstd
+    if inplace:
+        safe = np.where(np.abs(gamma) < eps, np.where(gamma < 0, -eps, eps), gamma)
+        sum_gxhat = sum_ge / safe  # e = gamma * x_hat
+        k2 = -k1 * sum_gxhat / (m * safe)
+    else:
+        sum_gxhat = sum_ge * invstd  # e = x - mean
+        k2 = -k1 * invstd * sum_gxhat / m
+    k0 = -k1 * sum_g / m
+    layout_write = write_dx_ncs if src.ndim == 3 else write_dx_mc
+    layout_write(dy, src, dx, mean_hi, mean_lo, scale, shift,
+                 k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), code, inplace, k)
+    return sum_gxhat, sum_g
+
+
+def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alpha, dx):
+    """Write dL/dx = act'(z) * dy * weight / sqrt(var + eps) into dx; return (dweight, dbias)."""
+    dtype = x.dtype
+    invstd = _invstd(np.asarray(var, np.float64), eps)
+    gamma = _gamma(weight, x)
+    mean_hi, mean_lo, scale, shift = _per_channel(
+        np.asarray(mean, np.float64), invstd, gamma, bias, dtype
+    )
+    kernel = eval_backward_ncs if x.ndim == 3 else eval_backward_mc
+    k = consts(dtype, negative_slope, alpha)
+    sum_g, sum_ge = kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, CODES[act], k)
+    return sum_ge * invstd, sum_g
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
+    invstd = _invstd(var, eps)
+    mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, _gamma(weight, x), bias, x.dtype)
+    kernel = normalize_ncs if x.ndim == 3 else normalize_mc
+    kernel(x, y, mean_hi, mean_lo, scale, shift, CODES[act], consts(x.dtype, negative_slope, alpha))
+
+
+def _count(x: np.ndarray) -> int:
+    """Values per channel."""
+    return x.size // x.shape[1]
+
+
+def _invstd(var: np.ndarray, eps: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
+def _gamma(weight, x) -> np.ndarray:
+    c = x.shape[1]
+    return np.ones(c) if weight is None else np.asarray(weight, np.float64)
+
+
+def _per_channel(mean, invstd, gamma, bias, dtype):
+    """mean split as hi + lo in the data's dtype, scale = gamma * invstd, shift = beta."""
+    mean_hi = mean.astype(dtype)
+    with np.errstate(invalid="ignore"):
+        mean_lo = (mean - mean_hi).astype(dtype)
+        scale = (gamma * invstd).astype(dtype)
+    shift = np.zeros(len(mean), dtype) if bias is None else np.asarray(bias).astype(dtype)
+    return mean_hi, mean_lo, scale, shift
