@@ -1,0 +1,241 @@
+"""The numba kernels against the NumPy oracle (batchnorm.reference), in float64 NumPy.
+
+Every kernel, both layouts ((N, C, S) and channels-last (M, C)), both dtypes, every activation;
+the activation and its derivative are applied to the reference's output here, in float64.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from batchnorm import kernels, reference
+from batchnorm.kernels.statistics import rows_per_chunk
+
+ACTS = ("identity", "relu", "leaky_relu", "elu", "silu")
+SLOPE, ALPHA, EPS = 0.1, 1.3, 1e-5
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 NumPy statements of the activations
+
+
+def act_np(z, act):
+    if act == "relu":
+        return np.maximum(z, 0.0)
+    if act == "leaky_relu":
+        return np.where(z > 0, z, z * SLOPE)
+    if act == "elu":
+        return np.where(z > 0, z, ALPHA * np.expm1(z))
+    if act == "silu":
+        return z / (1.0 + np.exp(-z))
+    return z
+
+
+def act_grad_np(z, act):
+    if act == "relu":
+        return (z > 0).astype(np.float64)
+    if act == "leaky_relu":
+        return np.where(z > 0, 1.0, SLOPE)
+    if act == "elu":
+        return np.where(z > 0, 1.0, ALPHA * np.exp(z))
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    return np.ones_like(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts: (N, C, *) logical arrays to and from the kernels' views
+
+
+def to_kernel(a, layout):
+    n, c = a.shape[:2]
+    if layout == "ncs":
+        return np.ascontiguousarray(a).reshape(n, c, -1)  # (N, C, S)
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1)).reshape(-1, c)  # (M, C)
+
+
+def from_kernel(k, shape, layout):
+    if layout == "ncs":
+        return k.reshape(shape)
+    moved = (shape[0], *shape[2:], shape[1])
+    return np.moveaxis(k.reshape(moved), -1, 1)
+
+
+def data(shape, dtype, seed=0, loc=0.7, scale=1.6):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = (rng.normal(loc, scale, size=shape)).astype(dtype)
+    w = rng.normal(1.0, 0.5, size=c).astype(dtype)
+    b = rng.normal(0.0, 0.5, size=c).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    return x, w, b, dy
+
+
+SHAPE = (5, 3, 4, 7)
+LAYOUTS = ("ncs", "mc")
+DTYPES = (np.float32, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moments_match_reference_over_many_chunks(layout, dtype):
+    c = 1024
+    rng = np.random.default_rng(1)
+    if layout == "mc":  # channels-last (M, C): 3 full chunks of rows and a partial one
+        x = rng.normal(3.0, 2.0, size=(3 * rows_per_chunk(c) + 37, c)).astype(dtype)
+    else:  # (N, C, S): one chunk per (n, c) plane
+        x = rng.normal(3.0, 2.0, size=(7, c, 61)).astype(dtype)
+    want = reference.moments(x, axis=1)
+    mean, m2 = kernels.moments(x)
+    np.testing.assert_allclose(mean, want.mean, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(m2, want.m2, rtol=1e-11)
+
+
+def test_moments_equal_chan_merge_of_halves():
+    x = np.random.default_rng(2).normal(size=(6, 4, 50))
+    halves = reference.merge(reference.moments(x[:3]), reference.moments(x[3:]))
+    mean, m2 = kernels.moments(x)
+    np.testing.assert_allclose(mean, halves.mean, rtol=1e-13)
+    np.testing.assert_allclose(m2, halves.m2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_in_a_channel_reaches_its_statistics(layout):
+    x, w, b, _ = data(SHAPE, np.float32)
+    x[2, 1, 0, 3] = np.nan
+    y = np.empty_like(to_kernel(x, layout))
+    mean, var = kernels.train_forward(to_kernel(x, layout), w, b, EPS, "relu", SLOPE, ALPHA, y)
+    assert np.isnan(mean[1]) and np.isnan(var[1])
+    assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(var[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_offset_float32_is_exact_to_float64(layout):
+    # mean 1e4, std 1e-2: E[x^2] - E[x]^2 fails here; PyTorch CPU is off by ~3e-2
+    rng = np.random.default_rng(3)
+    x = (1e4 + 1e-2 * rng.normal(size=(16, 4, 8, 8))).astype(np.float32)
+    want, state = reference.forward(x.astype(np.float64), None, None, None, None, training=True)
+    xk = to_kernel(x, layout)
+    y = np.empty_like(xk)
+    mean, var = kernels.train_forward(xk, None, None, EPS, "identity", SLOPE, ALPHA, y)
+    np.testing.assert_allclose(mean, state.mean, rtol=1e-15)
+    np.testing.assert_allclose(var, state.var, rtol=1e-9)
+    assert np.abs(from_kernel(y, x.shape, layout) - want).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and backward against the reference
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_train_forward_and_backward(act, layout, dtype):
+    x, w, b, dy = data(SHAPE, dtype)
+    z_ref, state = reference.forward(x.astype(np.float64), w.astype(np.float64),
+                                     b.astype(np.float64), None, None, training=True)
+    y_ref = act_np(z_ref, act)
+    xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
+    y = np.empty_like(xk)
+    mean, var = kernels.train_forward(xk, w, b, EPS, act, SLOPE, ALPHA, y)
+    np.testing.assert_allclose(mean, state.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, state.var, rtol=1e-12)
+    np.testing.assert_allclose(from_kernel(y, x.shape, layout), y_ref, **TOL[dtype])
+
+    g = dy.astype(np.float64) * act_grad_np(z_ref, act)  # dL/dz
+    dx_ref, dw_ref, db_ref = reference.backward(g, state)
+    dx = np.empty_like(xk)
+    dw, db = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, act, SLOPE, ALPHA, False, dx)
+    np.testing.assert_allclose(from_kernel(dx, x.shape, layout), dx_ref, **TOL[dtype])
+    np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
+    np.testing.assert_allclose(db, db_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("act", ("identity", "leaky_relu", "elu"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_from_output_equals_backward_from_input(act, layout, dtype):
+    x, w, b, dy = data(SHAPE, dtype)
+    w[1] = -w[1]  # a negative gamma must invert too
+    xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
+    y = np.empty_like(xk)
+    mean, var = kernels.train_forward(xk, w, b, EPS, act, SLOPE, ALPHA, y)
+    dx_in, dx_out = np.empty_like(xk), np.empty_like(xk)
+    want = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, act, SLOPE, ALPHA, False, dx_in)
+    got = kernels.train_backward(dyk, y, w, b, mean, var, EPS, act, SLOPE, ALPHA, True, dx_out)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dx_out, dx_in, **tol)
+    np.testing.assert_allclose(got[0], want[0], **tol)
+    np.testing.assert_allclose(got[1], want[1], **tol)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_forward_and_backward(act, layout, dtype):
+    x, w, b, dy = data(SHAPE, dtype)
+    rng = np.random.default_rng(4)
+    rm = rng.normal(size=3).astype(dtype)
+    rv = rng.uniform(0.5, 2.0, size=3).astype(dtype)
+    z_ref, state = reference.forward(x.astype(np.float64), w.astype(np.float64),
+                                     b.astype(np.float64), rm.astype(np.float64),
+                                     rv.astype(np.float64), training=False)
+    xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
+    y = np.empty_like(xk)
+    kernels.eval_forward(xk, w, b, rm, rv, EPS, act, SLOPE, ALPHA, y)
+    np.testing.assert_allclose(from_kernel(y, x.shape, layout), act_np(z_ref, act), **TOL[dtype])
+
+    g = dy.astype(np.float64) * act_grad_np(z_ref, act)
+    dx_ref, dw_ref, db_ref = reference.backward(g, state)
+    dx = np.empty_like(xk)
+    dw, db = kernels.eval_backward(dyk, xk, w, b, rm, rv, EPS, act, SLOPE, ALPHA, dx)
+    np.testing.assert_allclose(from_kernel(dx, x.shape, layout), dx_ref, **TOL[dtype])
+    np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
+    np.testing.assert_allclose(db, db_ref, **TOL[dtype])
+
+
+def test_without_weight_and_bias_is_gamma_one_beta_zero():
+    x, _, _, dy = data(SHAPE, np.float64)
+    ones, zeros = np.ones(3), np.zeros(3)
+    xk, dyk = to_kernel(x, "ncs"), to_kernel(dy, "ncs")
+    y1, y2, dx1, dx2 = (np.empty_like(xk) for _ in range(4))
+    s1 = kernels.train_forward(xk, None, None, EPS, "elu", SLOPE, ALPHA, y1)
+    kernels.train_forward(xk, ones, zeros, EPS, "elu", SLOPE, ALPHA, y2)
+    np.testing.assert_array_equal(y1, y2)
+    g1 = kernels.train_backward(dyk, xk, None, None, *s1, EPS, "elu", SLOPE, ALPHA, False, dx1)
+    g2 = kernels.train_backward(dyk, xk, ones, zeros, *s1, EPS, "elu", SLOPE, ALPHA, False, dx2)
+    np.testing.assert_array_equal(dx1, dx2)
+    np.testing.assert_array_equal(g1[0], g2[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_and_two_threads_give_identical_bits(layout):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread")
+    # several channels-last chunks and many planes, so both threads get work
+    x, w, b, dy = data((3 * 128 + 5, 1024, 1, 1), np.float32, seed=5)
+    xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
+    results = []
+    for threads in (1, 2):
+        kernels.set_threads(threads)
+        y, dx, dx_eval = np.empty_like(xk), np.empty_like(xk), np.empty_like(xk)
+        mean, var = kernels.train_forward(xk, w, b, EPS, "silu", SLOPE, ALPHA, y)
+        grads = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, "silu", SLOPE, ALPHA,
+                                       False, dx)
+        eval_grads = kernels.eval_backward(dyk, xk, w, b, mean, var, EPS, "silu", SLOPE, ALPHA,
+                                           dx_eval)
+        results.append((mean, var, y, dx, *grads, dx_eval, *eval_grads))
+    kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)

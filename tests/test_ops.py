@@ -1,0 +1,289 @@
+"""batchnorm.ops: the custom ops against PyTorch (F.batch_norm + activation) and the plain path.
+
+Also: gradcheck in float64, the inplace (InPlace-ABN) mode, memory formats, thread-count
+determinism, large-offset stability, empty batches, errors, torch.compile and torch.export.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchnorm import BatchNormError, kernels, ops
+
+SLOPE, ALPHA, EPS = 0.1, 1.3, 1e-5
+CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def torch_act(z, act):
+    """PyTorch's own activations (the independent reference)."""
+    return {
+        "identity": lambda t: t,
+        "relu": F.relu,
+        "leaky_relu": lambda t: F.leaky_relu(t, SLOPE),
+        "elu": lambda t: F.elu(t, ALPHA),
+        "silu": F.silu,
+    }[act](z)
+
+
+def make(shape, dtype, memory_format=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype) * 1.5 + 0.5
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    w = torch.randn(c, generator=g, dtype=dtype) * 0.5 + 1.0
+    b = torch.randn(c, generator=g, dtype=dtype) * 0.5
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    return x, w, b, dy
+
+
+def outputs_and_grads(fn, x, w, b, dy):
+    """(y, dx, dw, db, *extra outputs) of fn(x, w, b) for the loss sum(y * dy)."""
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    out = fn(x, w, b)
+    y, extra = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    return [y.detach(), dx, dw, db, *extra]
+
+
+def assert_all_close(got, want, dtype):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+CASES = [  # (shape, memory format)
+    ((6, 3, 5, 4), None),
+    ((6, 3, 5, 4), torch.channels_last),
+    ((3, 2, 3, 4, 5), torch.channels_last_3d),
+    ((7, 4), None),
+    ((4, 3, 9), None),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# against PyTorch
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("act", ops.ACTIVATIONS)
+@pytest.mark.parametrize("shape,memory_format", CASES)
+def test_train_matches_torch(shape, memory_format, act, dtype):
+    x, w, b, dy = make(shape, dtype, memory_format)
+
+    def torch_train(x, w, b):
+        z = F.batch_norm(x, None, None, w, b, training=True, eps=EPS)
+        dims = [0, *range(2, x.dim())]
+        return torch_act(z, act), x.mean(dims).detach(), x.var(dims, correction=0).detach()
+
+    got = outputs_and_grads(lambda x, w, b: ops.bn_act_train(x, w, b, EPS, act, SLOPE, ALPHA),
+                            x, w, b, dy)
+    assert_all_close(got, outputs_and_grads(torch_train, x, w, b, dy), dtype)
+    assert got[0].stride() == x.stride() and got[1].stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("act", ops.ACTIVATIONS)
+@pytest.mark.parametrize("shape,memory_format", CASES)
+def test_eval_matches_torch(shape, memory_format, act, dtype):
+    x, w, b, dy = make(shape, dtype, memory_format)
+    rm = torch.linspace(-1, 1, shape[1], dtype=dtype)
+    rv = torch.linspace(0.5, 2, shape[1], dtype=dtype)
+
+    def torch_eval(x, w, b):
+        return torch_act(F.batch_norm(x, rm, rv, w, b, training=False, eps=EPS), act)
+
+    got = outputs_and_grads(
+        lambda x, w, b: ops.bn_act_eval(x, w, b, rm, rv, EPS, act, SLOPE, ALPHA), x, w, b, dy)
+    assert_all_close(got, outputs_and_grads(torch_eval, x, w, b, dy), dtype)
+    assert got[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_other_dtypes_and_strides_take_pytorchs_path(dtype, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "train_forward", lambda *a: calls.append(a))
+    x, w, b, dy = make((8, 3, 6, 6), dtype)
+    x = x.transpose(2, 3)  # neither contiguous nor channels-last
+    y, mean, var = ops.bn_act_train(x, w, b, EPS, "relu")
+    want = F.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS))
+    torch.testing.assert_close(y, want)
+    assert not calls and mean.dtype == dtype and y.stride() == x.stride()
+
+
+def test_kernels_run_for_cpu_float_dense_input(monkeypatch):
+    calls = []
+    original = kernels.train_forward
+    monkeypatch.setattr(kernels, "train_forward", lambda *a: calls.append(1) or original(*a))
+    for mf in (None, torch.channels_last):
+        x, w, b, _ = make((4, 3, 5, 5), torch.float32, mf)
+        ops.bn_act_train(x, w, b, EPS, "relu")
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("act", ("identity", "leaky_relu", "elu", "silu"))
+@pytest.mark.parametrize("memory_format", (None, torch.channels_last))
+def test_gradcheck_train_and_eval(act, memory_format):
+    x, w, b, _ = make((2, 2, 3, 3), torch.float64, memory_format)
+    rm, rv = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([0.7, 1.4], dtype=torch.float64)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ops.bn_act_train(x, w, b, EPS, act, SLOPE, ALPHA)[0], inputs)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ops.bn_act_eval(x, w, b, rm, rv, EPS, act, SLOPE, ALPHA), inputs)
+
+
+@pytest.mark.parametrize("act", ops.INVERTIBLE)
+@pytest.mark.parametrize("memory_format", (None, torch.channels_last))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_inplace_equals_non_inplace(act, memory_format, dtype):
+    x, w, b, dy = make((6, 3, 5, 4), dtype, memory_format)
+    w[1] = -w[1]
+    grads = [
+        outputs_and_grads(
+            lambda x, w, b: ops.bn_act_train(x, w, b, EPS, act, SLOPE, ALPHA, inplace=inplace),
+            x, w, b, dy)
+        for inplace in (False, True)
+    ]
+    assert_all_close(grads[1], grads[0], dtype)
+
+
+@pytest.mark.parametrize("act", ops.INVERTIBLE)
+def test_inplace_on_pytorchs_path_equals_non_inplace(act):
+    x, w, b, dy = make((6, 3, 5, 4), torch.float64)
+    x, dy = x.transpose(2, 3), dy.transpose(2, 3)  # strides the kernels do not take
+    grads = [
+        outputs_and_grads(
+            lambda x, w, b: ops.bn_act_train(x, w, b, EPS, act, SLOPE, ALPHA, inplace=inplace),
+            x, w, b, dy)
+        for inplace in (False, True)
+    ]
+    assert_all_close(grads[1], grads[0], torch.float64)
+
+
+@pytest.mark.parametrize("plain", (False, True))
+def test_inplace_saves_the_output_not_the_input(plain):
+    x, w, b, _ = make((4, 3, 5, 6), torch.float32)
+    if plain:
+        x = x.transpose(2, 3)
+    x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, _, _ = ops.bn_act_train(x, w, b, EPS, "leaky_relu", SLOPE, inplace=True)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == y.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------
+# numerics, determinism, edge cases
+
+
+@pytest.mark.parametrize("memory_format", (None, torch.channels_last))
+def test_large_offset_float32_within_1e_4_of_exact(memory_format):
+    g = torch.Generator().manual_seed(7)
+    x = (1e4 + 1e-2 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64))
+    exact = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        x.var((0, 2, 3), correction=0, keepdim=True) + EPS)
+    x32 = x.float().contiguous(memory_format=memory_format or torch.contiguous_format)
+    y, _, _ = ops.bn_act_train(x32, None, None, EPS)
+    # the float32 input itself is rounded: compare with the exact result of that input
+    x32d = x32.double()
+    exact = (x32d - x32d.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        x32d.var((0, 2, 3), correction=0, keepdim=True) + EPS)
+    assert (y.double() - exact).abs().max() < 1e-4
+
+
+def test_one_and_two_threads_give_identical_bits():
+    x, w, b, dy = make((40, 1024, 2, 2), torch.float32, torch.channels_last)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(outputs_and_grads(
+                lambda x, w, b: ops.bn_act_train(x, w, b, EPS, "relu"), x, w, b, dy))
+            runs[-1] += outputs_and_grads(
+                lambda x, w, b: ops.bn_act_eval(x, w, b, b.detach(), w.detach() ** 2, EPS, "silu"),
+                x, w, b, dy)
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("memory_format", (None, torch.channels_last))
+def test_empty_batch(memory_format):
+    x = torch.empty(0, 3, 4, 4).contiguous(memory_format=memory_format or torch.contiguous_format)
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    x.requires_grad_()
+    y, mean, var = ops.bn_act_train(x, w, b, EPS, "relu")
+    assert y.shape == x.shape and torch.equal(mean, torch.zeros(3)) and var.isnan().all()
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(act="gelu"), "expected act in"),
+        (dict(act="relu", inplace=True), "expected an invertible act"),
+        (dict(act="leaky_relu", negative_slope=0.0, inplace=True), "negative_slope > 0"),
+        (dict(eps=0.0), "eps > 0 in training"),
+        (dict(weight=torch.ones(4)), "weight of shape (3,)"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    args = dict(x=torch.randn(4, 3, 2), weight=None, bias=None, eps=EPS)
+    args.update(kwargs)
+    with pytest.raises(BatchNormError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.bn_act_train(**args)
+
+
+def test_bad_input_raises():
+    with pytest.raises(BatchNormError, match="2D to 5D"):
+        ops.bn_act_eval(torch.randn(4), None, None, torch.zeros(4), torch.ones(4), EPS)
+    with pytest.raises(BatchNormError, match="floating-point"):
+        ops.bn_act_train(torch.ones(4, 3, dtype=torch.int64), None, None, EPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile and torch.export see one op
+
+
+class ConvBNReLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.weight = torch.nn.Parameter(torch.rand(4) + 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return ops.bn_act_train(self.conv(x), self.weight, self.bias, EPS, "relu")[0]
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_without_graph_break():
+    model = ConvBNReLU()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
+    eager_y = model(x)
+    eager_grads = torch.autograd.grad(eager_y.square().sum(), list(model.parameters()))
+    compiled_y = compiled(x)
+    compiled_grads = torch.autograd.grad(compiled_y.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(compiled_y, eager_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_contains_the_batchnorm_op():
+    program = torch.export.export(ConvBNReLU(), (torch.randn(2, 3, 6, 6),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "batchnorm.bn_act_train.default" in targets
+    assert not any("batch_norm" in t for t in targets)
