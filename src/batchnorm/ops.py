@@ -233,9 +233,14 @@ def _as_layout_of(t: Tensor, like: Tensor) -> Tensor:
     return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
 
 
+# Below this many elements one thread is faster: waking the others costs more than the work.
+# Results do not depend on it (the kernels' chunks do not depend on the thread count).
+_SERIAL_BELOW = 1 << 16
+
+
 def _run(kernel, x: Tensor, outs: list[Tensor], inputs: list[Tensor], *args):
     """Call kernel(*inputs, *args, *outs) on kernel views; inputs/outs share x's layout."""
-    kernels.set_threads(torch.get_num_threads())
+    kernels.set_threads(1 if x.numel() < _SERIAL_BELOW else torch.get_num_threads())
     layout = _layout(x)
     return kernel(*[_kernel_array(t, layout) for t in inputs], *args,
                   *[_kernel_array(t, layout) for t in outs])
