@@ -504,5 +504,5 @@ def _bench_memory():
 
 def test_inplace_stack_saves_at_most_0_6x_the_activation_bytes():
     result = _bench_memory().measure(blocks=10, batch=2, channels=8, size=12)
-    assert result["max_diff"] <= 1e-5
     assert result["ratio"] <= 0.6, result
+    assert result["diff64"] <= 1e-10, result  # the same computation (float32: see bench_memory)
