@@ -54,21 +54,52 @@ _HEADER = 4  # layer key, call number, phase, channels
 def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Per-channel ``(count, mean, M2)`` of ``x`` (N, C, *) over every axis but 1, in float64.
 
-    Same definition as :func:`batchnorm.reference.moments`: shift by one sample of each channel,
-    then two passes (mean of the shifted values, sum of squared deviations). An empty batch gives
-    count 0, mean 0, M2 0.
+    The reference's definition (:func:`batchnorm.reference.moments`): shift by one sample of each
+    channel, then two passes, the mean of the shifted values and the sum of squared deviations
+    from it. Sums accumulate in float64 while the element-wise work stays in the input's dtype
+    (no float64 copy of the batch); the float32 rounding of the pass-two centre is corrected
+    exactly (``sum (d - a)^2 = M2 + n (mean_d - a)^2``). An empty batch gives count 0, mean 0,
+    M2 0.
     """
+    x = _working(x.detach())
     c = x.shape[1]
-    flat = x.detach().transpose(0, 1).reshape(c, -1).to(torch.float64)  # (C, m)
-    m = flat.shape[1]
-    if m == 0:
+    n = x.numel() // c if c else 0
+    if n == 0:
         zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
         return 0.0, zeros, zeros.clone()
-    shift = flat[:, :1]  # (C, 1): one sample per channel keeps the sums small
-    d = flat - shift
-    d_mean = d.mean(dim=1)
-    m2 = (d - d_mean[:, None]).square_().sum(dim=1)
-    return float(m), shift[:, 0] + d_mean, m2
+    dims = _reduce_dims(x)
+    view = _view(x)
+    shift = x[0].reshape(c, -1)[:, 0]  # (C,): one sample per channel keeps the sums small
+    d = x - shift.view(view)
+    d_mean = d.sum(dim=dims, dtype=torch.float64) / n
+    centre = d_mean.to(x.dtype)
+    e = d.sub_(centre.view(view))
+    m2 = e.square_().sum(dim=dims, dtype=torch.float64)
+    m2 -= n * (d_mean - centre.to(torch.float64)).square()
+    return float(n), shift.to(torch.float64) + d_mean, m2.clamp_(min=0.0)
+
+
+def _working(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 are worked on in float32 (as F.batch_norm accumulates them)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [d for d in range(x.dim()) if d != 1]
+
+
+def _view(x: torch.Tensor) -> tuple[int, ...]:
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a (C,) vector over (N, C, *)
+
+
+def _centred(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """x - mean with a float64 mean split in two parts of x's dtype (hi + lo): on float32 data
+    with a large offset, subtracting only the rounded mean would shift x_hat by (mean - hi) *
+    invstd, 0.06 at mean 1e4 and std 1e-2."""
+    hi = mean.to(x.dtype)
+    lo = (mean - hi.to(torch.float64)).to(x.dtype)
+    view = _view(x)
+    return (x - hi.view(view)).sub_(lo.view(view))
 
 
 def merge_moments(
@@ -203,25 +234,28 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                            "1 value per channel over all ranks")
         var = g_m2 / n if n > 0 else torch.full_like(g_m2, math.nan)
         invstd = torch.rsqrt(var + eps)
-        y = _normalize(x, g_mean, invstd, weight, bias)
+        xw = _working(x)
+        scale = invstd if weight is None else invstd * weight.detach().to(torch.float64)
+        y = _centred(xw, g_mean).mul_(scale.to(xw.dtype).view(_view(xw)))
+        if bias is not None:
+            y.add_(bias.detach().to(xw.dtype).view(_view(xw)))
         ctx.save_for_backward(x, weight, g_mean, invstd)
         ctx.n, ctx.link, ctx.call = n, link, call
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         n_out = g_mean.new_tensor(n)
         ctx.mark_non_differentiable(g_mean, var, n_out)
-        return y, g_mean, var, n_out
+        return y.to(x.dtype), g_mean, var, n_out
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gn):
         x, weight, mean, invstd = ctx.saved_tensors
         c = x.shape[1]
-        dims = [d for d in range(x.dim()) if d != 1]
-        view = (1, c) + (1,) * (x.dim() - 2)  # (1, C, 1, ...)
-        gy = gy.contiguous()
+        xw, g = _working(x), _working(gy)
         if x.numel() > 0:
-            xmu = x - mean.to(x.dtype).view(view)
-            sum_g = gy.sum(dim=dims, dtype=torch.float64)
-            sum_gxhat = (gy * xmu).sum(dim=dims, dtype=torch.float64) * invstd
+            dims = _reduce_dims(xw)
+            xmu = _centred(xw, mean)
+            sum_g = g.sum(dim=dims, dtype=torch.float64)
+            sum_gxhat = (g * xmu).sum(dim=dims, dtype=torch.float64) * invstd
         else:
             sum_g = torch.zeros(c, dtype=torch.float64, device=x.device)
             sum_gxhat = torch.zeros_like(sum_g)
@@ -230,28 +264,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             if x.numel() > 0:
+                view = _view(xw)
                 gamma = torch.ones_like(invstd) if weight is None else weight.to(torch.float64)
-                scale = (gamma * invstd).to(x.dtype).view(view)
-                mean_g = (total[:c] / ctx.n).to(x.dtype).view(view)
-                mean_gxhat = (total[c:] * invstd / ctx.n).to(x.dtype).view(view)
-                # x_hat * mean(g x_hat) written as xmu * invstd * mean(g x_hat)
-                dx = scale * (gy - mean_g - xmu * mean_gxhat)
+                mean_g = total[:c] / ctx.n
+                k = invstd * total[c:] / ctx.n  # x_hat * mean(g x_hat) == xmu * k
+                # dx = gamma * invstd * (g - mean(g) - x_hat * mean(g x_hat))
+                dx = torch.addcmul(g - mean_g.to(xw.dtype).view(view), xmu,
+                                   k.to(xw.dtype).view(view), value=-1.0)
+                dx = dx.mul_((gamma * invstd).to(xw.dtype).view(view)).to(x.dtype)
             else:
                 dx = torch.zeros_like(x)
         dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = sum_g.to(weight.dtype if weight is not None else x.dtype) \
-            if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
+            else None
         return dx, dweight, dbias, None, None, None
-
-
-def _normalize(x, mean, invstd, weight, bias) -> torch.Tensor:
-    """y = (x - mean) * (gamma * invstd) + beta per channel, in x's dtype."""
-    view = (1, x.shape[1]) + (1,) * (x.dim() - 2)  # (1, C, 1, ...)
-    scale = invstd if weight is None else invstd * weight.detach().to(torch.float64)
-    y = (x - mean.to(x.dtype).view(view)) * scale.to(x.dtype).view(view)
-    if bias is not None:
-        y = y + bias.detach().to(x.dtype).view(view)
-    return y
 
 
 # ---------------------------------------------------------------------------------------------
