@@ -65,9 +65,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block="bottleneck", layers=(1, 1), width=8, groups=1, num_classes=10):
+    def __init__(self, block="bottleneck", layers=(1, 1), width=8, groups=1, num_classes=10, imagenet_stem=False):
         super().__init__()
         self.stem = conv_bn(3, width, 3)
+        if imagenet_stem:  # 7x7 stride-2 conv and a max pool: a quarter of the side, as in torchvision
+            self.stem = nn.Sequential(conv_bn(3, width, 7, 2), nn.MaxPool2d(3, 2, 1))
         blocks, cin = [], width
         for i, n in enumerate(layers):
             w = width * 2**i
@@ -101,11 +103,11 @@ def resnext():
 
 
 def resnet50(width=64):
-    return ResNet("bottleneck", layers=(3, 4, 6, 3), width=width, num_classes=1000)
+    return ResNet("bottleneck", layers=(3, 4, 6, 3), width=width, num_classes=1000, imagenet_stem=True)
 
 
 def resnet152(width=8):
-    return ResNet("bottleneck", layers=(3, 8, 36, 3), width=width, num_classes=10)
+    return ResNet("bottleneck", layers=(3, 8, 36, 3), width=width, num_classes=10, imagenet_stem=True)
 
 
 # --------------------------------------------------------------------------- MobileNet / EfficientNet
@@ -236,9 +238,12 @@ class DenseBlock(nn.ModuleDict):
 
 
 class DenseNet(nn.Module):
-    def __init__(self, blocks=(2, 2), growth=4, stem=8, num_classes=10):
+    def __init__(self, blocks=(2, 2), growth=4, stem=8, num_classes=10, imagenet_stem=False):
         super().__init__()
         layers = [nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
+        if imagenet_stem:
+            layers = [nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+                      nn.MaxPool2d(3, 2, 1)]
         c = stem
         for i, n in enumerate(blocks):
             layers.append(DenseBlock(n, c, growth))
@@ -258,6 +263,11 @@ class DenseNet(nn.Module):
 
 def densenet():
     return DenseNet()
+
+
+def densenet121():
+    """DenseNet-121's layout (121 BN, 62 of them after a concatenation), bottleneck width 2·growth."""
+    return DenseNet(blocks=(6, 12, 24, 16), growth=32, stem=64, num_classes=1000, imagenet_stem=True)
 
 
 # --------------------------------------------------------------------------- RegNet, ShuffleNet
