@@ -467,6 +467,10 @@ def test_torch_compile_conv_bn_relu_matches_eager():
                              nn.Conv2d(8, 8, 3, padding=1), batchnorm.BatchNormAct2d(8, "relu"))
 
     eager, compiled_model = make(), make()
+    probe = make()
+    for training in (True, False):  # one graph: no break in checks, op or buffer update
+        explained = torch._dynamo.explain(probe.train(training))(torch.randn(4, 3, 8, 8))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     compiled = torch.compile(compiled_model)
     for training in (True, False):
         eager.train(training)
