@@ -133,6 +133,11 @@ class _Link:
         self.world = world
         self.name = name
         self.key = key
+        # gloo moves CPU tensors; with CUDA tensors on gloo the small messages go through the host
+        self.host = dist.get_backend(group) == "gloo"
+
+    def _device(self, payload: torch.Tensor) -> torch.device:
+        return torch.device("cpu") if self.host else payload.device
 
     def _failed(self, phase: float, call: int, err: RuntimeError) -> BatchNormError:
         return self._fail(phase, call, f"a failed collective: {_first_line(err)}; a rank died, "
@@ -151,11 +156,12 @@ class _Link:
 
     def gather(self, payload: torch.Tensor, phase: float, call: int, channels: int) -> torch.Tensor:
         """All-gather a float64 vector from every rank: (W, len) without the header, checked."""
-        header = self._header(phase, call, channels, payload.device)
-        sent = torch.cat([payload, header])
+        dev, home = self._device(payload), payload.device
+        header = self._header(phase, call, channels, dev)
+        sent = torch.cat([payload.to(dev), header])
         # NaN marks what no rank wrote: a peer sending a shorter message leaves NaN headers
         received = torch.full((self.world * sent.numel(),), math.nan, dtype=torch.float64,
-                              device=payload.device)
+                              device=dev)
         try:
             _all_gather_single(received, sent, self.group)
         except RuntimeError as err:  # timeouts and dead peers (DistBackendError is one)
@@ -166,13 +172,14 @@ class _Link:
         if bad.any():
             r = int(bad.nonzero()[0])
             raise self._fail(phase, call, f"rank {r} in {_describe(heads[r])}")
-        return rows[:, :-_HEADER]
+        return rows[:, :-_HEADER].to(home)
 
     def all_reduce(self, payload: torch.Tensor, phase: float, call: int, channels: int) -> torch.Tensor:
         """Sum a float64 vector over ranks, checked: the header and its square both sum to W times
         this rank's, which holds only if every rank sent the same header (sum of (h_r - h)^2 = 0)."""
-        header = self._header(phase, call, channels, payload.device)
-        sent = torch.cat([payload, header, header.square()])
+        dev, home = self._device(payload), payload.device
+        header = self._header(phase, call, channels, dev)
+        sent = torch.cat([payload.to(dev), header, header.square()])
         try:
             dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=self.group)
         except RuntimeError as err:
@@ -182,7 +189,7 @@ class _Link:
         if not torch.equal(got, want):
             raise self._fail(phase, call, "another rank in a different call: the summed "
                              "headers differ from this rank's")
-        return sent[: -2 * _HEADER]
+        return sent[: -2 * _HEADER].to(home)
 
 
 def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
