@@ -369,6 +369,22 @@ def test_module_surface_is_pytorchs(cls, theirs):
         ref.load_state_dict(ours.state_dict())
 
 
+def test_pytorch_tools_recognise_ours():
+    """swa_utils.update_bn and fusion.fuse_conv_bn_eval find and use our layers as PyTorch's."""
+    torch.manual_seed(8)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    ours = batchnorm.convert(theirs)
+    loader = [torch.randn(5, 3, 6, 6) for _ in range(3)]
+    for model in (theirs, ours):
+        torch.optim.swa_utils.update_bn(loader, model)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+    assert int(ours[1].num_batches_tracked) == 3 and ours[1].momentum == 0.1  # restored
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(ours[0].eval(), ours[1].eval())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), ours[1](ours[0](x)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rank", [2, 4])
 def test_bias_false_matches_torch(rank):
     shape = (4, 3, 5, 2)[:rank]
