@@ -51,7 +51,8 @@ def fold_weights(
         W' = W \cdot \frac{\gamma}{\sqrt{\mathrm{Var} + \epsilon}}, \qquad
         b' = (b - \mathrm{E}) \cdot \frac{\gamma}{\sqrt{\mathrm{Var} + \epsilon}} + \beta
 
-    per output channel, computed in float64 and returned in ``weight``'s dtype. The output
+    per output channel. The per-channel factor and the bias are computed in float64; the
+    weight is multiplied by the factor once, in its own dtype (one rounding per element). The output
     channel is dim 0 of a conv or linear weight; for a transposed conv it is dim 1 within each
     of the ``groups`` blocks of dim 0 (output channel ``o = g * C_out/groups + j``).
 
@@ -90,15 +91,16 @@ def fold_weights(
     new_bias = (b - running_mean.detach().to(f64)) * scale
     if beta is not None:
         new_bias = new_bias + beta.detach().to(f64)
-    w = weight.detach().to(f64)
+    w = weight.detach()
+    factor = scale.to(w.dtype)
     spatial = (1,) * (w.dim() - 2)
     if transposed:
         # (C_in, C_out/groups, *k) -> (groups, C_in/groups, C_out/groups, *k)
         blocks = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
-        new_weight = (blocks * scale.reshape(groups, 1, w.shape[1], *spatial)).reshape(w.shape)
+        new_weight = (blocks * factor.reshape(groups, 1, w.shape[1], *spatial)).reshape(w.shape)
     else:
-        new_weight = w * scale.reshape(c, 1, *spatial)
-    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+        new_weight = w * factor.reshape(c, 1, *spatial)
+    return new_weight, new_bias.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------- reports
