@@ -1,0 +1,186 @@
+"""Our BatchNorm2d / BatchNormAct2d (fused numba kernels) vs PyTorch's CPU layers, same run.
+
+For the BN layers of ResNet-50 at batch 32, float32, NCHW and channels_last, on ``--threads``
+threads (default 2), it times:
+
+- train fwd      : BatchNorm2d forward in training mode (no autograd graph)
+- train fwd+bwd  : BatchNorm2d forward + backward
+- bn+relu fwd+bwd: BatchNormAct2d(act="relu") vs BatchNorm2d then ReLU(inplace=True)
+- eval fwd       : forward in eval mode
+
+Each row shows median wall times (PyTorch and ours timed alternately, so both see the same
+machine load), the speed-up, and our training forward's traffic in GB/s: 3 passes over the
+tensor (statistics read, normalise read + write) against a plain copy's read + write, measured
+here with ``Tensor.copy_``. Also: first-call time in a fresh process, with an empty numba cache
+(compilation) and with the cache on disk. The geometric means are compared with the targets of
+issue 3. Numbers are noisy when other processes share the CPU; rerun before trusting one.
+
+    .venv/bin/python benchmarks/bench_layers.py [--quick] [--threads 2] [--repeats 9]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import batchnorm
+
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14),
+          (32, 2048, 7, 7)]
+QUICK_SHAPES = [(8, 64, 56, 56), (8, 512, 14, 14)]
+TARGETS = {"train fwd+bwd": 2.0, "bn+relu fwd+bwd": 3.0, "eval fwd": 1.5}
+COPY_FRACTION_TARGET = 0.5
+
+
+def timed_pair(torch_fn, our_fn, repeats: int) -> tuple[float, float]:
+    """Median seconds of each function, called alternately after one warm-up call each."""
+    torch_fn(), our_fn()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((torch_fn, times[0]), (our_fn, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def copy_bandwidth(x: torch.Tensor, repeats: int) -> float:
+    """GB/s of ``dst.copy_(x)``, counting the read and the write."""
+    dst = torch.empty_like(x)
+    dst.copy_(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(x)
+        times.append(time.perf_counter() - start)
+    return 2 * x.numel() * x.element_size() / statistics.median(times) / 1e9
+
+
+def cases(shape, memory_format, repeats):
+    """{case: (torch seconds, our seconds)} for one shape and memory format."""
+    c = shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+    xg = x.clone().requires_grad_()
+    theirs, ours = nn.BatchNorm2d(c), batchnorm.BatchNorm2d(c)
+    theirs_act = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+    ours_act = batchnorm.BatchNormAct2d(c, act="relu")
+
+    def fwd(m):
+        with torch.no_grad():
+            m(x)
+
+    def fwd_bwd(m):
+        m(xg).backward(dy)
+
+    out = {}
+    out["train fwd"] = timed_pair(lambda: fwd(theirs), lambda: fwd(ours), repeats)
+    out["train fwd+bwd"] = timed_pair(lambda: fwd_bwd(theirs), lambda: fwd_bwd(ours), repeats)
+    out["bn+relu fwd+bwd"] = timed_pair(lambda: fwd_bwd(theirs_act), lambda: fwd_bwd(ours_act),
+                                        repeats)
+    theirs.eval(), ours.eval()
+    out["eval fwd"] = timed_pair(lambda: fwd(theirs), lambda: fwd(ours), repeats)
+    return out
+
+
+FIRST_CALL = """
+import time, torch
+start = time.perf_counter()
+import batchnorm
+torch.set_num_threads({threads})
+for mf in (torch.contiguous_format, torch.channels_last):
+    m = batchnorm.BatchNormAct2d(8, act="relu")
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=mf).requires_grad_()
+    m(x).sum().backward()
+    m.eval()
+    with torch.no_grad():
+        m(x)
+print(time.perf_counter() - start)
+"""
+
+
+def first_call_seconds(threads: int) -> tuple[float, float]:
+    """(cold, warm): float32 train fwd+bwd and eval fwd, both layouts, in a fresh process:
+    with an empty numba cache (everything compiles), then again with the cache it wrote."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-c", FIRST_CALL.format(threads=threads)],
+                                  env=env, capture_output=True, text=True, check=True)
+            runs.append(float(done.stdout.strip().splitlines()[-1]))
+    return runs[0], runs[1]
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small shapes, 3 repeats")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-compile-time", action="store_true",
+                        help="skip the first-call subprocesses")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = args.repeats or (3 if args.quick else 9)
+
+    largest = torch.randn(shapes[0])
+    copy_gbs = copy_bandwidth(largest, repeats)
+    print(f"threads={args.threads} repeats={repeats} torch={torch.__version__} "
+          f"copy bandwidth {copy_gbs:.1f} GB/s (Tensor.copy_, read + write, {tuple(shapes[0])})")
+    print()
+    header = (f"{'shape':<20} {'layout':<6} {'case':<16} {'torch ms':>9} {'ours ms':>9} "
+              f"{'speed-up':>8} {'ours GB/s':>9} {'% copy':>7}")
+    print(header)
+    print("-" * len(header))
+    ratios: dict[str, list[float]] = {case: [] for case in ("train fwd", *TARGETS)}
+    largest_fraction = None
+    for shape in shapes:
+        for name, mf in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+            for case, (t_torch, t_ours) in cases(shape, mf, repeats).items():
+                ratio = t_torch / t_ours
+                ratios[case].append(ratio)
+                gbs = pct = ""
+                if case == "train fwd":
+                    moved = 3 * math.prod(shape) * 4 / t_ours / 1e9
+                    gbs, pct = f"{moved:.1f}", f"{100 * moved / copy_gbs:.0f}%"
+                    if shape == shapes[0]:
+                        largest_fraction = min(largest_fraction or 1e9, moved / copy_gbs)
+                print(f"{str(shape):<20} {name:<6} {case:<16} {t_torch * 1e3:>9.2f} "
+                      f"{t_ours * 1e3:>9.2f} {ratio:>7.2f}x {gbs:>9} {pct:>7}")
+    print()
+    print("geometric mean speed-up over shapes and both layouts, vs the issue's targets:")
+    for case, values in ratios.items():
+        target = TARGETS.get(case)
+        verdict = "" if target is None else (
+            f"target >= {target}x: {'met' if geomean(values) >= target else 'MISSED'}")
+        print(f"  {case:<16} {geomean(values):6.2f}x   {verdict}")
+    verdict = "met" if largest_fraction >= COPY_FRACTION_TARGET else "MISSED"
+    print(f"  largest shape train fwd: {100 * largest_fraction:.0f}% of copy bandwidth "
+          f"(worse layout)   target >= {100 * COPY_FRACTION_TARGET:.0f}%: {verdict}")
+    if not args.no_compile_time:
+        cold, warm = first_call_seconds(args.threads)
+        print()
+        print(f"first call in a fresh process (import + train fwd/bwd + eval, NCHW and NHWC, "
+              f"float32): {cold:.1f} s with an empty numba cache, {warm:.1f} s with the cache "
+              f"on disk")
+    if args.quick:
+        print("(--quick: small shapes, not the issue's; targets do not apply)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
