@@ -251,8 +251,20 @@ def test_digits_split_is_seeded():
     np.testing.assert_array_equal(a.x_test, b.x_test)
     assert not np.array_equal(a.y_test, c.y_test)
     assert a.describe() == {"source": "scikit-learn digits (load_digits)", "train": 1348,
-                            "test": 449, "image_shape": [1, 8, 8], "classes": 10}
+                            "test": 449, "image_shape": [1, 8, 8], "classes": 10,
+                            "pooled_from": None}
     assert a.x_train.min() == 0.0 and a.x_train.max() == 1.0
+
+
+def test_downsample_pools_large_images():
+    rng = np.random.default_rng(4)
+    x = rng.random((6, 1, 29, 28)).astype(np.float32)
+    ds = tour_data.Dataset(x, np.arange(6), x[:2], np.arange(2), "t", 6)
+    small = tour_data.downsample(ds, 16)
+    assert small.image_shape == (1, 14, 14) and small.pooled_from == (29, 28)
+    want = x[:, :, :28, :28].reshape(6, 1, 14, 2, 14, 2).mean(axis=(3, 5))
+    np.testing.assert_allclose(small.x_train, want, rtol=1e-6)
+    assert tour_data.downsample(tour_data.load(), 16).pooled_from is None  # 8x8 stays
 
 
 def test_strip_timing_removes_only_timing():

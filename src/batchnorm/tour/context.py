@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import Dataset
+from .training import MAX_TEST
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,14 @@ class Context:
     progress: object  # rich.progress.Progress
     models: dict[str, torch.nn.Module] = field(default_factory=dict)  # placement -> trained model
     curves: dict = field(default_factory=dict)  # placement -> training.Curves
+
+    @property
+    def eval_every(self) -> int:
+        """Evaluate every step on images the size of the digits; less often on larger ones,
+        so that evaluation costs about what it costs on the digits (449 test images, 8x8)."""
+        n_test = min(len(self.data.y_test), MAX_TEST)
+        pixels = int(np.prod(self.data.image_shape))
+        return max(1, round(n_test * pixels / (449 * 64)))
 
     def task(self, description: str, total: int):
         """A progress-bar task, as the ``(progress, task_id)`` pair training.train advances."""

@@ -21,6 +21,8 @@ def train_placement(ctx: Context, placement: str, *, lr: float | None = None,
     steps = steps or s.steps
     torch.manual_seed(s.seed)
     model = SmallCNN(placement, num_classes=ctx.data.num_classes)
+    if eval_every == 1:
+        eval_every = ctx.eval_every
     task = ctx.task(label or f"§1 train {LABELS[placement]}", steps)
     curves = train(model, ctx.data, name=placement, steps=steps, lr=lr or s.lr, seed=s.seed,
                    batch_size=s.batch_size, eval_every=eval_every, progress=task)
@@ -130,9 +132,10 @@ def run(ctx: Context) -> R.Section:
           f"global average pooling, a linear classifier) is trained twice from seed {s.seed}, on "
           f"the same {s.steps} mini-batches of {s.batch_size} images ({R.esc(ctx.data.source)}), "
           f"with SGD at learning rate {s.lr:g}, momentum 0.9: once with a BatchNorm2d after each "
-          "convolution, once without. Test accuracy is measured after every step.")
+          "convolution, once without. Test accuracy is measured "
+          + ("after every step." if ctx.eval_every == 1 else f"every {ctx.eval_every} steps."))
     sec.fig(plot_curves(ctx, runs, "s1_curves.png", "With vs without BN"),
-            "Training loss (left) and test accuracy (right) at every step, same seed and batches.")
+            "Training loss at every step (left) and test accuracy (right), same seed and batches.")
     rows = [[LABELS[k], r["final_loss"], R.fmt(r["final_test_acc"]), r["steps_to_90pct"] or "never"]
             for k, r in (("conv-bn-relu", bn), ("none", plain))]
     sec.html.append(R.table(["network", "final training loss", "final test accuracy",
