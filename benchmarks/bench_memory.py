@@ -110,11 +110,13 @@ def main(argv=None) -> int:
     print(f"{r['blocks']} x (Conv2d 3x3 -> BN -> LeakyReLU), input {r['shape']} float32 "
           f"({act / 2**20:.2f} MiB per activation)")
     print(f"{'':32}{'saved MiB':>12}{'activations':>14}")
-    print(f"{'PyTorch BN + LeakyReLU':32}{r['torch_bytes'] / 2**20:12.2f}{r['torch_bytes'] / act:14.2f}")
-    print(f"{'BatchNormAct2d inplace=True':32}{r['our_bytes'] / 2**20:12.2f}{r['our_bytes'] / act:14.2f}")
+    for label, nbytes in (("PyTorch BN + LeakyReLU", r["torch_bytes"]),
+                          ("BatchNormAct2d inplace=True", r["our_bytes"])):
+        print(f"{label:32}{nbytes / 2**20:12.2f}{nbytes / act:14.2f}")
     ok_ratio = r["ratio"] <= 0.6
     ok_diff = r["diff64"] <= 1e-5
-    print(f"ratio ours / PyTorch: {r['ratio']:.3f}  (target <= 0.6: {'met' if ok_ratio else 'MISSED'})")
+    print(f"ratio ours / PyTorch: {r['ratio']:.3f}  "
+          f"(target <= 0.6: {'met' if ok_ratio else 'MISSED'})")
     print("max |difference| in output and all gradients, relative to each tensor's max:")
     print(f"  ours vs PyTorch, float64:            {r['diff64']:.2e}  "
           f"(<= 1e-5: {'yes' if ok_diff else 'NO'})")

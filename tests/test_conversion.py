@@ -153,7 +153,8 @@ def test_act_to_torch_is_bn_then_activation(act, want):
         assert type(back) is nn.BatchNorm2d
     else:
         assert [type(m) for m in back] == [nn.BatchNorm2d, want]
-        assert getattr(back[1], "negative_slope", 0.2) == 0.2 and getattr(back[1], "alpha", 0.5) == 0.5
+        assert getattr(back[1], "negative_slope", 0.2) == 0.2
+        assert getattr(back[1], "alpha", 0.5) == 0.5
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(back.eval()(x), ours.eval()(x))
 
@@ -228,12 +229,14 @@ class DuckFrozenBatchNorm2d(nn.Module):
     def __init__(self, n):
         super().__init__()
         self.num_features, self.eps = n, 1e-5
-        for name, fill in (("weight", 2.0), ("bias", 0.5), ("running_mean", 0.1), ("running_var", 4.0)):
+        fills = (("weight", 2.0), ("bias", 0.5), ("running_mean", 0.1), ("running_var", 4.0))
+        for name, fill in fills:
             self.register_buffer(name, torch.full((n,), fill))
 
     def forward(self, x):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
 def test_unfreeze_duck_typed_frozen():
@@ -249,7 +252,8 @@ def test_unfreeze_duck_typed_frozen():
 
 
 def _fused_kinds(gm: nn.Module) -> list[tuple[str, str]]:
-    return [(n, m.act) for n, m in gm.named_modules() if isinstance(m, batchnorm.layers._OurBatchNormAct)]
+    return [(n, m.act) for n, m in gm.named_modules()
+            if isinstance(m, batchnorm.layers._OurBatchNormAct)]
 
 
 def _compare_train_and_eval(model: nn.Module, fused: nn.Module, shape, tol=1e-5):

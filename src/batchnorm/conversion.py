@@ -52,7 +52,8 @@ _FAMILIES: dict[str, dict[object, type]] = {
 
 
 def _family_of(module: nn.Module) -> str | None:
-    """The family whose table holds exactly this module's class (subclasses are not ours to swap)."""
+    """The family whose table holds exactly this module's class (not subclasses: their forward
+    may differ, so they are not ours to swap)."""
     for family, classes in _FAMILIES.items():
         if type(module) in classes.values():
             return family

@@ -95,7 +95,9 @@ class _OurBatchNorm(_BatchNorm):
                            f"{x.shape[1]} channels, input of shape {tuple(x.shape)}")
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, name)
-            if t is None or t.dtype == x.dtype or (x.dtype in _REDUCED and t.dtype == torch.float32):
+            if t is None or t.dtype == x.dtype:
+                continue
+            if x.dtype in _REDUCED and t.dtype == torch.float32:
                 continue
             raise expected(f"input of dtype {t.dtype}, the dtype of {name} (mixed dtypes)",
                            f"dtype {x.dtype}")
@@ -331,7 +333,7 @@ class _OurBatchNormAct:
         return super().extra_repr() + extra
 
 
-_ACT_DOC = r"""{base} followed by an activation, fused: one kernel pass forward, one backward.
+_ACT_DOC = r"""{base} then an activation, in the same kernel passes (no extra pass over memory).
 
     .. math::
         y = \mathrm{{act}}\Big(\frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}}
