@@ -335,6 +335,11 @@ def test_fuse_residual_block():
     for name in ("0.bn2", "0.bn3", "1.bn2", "1.bn3"):
         assert type(fused.get_submodule(name)) is batchnorm.BatchNorm2d
     _compare_train_and_eval(model, fused, (2, 4, 5, 5))
+    model.train()
+    model[1].eval()  # training flags carried, containers included
+    fused = batchnorm.convert(model, fuse_act=True)
+    assert fused.get_submodule("1").training is False and fused.get_submodule("0").training
+    assert fused.get_submodule("1.bn1").training is False
 
 
 def test_fuse_functional_activations():

@@ -336,6 +336,8 @@ def _fuse_activations(model: nn.Module) -> nn.Module:
                       stacklevel=3)
         return model
     gm = fx.GraphModule(model, traced, class_name=type(model).__name__)
+    for name, sub in gm.named_modules():  # fx builds fresh containers: give them their flags
+        sub.training = model.get_submodule(name).training
     calls = Counter(n.target for n in traced.nodes if n.op == "call_module")
     fused = 0
     for node in list(traced.nodes):
