@@ -1,4 +1,4 @@
-"""The tour: ``batchnorm demo --quick`` and ``batchnorm experiment figure1`` run for real, in-process.
+"""The tour: ``batchnorm demo --quick`` and ``batchnorm experiment figure1``, run in-process.
 
 The demo runs once per module (fixture) and every test reads its folder; a second run with the
 same seed checks determinism. The data loaders are checked on small generated files.
@@ -68,7 +68,8 @@ def test_demo_proof_table_includes_our_layer_and_agrees(demo):
     proof = demo[1]["s4_modes"]["proof"]
     assert proof["implementations"] == ["lesson loop", "reference", "torch", "batchnorm"]
     assert [(r["mode"], r["quantity"]) for r in proof["rows"]] == [
-        ("train", "output"), ("train", "running_mean"), ("train", "running_var"), ("eval", "output")]
+        ("train", "output"), ("train", "running_mean"), ("train", "running_var"),
+        ("eval", "output")]
     for row in proof["rows"]:
         values = np.array(list(row["values"].values()))
         assert values.shape == (4, 16 if row["quantity"] == "output" else 2)
@@ -192,13 +193,17 @@ def _idx(array: np.ndarray) -> bytes:
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_folder_loads_train_and_test(tmp_path, compress):
     rng = np.random.default_rng(1)
-    files = {"train": (rng.integers(0, 256, (12, 6, 5), dtype=np.uint8), rng.integers(0, 10, 12, dtype=np.uint8)),
-             "t10k": (rng.integers(0, 256, (5, 6, 5), dtype=np.uint8), rng.integers(0, 10, 5, dtype=np.uint8))}
+    def split(n):
+        return (rng.integers(0, 256, (n, 6, 5), dtype=np.uint8),
+                rng.integers(0, 10, n, dtype=np.uint8))
+
+    files = {"train": split(12), "t10k": split(5)}
     suffix = ".gz" if compress else ""
     for prefix, (x, y) in files.items():
         for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
             raw = _idx(arr)
-            (tmp_path / f"{prefix}-{kind}-ubyte{suffix}").write_bytes(gzip.compress(raw) if compress else raw)
+            data = gzip.compress(raw) if compress else raw
+            (tmp_path / f"{prefix}-{kind}-ubyte{suffix}").write_bytes(data)
     ds = tour_data.load(tmp_path)
     (x, y), (xt, yt) = files["train"], files["t10k"]
     scale = x.max()
@@ -234,8 +239,8 @@ def test_npz_loader(tmp_path):
     assert len(ds.y_test) == 5 and len(ds.y_train) == 15
     merged = np.concatenate([ds.x_train, ds.x_test])[:, 0]
     order = np.random.default_rng(0).permutation(20)
-    np.testing.assert_allclose(merged, (x[np.r_[order[5:], order[:5]], 0] * 5) / (x[order[5:]] * 5).max(),
-                               rtol=1e-6)
+    want = (x[np.r_[order[5:], order[:5]], 0] * 5) / (x[order[5:]] * 5).max()
+    np.testing.assert_allclose(merged, want, rtol=1e-6)
     np.savez(tmp_path / "t.npz", x=x[:, 0], y=y, x_test=x[:4, 0], y_test=y[:4])
     ds = tour_data.load(tmp_path / "t.npz")
     assert len(ds.y_test) == 4 and len(ds.y_train) == 20

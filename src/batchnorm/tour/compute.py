@@ -77,7 +77,8 @@ def run(ctx: Context) -> R.Section:
     sec.html.append(f'<div class="formula">{R.esc(FORMULAS)}</div>')
     h, w = x.shape[1:]
     sec.p(f"Worked through on real numbers: the first convolution of the network trained in §1, "
-          f"applied to {BATCH} test digits; channel {CHANNEL} holds m = {BATCH}·{h}·{w} = {m} values. "
+          f"applied to {BATCH} test digits; channel {CHANNEL} holds m = {BATCH}·{h}·{w} = {m} "
+          "values. "
           f"Its BN layer learned γ = {R.fmt(gamma, 6)}, β = {R.fmt(beta, 6)}.")
     steps = [
         ["Σ x", "sum of the m values", R.fmt(total, 6)],
@@ -98,12 +99,14 @@ def run(ctx: Context) -> R.Section:
           R.fmt(e["y"], 6)] for e in examples]))
     sec.p(f"After normalising, x̂ has mean {R.fmt(xhat.mean(), 3)} and variance "
           f"{R.fmt(xhat.var(), 6)} (exactly 1 − ε/(σ²_B+ε) = {R.fmt(var / (var + eps), 6)}); "
-          f"y has mean β = {R.fmt(y.mean(), 6)} and standard deviation ≈ |γ| = {R.fmt(y.std(), 6)}.")
+          f"y has mean β = {R.fmt(y.mean(), 6)} and standard deviation ≈ |γ| = "
+          f"{R.fmt(y.std(), 6)}.")
     sec.p("The same channel through the trained <code>BatchNorm2d</code> itself (a copy, in "
           "training mode) differs from the hand computation by at most: output "
           f"{R.fmt(check['output'])}, running_mean {R.fmt(check['running_mean'])}, running_var "
           f"{R.fmt(check['running_var'])} (float32 layer vs float64 by hand).")
-    sec.fig(_plot(ctx, x, y, gamma, beta), "The channel's values before BN (left) and after (right).")
+    sec.fig(_plot(ctx, x, y, gamma, beta),
+            "The channel's values before BN (left) and after (right).")
     sec.summary = [
         ("channel worked through", f"m = {m}, μ_B = {R.fmt(mean, 6)}, σ²_B = {R.fmt(var, 6)}"),
         ("hand computation vs the layer, max |diff|", R.fmt(max(check.values()))),

@@ -1,4 +1,4 @@
-"""What the demo's sections share: settings, the data, the output folder, progress, trained models."""
+"""What the demo's sections share: settings, data, output folder, progress, trained models."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -120,19 +120,21 @@ def run(ctx: Context) -> R.Section:
     with torch.no_grad():
         want, got = stripped(x_test), folded(x_test)
     n_bn = sum(1 for m in stripped.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    n_bn_after = sum(1 for m in folded.modules()
-                     if isinstance(m, (nn.modules.batchnorm._BatchNorm, batchnorm.FrozenBatchNorm2d)))
+    bn_like = (nn.modules.batchnorm._BatchNorm, batchnorm.FrozenBatchNorm2d)
+    n_bn_after = sum(1 for m in folded.modules() if isinstance(m, bn_like))
     xl = x_test[:LATENCY_BATCH]
     before, after = latencies_ms([stripped, folded], xl, s.latency_repeats)
     fold_result = {
         "report": report.to_dict(), "max_error": report.max_error, "rel_error": report.rel_error,
-        "layer_max_error": max((l.max_error or 0.0) for l in report.layers) if report.layers else None,
+        "layer_max_error": max(((r.max_error or 0.0) for r in report.layers), default=None),
         "measured_max_error": _max(want, got),
         "same_predictions": int((want.argmax(1) == got.argmax(1)).sum()),
         "test_images": len(x_test),
         "bn_layers_before": n_bn, "bn_layers_after": n_bn_after,
-        "parameters_before": count_parameters(stripped), "parameters_after": count_parameters(folded),
-        "timing": {"batch": len(xl), "repeats": s.latency_repeats, "threads": torch.get_num_threads(),
+        "parameters_before": count_parameters(stripped),
+        "parameters_after": count_parameters(folded),
+        "timing": {"batch": len(xl), "repeats": s.latency_repeats,
+                   "threads": torch.get_num_threads(),
                    "latency_before_ms": before, "latency_after_ms": after,
                    "speedup": before / after if after > 0 else None},
     }
@@ -144,11 +146,13 @@ def run(ctx: Context) -> R.Section:
           f"{R.fmt(train_effect['bias_abs_max'])}); everything else is the trained network. "
           f"On a training batch of {BATCH} images, in training mode:")
     sec.html.append(R.table(["measurement", "value"], [
-        ["max |Δ| of the first BN's output, with vs without the bias", R.fmt(train_effect["bn_output"])],
+        ["max |Δ| of the first BN's output, with vs without the bias",
+         R.fmt(train_effect["bn_output"])],
         ["max |Δ| of the network's output", R.fmt(train_effect["network_output"])],
         ["max |∂loss/∂bias| (conv before BN)", R.fmt(grads["bias_before_bn"])],
         ["max |∂loss/∂weight| of the same conv", R.fmt(grads["weight_before_bn"])],
-        ["max |∂loss/∂bias| of the first conv in the no-BN network (§1)", R.fmt(grads["bias_without_bn"])],
+        ["max |∂loss/∂bias| of the first conv in the no-BN network (§1)",
+         R.fmt(grads["bias_without_bn"])],
     ]))
     sec.p("Adding b to every value of a channel moves its batch mean by exactly b and leaves its "
           "variance unchanged, so x̂ = ((x + b) − (μ_B + b))/√(σ²_B + ε) does not depend on b at "
@@ -160,21 +164,23 @@ def run(ctx: Context) -> R.Section:
           "bias and subtracts it from running_mean:")
     sec.html.append(R.table(["measurement", "value"], [
         ["parameters saved (strip_bias report)", R.fmt(strip["parameters_saved"])],
-        ["parameters before → after", f"{strip['parameters_before']:,} → {strip['parameters_after']:,}"],
+        ["parameters before → after",
+         f"{strip['parameters_before']:,} → {strip['parameters_after']:,}"],
         ["max |Δ| eval output, biased vs stripped", R.fmt(strip_eval)],
         ["max |Δ| train output, biased vs stripped", R.fmt(strip_train)],
     ]))
     sec.p("At inference BN is a fixed per-channel affine map, so <code>batchnorm.fold</code> "
           "merges it into the conv before it: W′ = W·γ/√(running_var+ε), "
           "b′ = (b − running_mean)·γ/√(running_var+ε) + β.")
-    layer_rows = [[l["name"], l["action"], l["into"] or "—", R.fmt(l["max_error"]), R.fmt(l["rel_error"])]
-                  for l in fold_result["report"]["layers"]]
+    layer_rows = [[r["name"], r["action"], r["into"] or "—", R.fmt(r["max_error"]),
+                   R.fmt(r["rel_error"])] for r in fold_result["report"]["layers"]]
     sec.html.append(R.table(["BN layer", "action", "folded into", "max error", "relative"],
                             layer_rows, left=3))
     t = fold_result["timing"]
     sec.html.append(R.table(["measurement", "before fold", "after fold"], [
         ["BN layers", fold_result["bn_layers_before"], fold_result["bn_layers_after"]],
-        ["parameters", f"{fold_result['parameters_before']:,}", f"{fold_result['parameters_after']:,}"],
+        ["parameters", f"{fold_result['parameters_before']:,}",
+         f"{fold_result['parameters_after']:,}"],
         [f"latency, batch {t['batch']}, median of {t['repeats']} ({t['threads']} thread)",
          f"{t['latency_before_ms']:.3f} ms", f"{t['latency_after_ms']:.3f} ms"],
     ]))
@@ -186,7 +192,8 @@ def run(ctx: Context) -> R.Section:
     sec.summary = [
         ("bias before BN: max output change (train mode)", R.fmt(train_effect["bn_output"])),
         ("bias before BN: max |gradient|", R.fmt(grads["bias_before_bn"])),
-        ("strip_bias: parameters saved / eval max |Δ|", f"{strip['parameters_saved']} / {R.fmt(strip_eval)}"),
+        ("strip_bias: parameters saved / eval max |Δ|",
+         f"{strip['parameters_saved']} / {R.fmt(strip_eval)}"),
         ("fold: max error (model output)", R.fmt(report.max_error)),
         ("fold: latency before → after",
          f"{t['latency_before_ms']:.3f} ms → {t['latency_after_ms']:.3f} ms (×{t['speedup']:.2f})"),

@@ -136,7 +136,8 @@ def _load_idx_pair(images: Path, seed: int) -> Dataset:
 
 
 def _load_idx_folder(folder: Path, seed: int) -> Dataset:
-    images = sorted(p for p in folder.iterdir() if "images-idx3" in p.name or "images.idx3" in p.name)
+    images = sorted(p for p in folder.iterdir()
+                    if "images-idx3" in p.name or "images.idx3" in p.name)
     if not images:
         raise expected(f"MNIST files (*images-idx3-ubyte[.gz]) in {folder}", "none")
     test = [p for p in images if p.name.startswith(("t10k", "test"))]

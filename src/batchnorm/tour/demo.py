@@ -66,7 +66,8 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     }
     pooled = (f", average-pooled from {dataset.pooled_from[0]}×{dataset.pooled_from[1]} to "
               f"{dataset.image_shape[1]}×{dataset.image_shape[2]}" if dataset.pooled_from else "")
-    meta = (f"seed {seed} · {'quick' if quick else 'full'} run · data: {R.esc(dataset.source)}{pooled} "
+    meta = (f"seed {seed} · {'quick' if quick else 'full'} run · "
+            f"data: {R.esc(dataset.source)}{pooled} "
             f"({dataset.describe()['train']} train / {dataset.describe()['test']} test images) · "
             f"torch {R.esc(torch.__version__)} · {elapsed:.1f} s")
     R.write_html(out, "Batch Normalization, run for real", INTRO, sections, meta)

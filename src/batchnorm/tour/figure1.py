@@ -84,16 +84,18 @@ def judge(m: dict) -> dict:
     """Each claim: holds or not, and the numbers behind the verdict."""
     bn, plain = m["bn"], m["plain"]
     big = float("inf")
-    faster = ((bn["steps_to_target"] or big) < (plain["steps_to_target"] or big)
-              or (bn["steps_to_target"] is not None and bn["steps_to_target"] == plain["steps_to_target"]
+    bn_steps, plain_steps = bn["steps_to_target"], plain["steps_to_target"]
+    faster = ((bn_steps or big) < (plain_steps or big)
+              or (bn_steps is not None and bn_steps == plain_steps
                   and bn["mean_test_acc"] > plain["mean_test_acc"]))
     higher = (bn["final_test_acc"] or 0.0) > (plain["final_test_acc"] or 0.0)
     stable = (bn["relative_shift"] is not None and plain["relative_shift"] is not None
               and bn["relative_shift"] < plain["relative_shift"])
     return {
-        "faster": {"holds": faster, "bn_steps_to_target": bn["steps_to_target"],
-                   "plain_steps_to_target": plain["steps_to_target"],
-                   "bn_mean_test_acc": bn["mean_test_acc"], "plain_mean_test_acc": plain["mean_test_acc"]},
+        "faster": {"holds": faster, "bn_steps_to_target": bn_steps,
+                   "plain_steps_to_target": plain_steps,
+                   "bn_mean_test_acc": bn["mean_test_acc"],
+                   "plain_mean_test_acc": plain["mean_test_acc"]},
         "higher_accuracy": {"holds": higher, "bn_final_test_acc": bn["final_test_acc"],
                             "plain_final_test_acc": plain["final_test_acc"]},
         "stable": {"holds": stable, "bn_relative_shift": bn["relative_shift"],
@@ -146,7 +148,8 @@ def run_figure1(out: str | Path = "reports/figure1", *, steps: int | None = None
     rows = []
     for claim, v in verdicts.items():
         if claim == "faster":
-            numbers = (f"first step ≥ {config.target:.0%}: {v['bn_steps_to_target'] or 'never'} with BN, "
+            numbers = (f"first step ≥ {config.target:.0%}: "
+                       f"{v['bn_steps_to_target'] or 'never'} with BN, "
                        f"{v['plain_steps_to_target'] or 'never'} without; mean test accuracy "
                        f"{R.fmt(v['bn_mean_test_acc'])} vs {R.fmt(v['plain_mean_test_acc'])}")
         elif claim == "higher_accuracy":
@@ -187,7 +190,8 @@ def run_figure1(out: str | Path = "reports/figure1", *, steps: int | None = None
         table.add_row(CLAIMS[claim], "[green]shown[/]" if v["holds"] else "[red]not shown[/]")
     console.print(table)
     for key, m in measured.items():
-        console.print(f"{LABELS[key]}: final test accuracy {R.fmt(m['final_test_acc'])}, first step "
+        console.print(f"{LABELS[key]}: final test accuracy {R.fmt(m['final_test_acc'])}, "
+                      "first step "
                       f"≥ {config.target:.0%}: {m['steps_to_target'] or 'never'}, relative shift "
                       f"of the sigmoid input {R.fmt(m['relative_shift'])}")
     console.print(f"Report: [bold]{out / 'index.html'}[/]  ·  {elapsed:.1f} s")

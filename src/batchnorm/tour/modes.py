@@ -96,12 +96,14 @@ def run(ctx: Context) -> R.Section:
     sec.results["real_data"] = real
     sec.p("On real data, with the network trained in §1: in training mode an image's output "
           f"depends on the rest of its batch. Test image 0 paired with each of {PARTNERS} other "
-          f"test images (batches of 2): its logits move by up to {R.fmt(real['logit_spread_train'])}"
+          "test images (batches of 2): its logits move by up to "
+          f"{R.fmt(real['logit_spread_train'])}"
           f" and its predicted class takes {real['distinct_predictions_train']} distinct value(s); "
           f"in eval mode they move by {R.fmt(real['logit_spread_eval'])}.")
     sec.html.append(R.table(
         ["BN statistics", "test accuracy"],
-        [[f"running (eval mode, first {TRAIN_MODE_IMAGES} test images)", R.fmt(real["test_acc_eval"])],
+        [[f"running (eval mode, first {TRAIN_MODE_IMAGES} test images)",
+          R.fmt(real["test_acc_eval"])],
          *[[f"batch statistics of {b} images (train mode, first {TRAIN_MODE_IMAGES} test images)",
             R.fmt(real["test_acc_train"][str(b)])]
            for b in BATCH_SIZES]]))
@@ -156,7 +158,8 @@ def _converge(x: np.ndarray) -> dict:
         diffs.append(float(np.abs(train - evaluation).max()))
         closed = (1 - (1 - MOMENTUM) ** k) * mean
         mean_err = max(mean_err, float(np.abs(bn.running_mean.double().numpy() - closed).max()))
-    # limit: running_mean -> μ_B, running_var -> unbiased var; eval = train · √((σ²+ε)/(σ²·m/(m-1)+ε))
+    # limit: running_mean -> μ_B, running_var -> unbiased var, so
+    # eval = train · √((σ² + ε) / (σ²·m/(m-1) + ε))
     xhat = (x64 - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + EPS)
     ratio = np.sqrt((var + EPS) / (var * m / (m - 1) + EPS))
     predicted = float(np.abs(xhat * (1 - ratio[None, :, None, None])).max())
@@ -169,7 +172,8 @@ def _plot_converge(ctx: Context, conv: dict) -> str:
     fig, (ax,) = R.new_figure(1, width=6.4, height=3.8)
     ax.plot(conv["steps"], conv["max_diff"], label="measured max |train − eval|", color="C0")
     ax.axhline(conv["predicted_limit"], color="C3", ls="--",
-               label=f"predicted limit (unbiased vs biased variance, m = {conv['values_per_channel']})")
+               label="predicted limit (unbiased vs biased variance, "
+                     f"m = {conv['values_per_channel']})")
     ax.set(xlabel="training steps on the same input (k)", ylim=(0, None),
            ylabel="max |train output − eval output|",
            title="Eval approaches train as the running statistics converge")

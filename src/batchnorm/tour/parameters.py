@@ -53,7 +53,8 @@ def run(ctx: Context) -> R.Section:
         return ", ".join(f"{n} {tuple(s)}" for n, s in d.items()) or "—"
 
     sec.html.append(R.table(
-        ["layer", "output shape", "learnable parameters", "count", "buffers (not learned)", "elements"],
+        ["layer", "output shape", "learnable parameters", "count", "buffers (not learned)",
+         "elements"],
         [[r["layer"], str(tuple(r["output_shape"])), shapes(r["parameters"]), r["learnable"],
           shapes(r["buffers"]), r["buffer_elements"]] for r in rows], left=3))
     sec.p(f"BN's learnable parameters are γ (<code>weight</code>) and β (<code>bias</code>), one "
@@ -69,7 +70,8 @@ def run(ctx: Context) -> R.Section:
     sec.html.append(_findings_table(report))
     sec.summary = [
         ("BN learnable parameters (inspect / counted)", f"{learnable} / {counted}"),
-        ("BN buffer elements (running_mean, running_var, num_batches_tracked)", str(t["bn_buffers"])),
+        ("BN buffer elements (running_mean, running_var, num_batches_tracked)",
+         str(t["bn_buffers"])),
         ("inspect findings", ", ".join(f["code"] for f in report["findings"]) or "none"),
     ]
     return sec

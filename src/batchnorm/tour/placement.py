@@ -64,7 +64,8 @@ def run(ctx: Context) -> R.Section:
           + (f"reach 90% is {R.esc(LABELS[fastest])}. " if fastest else "reach 90%: none. ")
           + ("On a task this small both BN orders train well; "
              if all((results[p]["final_test_acc"] or 0) >= 0.9 for p in ORDER[:2]) else "")
-          + f"What differs regardless of accuracy is inference: inspect finds {foldable['conv-bn-relu']} BN "
+          + "What differs regardless of accuracy is inference: inspect finds "
+          f"{foldable['conv-bn-relu']} BN "
           f"layers that fold into their conv with Conv-BN-ReLU and {foldable['conv-relu-bn']} with "
           "Conv-ReLU-BN, where each BN stays a separate per-channel pass (§6).")
     for p in ORDER:

@@ -10,6 +10,7 @@ from .training import PERCENTILES, Curves, train
 
 LABELS = {"conv-bn-relu": "with BN (Conv-BN-ReLU)", "none": "without BN (Conv-ReLU)",
           "conv-relu-bn": "BN after ReLU (Conv-ReLU-BN)"}
+COLORS = {"conv-bn-relu": "C0", "none": "C1", "conv-relu-bn": "C2"}  # same in every plot
 ACC_TARGET = 0.9  # "steps to 90% test accuracy"
 SWEEP_WORKS = 0.8  # a rate "works" when the run ends at >= 80% test accuracy without diverging
 
@@ -42,14 +43,17 @@ def drift(curves: Curves) -> dict:
 
 
 def run_summary(curves: Curves) -> dict:
-    return {**curves.to_dict(), "steps_to_90pct": steps_to(curves), "percentile_drift": drift(curves)}
+    return {**curves.to_dict(), "steps_to_90pct": steps_to(curves),
+            "percentile_drift": drift(curves)}
 
 
 def plot_curves(ctx: Context, runs: dict[str, Curves], name: str, title: str) -> str:
     fig, (ax_loss, ax_acc) = R.new_figure(2, width=5.6)
     for placement, c in runs.items():
-        ax_loss.plot(range(1, len(c.loss) + 1), c.loss, label=LABELS[placement], lw=1)
-        ax_acc.plot(c.eval_steps, c.test_acc, label=LABELS[placement], lw=1.3)
+        ax_loss.plot(range(1, len(c.loss) + 1), c.loss, label=LABELS[placement], lw=1,
+                     color=COLORS[placement])
+        ax_acc.plot(c.eval_steps, c.test_acc, label=LABELS[placement], lw=1.3,
+                    color=COLORS[placement])
     ax_loss.set(title=f"{title}: training loss", xlabel="training step",
                 ylabel="cross-entropy (mini-batch)", yscale="log")
     ax_acc.set(title=f"{title}: test accuracy", xlabel="training step",
@@ -57,7 +61,7 @@ def plot_curves(ctx: Context, runs: dict[str, Curves], name: str, title: str) ->
     ax_acc.axhline(ACC_TARGET, color="grey", ls=":", lw=1, label=f"{ACC_TARGET:.0%}")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="best", fontsize=9)
     return R.save_figure(fig, ctx.out, name)
 
 
@@ -98,15 +102,16 @@ def lr_sweep(ctx: Context) -> dict:
 
 def plot_sweep(ctx: Context, sweep: dict, name: str) -> str:
     fig, (ax,) = R.new_figure(1, width=6.4)
-    for i, (placement, rows) in enumerate(sweep.items()):
+    for placement, rows in sweep.items():
         lrs = [r["lr"] for r in rows]
         accs = [r["final_test_acc"] if r["final_test_acc"] is not None else 0.0 for r in rows]
-        ax.plot(lrs, accs, marker="o", label=LABELS[placement], color=f"C{i}")
+        ax.plot(lrs, accs, marker="o", label=LABELS[placement], color=COLORS[placement])
         div = [(r["lr"], 0.0) for r in rows if r["diverged_at"] is not None]
         if div:
-            ax.scatter(*zip(*div), marker="x", s=90, color=f"C{i}", zorder=3,
+            ax.scatter(*zip(*div), marker="x", s=90, color=COLORS[placement], zorder=3,
                        label=f"{LABELS[placement].split(' (')[0]}: diverged (loss not finite)")
-    ax.axhline(SWEEP_WORKS, color="grey", ls=":", lw=1, label=f"'works' threshold {SWEEP_WORKS:.0%}")
+    ax.axhline(SWEEP_WORKS, color="grey", ls=":", lw=1,
+               label=f"'works' threshold {SWEEP_WORKS:.0%}")
     ax.set(xscale="log", xlabel="learning rate (SGD, momentum 0.9)", ylim=(-0.03, 1.03),
            ylabel=f"test accuracy after {ctx.settings.sweep_steps} steps",
            title="Learning-rate sweep: which rates each network tolerates")
@@ -166,15 +171,16 @@ def run(ctx: Context) -> R.Section:
           f"same seed. A rate <em>works</em> when the run ends at ≥ {SWEEP_WORKS:.0%} test "
           "accuracy without the loss becoming NaN or infinite.")
     sec.fig(plot_sweep(ctx, sweep, "s1_lr_sweep.png"),
-            "Final test accuracy per learning rate; a cross marks a run whose loss became non-finite.")
+            "Final test accuracy per learning rate; a cross marks a run whose loss became "
+            "non-finite.")
     sec.html.append(R.table(
         ["learning rate", *(f"{LABELS[k]}: accuracy" for k in sweep)],
         [[f"{lr:g}", *(R.Raw(_sweep_cell(sweep[k][i])) for k in sweep)]
          for i, lr in enumerate(s.sweep_rates)]))
     works = {k: [r["lr"] for r in rows if r["works"]] for k, rows in sweep.items()}
     sec.results["rates_that_work"] = works
-    sec.p("Rates that work — with BN: " + (", ".join(f"{lr:g}" for lr in works["conv-bn-relu"]) or "none")
-          + "; without BN: " + (", ".join(f"{lr:g}" for lr in works["none"]) or "none") + ".")
+    listed = {k: ", ".join(f"{lr:g}" for lr in v) or "none" for k, v in works.items()}
+    sec.p(f"Rates that work — with BN: {listed['conv-bn-relu']}; without BN: {listed['none']}.")
     sec.summary = [
         ("final test accuracy, with / without BN",
          f"{R.fmt(bn['final_test_acc'])} / {R.fmt(plain['final_test_acc'])}"),
@@ -182,8 +188,8 @@ def run(ctx: Context) -> R.Section:
          f"{bn['steps_to_90pct'] or 'never'} / {plain['steps_to_90pct'] or 'never'}"),
         ("median pre-activation moved by, with / without BN",
          f"{R.fmt(bn['percentile_drift']['p50'])} / {R.fmt(plain['percentile_drift']['p50'])}"),
-        ("learning rates that work, with BN", ", ".join(f"{v:g}" for v in works["conv-bn-relu"]) or "none"),
-        ("learning rates that work, without BN", ", ".join(f"{v:g}" for v in works["none"]) or "none"),
+        ("learning rates that work, with BN", listed["conv-bn-relu"]),
+        ("learning rates that work, without BN", listed["none"]),
     ]
     return sec
 

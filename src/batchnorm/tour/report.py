@@ -74,7 +74,8 @@ class Raw(str):
 
 
 def verdict(ok: bool, yes: str = "yes", no: str = "no") -> Raw:
-    return Raw(f'<span class="ok">{esc(yes)}</span>' if ok else f'<span class="bad">{esc(no)}</span>')
+    cls, text = ("ok", yes) if ok else ("bad", no)
+    return Raw(f'<span class="{cls}">{esc(text)}</span>')
 
 
 def figure(name: str, caption: str) -> str:
@@ -118,11 +119,13 @@ def save_figure(fig, out: Path, name: str) -> str:
 def write_html(out: Path, title: str, intro: str, sections: list[Section], meta: str) -> Path:
     nav = "".join(f'<li><a href="#{s.key}">{esc(s.title)}</a></li>' for s in sections)
     body = "".join(
-        f'<section id="{s.key}"><h2>{esc(s.title)}</h2>{"".join(s.html)}</section>' for s in sections
+        f'<section id="{s.key}"><h2>{esc(s.title)}</h2>{"".join(s.html)}</section>'
+        for s in sections
     )
     page = (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{esc(title)}"
         f"</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
         f"<p class=\"meta\">{meta}</p>{intro}<nav><ol>{nav}</ol></nav>{body}</body></html>"
     )

@@ -64,7 +64,8 @@ class Curves:
                             for i, p in enumerate(PERCENTILES)},
             "diverged_at": self.diverged_at,
             "final_test_acc": self.final_test_acc,
-            "final_loss": round(self.loss[-1], 6) if self.loss and self.diverged_at is None else None,
+            "final_loss": (round(self.loss[-1], 6)
+                           if self.loss and self.diverged_at is None else None),
         }
 
 
@@ -80,7 +81,7 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
 
 
 def probe_selection(model: nn.Module, data: Dataset, seed: int) -> torch.Tensor | None:
-    """Fixed positions (into the flattened probe output on the test images) to take percentiles of."""
+    """Fixed positions in the flattened probe output on the test images, for percentiles."""
     n_test = min(len(data.y_test), MAX_TEST)
     with torch.no_grad():
         shape = _probe_output(model, torch.from_numpy(data.x_test[:1])).shape
