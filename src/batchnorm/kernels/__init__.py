@@ -26,11 +26,23 @@ from ._activation import CODES, consts
 from .backward import (
     eval_backward_mc,
     eval_backward_ncs,
+    reduce_from_output_mc,
+    reduce_from_output_ncs,
     reduce_mc,
     reduce_ncs,
+    write_dx_from_output_mc,
+    write_dx_from_output_ncs,
     write_dx_mc,
     write_dx_ncs,
 )
+
+# (layout, inplace) -> (reduce kernel, write-dx kernel)
+_BACKWARD = {
+    (3, False): (reduce_ncs, write_dx_ncs),
+    (2, False): (reduce_mc, write_dx_mc),
+    (3, True): (reduce_from_output_ncs, write_dx_from_output_ncs),
+    (2, True): (reduce_from_output_mc, write_dx_from_output_mc),
+}
 from .normalize import normalize_mc, normalize_ncs
 from .statistics import moments_mc, moments_ncs
 
@@ -88,8 +100,8 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
     code = CODES[act]
     k = consts(dtype, negative_slope, alpha)
-    layout_reduce = reduce_ncs if src.ndim == 3 else reduce_mc
-    sum_g, sum_ge = layout_reduce(dy, src, mean_hi, mean_lo, scale, shift, code, inplace, k)
+    reduce, write_dx = _BACKWARD[src.ndim, bool(inplace)]
+    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, code, k)
     m = _count(src)
     k1 = gamma * invstd
     if inplace:
@@ -100,9 +112,8 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
         sum_gxhat = sum_ge * invstd  # e = x - mean
         k2 = -k1 * invstd * sum_gxhat / m
     k0 = -k1 * sum_g / m
-    layout_write = write_dx_ncs if src.ndim == 3 else write_dx_mc
-    layout_write(dy, src, dx, mean_hi, mean_lo, scale, shift,
-                 k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), code, inplace, k)
+    write_dx(dy, src, dx, mean_hi, mean_lo, scale, shift,
+             k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), code, k)
     return sum_gxhat, sum_g
 
 

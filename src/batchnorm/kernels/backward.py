@@ -32,9 +32,10 @@ from ._activation import (
 )
 from .statistics import REASSOC, rows_per_chunk
 
-# Each kernel dispatches on (act, inplace) outside its inner loop and calls an inlined row
+# Each kernel dispatches on the activation outside its inner loop and calls an inlined row
 # function with constants, so that every inner loop is branch-free and vectorises (see
-# normalize.py).
+# normalize.py). The inplace mode (source = output y) has kernels of its own (*_from_output_*):
+# each compiles only when first used, and compile time grows with the number of branches.
 
 
 @njit(inline="always", cache=True)
@@ -114,7 +115,7 @@ def _sum_rows(part):
 
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, inplace, k):
+def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     """Per-channel float64 (sum g, sum g*e) over (N, C, S)."""
     n, c, s = src.shape
     kt = unpack(k)
@@ -124,14 +125,7 @@ def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, inplace, k):
         i = p // c
         j = p - i * c
         xr, gr, mh, ml, sc, sh = src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j]
-        if inplace:
-            if act == LEAKY_RELU:
-                a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, True, kt)
-            elif act == ELU:
-                a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, True, kt)
-            else:
-                a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, True, kt)
-        elif act == RELU:
+        if act == RELU:
             a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, RELU, False, kt)
         elif act == LEAKY_RELU:
             a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, False, kt)
@@ -147,7 +141,7 @@ def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, inplace, k):
 
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, inplace, k):
+def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     """Per-channel float64 (sum g, sum g*e) over channels-last (M, C)."""
     m, c = src.shape
     kt = unpack(k)
@@ -161,14 +155,7 @@ def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, inplace, k):
         b = part_ge[q]
         for r in range(q * rows, min(m, (q + 1) * rows)):
             xr, gr = src[r], dy[r]
-            if inplace:
-                if act == LEAKY_RELU:
-                    _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, True, kt)
-                elif act == ELU:
-                    _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, True, kt)
-                else:
-                    _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, True, kt)
-            elif act == RELU:
+            if act == RELU:
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, RELU, False, kt)
             elif act == LEAKY_RELU:
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, False, kt)
@@ -182,7 +169,7 @@ def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, inplace, k):
 
 
 @njit(parallel=True, cache=True)
-def write_dx_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, inplace, k):
+def write_dx_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
     """dx (N, C, S) = k1 * g + k0 + k2 * e."""
     n, c, s = src.shape
     kt = unpack(k)
@@ -192,14 +179,7 @@ def write_dx_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, i
         xr, gr, out = src[i, j], dy[i, j], dx[i, j]
         mh, ml, sc, sh = mean_hi[j], mean_lo[j], scale[j], shift[j]
         a1, a0, a2 = k1[j], k0[j], k2[j]
-        if inplace:
-            if act == LEAKY_RELU:
-                _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, LEAKY_RELU, True, kt)
-            elif act == ELU:
-                _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, ELU, True, kt)
-            else:
-                _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, IDENTITY, True, kt)
-        elif act == RELU:
+        if act == RELU:
             _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, RELU, False, kt)
         elif act == LEAKY_RELU:
             _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, LEAKY_RELU, False, kt)
@@ -212,7 +192,7 @@ def write_dx_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, i
 
 
 @njit(parallel=True, cache=True)
-def write_dx_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, inplace, k):
+def write_dx_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
     """dx (M, C) = k1 * g + k0 + k2 * e, channels-last."""
     m, c = src.shape
     kt = unpack(k)
@@ -221,14 +201,7 @@ def write_dx_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, in
     for q in prange((m + rows - 1) // rows):
         for r in range(q * rows, min(m, (q + 1) * rows)):
             xr, gr, out = src[r], dy[r], dx[r]
-            if inplace:
-                if act == LEAKY_RELU:
-                    _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, LEAKY_RELU, True, kt)
-                elif act == ELU:
-                    _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, ELU, True, kt)
-                else:
-                    _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, IDENTITY, True, kt)
-            elif act == RELU:
+            if act == RELU:
                 _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, RELU, False, kt)
             elif act == LEAKY_RELU:
                 _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, LEAKY_RELU, False, kt)
@@ -238,6 +211,89 @@ def write_dx_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, in
                 _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, SILU, False, kt)
             else:
                 _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, IDENTITY, False, kt)
+
+
+@njit(parallel=True, cache=True, fastmath=REASSOC)
+def reduce_from_output_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k):
+    """Per-channel float64 (sum g, sum g*e) over (N, C, S). Inplace mode: src is the output y."""
+    n, c, s = src.shape
+    kt = unpack(k)
+    part_g = np.empty((n, c))
+    part_ge = np.empty((n, c))
+    for p in prange(n * c):
+        i = p // c
+        j = p - i * c
+        xr, gr, mh, ml, sc, sh = src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j]
+        if act == LEAKY_RELU:
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, True, kt)
+        elif act == ELU:
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, True, kt)
+        else:
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, True, kt)
+        part_g[i, j] = a
+        part_ge[i, j] = b
+    return _sum_rows(part_g), _sum_rows(part_ge)
+
+
+@njit(parallel=True, cache=True, fastmath=REASSOC)
+def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
+    """Per-channel float64 (sum g, sum g*e) over channels-last (M, C). Inplace mode: src is the output y."""
+    m, c = src.shape
+    kt = unpack(k)
+    rows = rows_per_chunk(c)
+    chunks = (m + rows - 1) // rows
+    part_g = np.zeros((chunks, c))
+    part_ge = np.zeros((chunks, c))
+    mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
+    for q in prange(chunks):
+        a = part_g[q]
+        b = part_ge[q]
+        for r in range(q * rows, min(m, (q + 1) * rows)):
+            xr, gr = src[r], dy[r]
+            if act == LEAKY_RELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, True, kt)
+            elif act == ELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, True, kt)
+            else:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, True, kt)
+    return _sum_rows(part_g), _sum_rows(part_ge)
+
+
+@njit(parallel=True, cache=True)
+def write_dx_from_output_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
+    """dx (N, C, S) = k1 * g + k0 + k2 * e. Inplace mode: src is the output y."""
+    n, c, s = src.shape
+    kt = unpack(k)
+    for p in prange(n * c):
+        i = p // c
+        j = p - i * c
+        xr, gr, out = src[i, j], dy[i, j], dx[i, j]
+        mh, ml, sc, sh = mean_hi[j], mean_lo[j], scale[j], shift[j]
+        a1, a0, a2 = k1[j], k0[j], k2[j]
+        if act == LEAKY_RELU:
+            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, LEAKY_RELU, True, kt)
+        elif act == ELU:
+            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, ELU, True, kt)
+        else:
+            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, IDENTITY, True, kt)
+
+
+@njit(parallel=True, cache=True)
+def write_dx_from_output_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
+    """dx (M, C) = k1 * g + k0 + k2 * e, channels-last. Inplace mode: src is the output y."""
+    m, c = src.shape
+    kt = unpack(k)
+    rows = rows_per_chunk(c)
+    mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
+    for q in prange((m + rows - 1) // rows):
+        for r in range(q * rows, min(m, (q + 1) * rows)):
+            xr, gr, out = src[r], dy[r], dx[r]
+            if act == LEAKY_RELU:
+                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, LEAKY_RELU, True, kt)
+            elif act == ELU:
+                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, ELU, True, kt)
+            else:
+                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, IDENTITY, True, kt)
 
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
