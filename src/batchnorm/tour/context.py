@@ -27,8 +27,8 @@ class Settings:
     @classmethod
     def make(cls, seed: int, quick: bool) -> "Settings":
         if quick:
-            return cls(seed=seed, quick=True, steps=50, sweep_rates=(0.03, 0.3, 3.0),
-                       sweep_steps=25, latency_repeats=5)
+            return cls(seed=seed, quick=True, steps=40, sweep_rates=(0.03, 0.3, 3.0),
+                       sweep_steps=20, latency_repeats=5)
         return cls(seed=seed)
 
     def to_dict(self) -> dict:

@@ -35,7 +35,11 @@ def our_layer():
 def run(ctx: Context) -> R.Section:
     sec = R.Section("s4_modes", "4 · Training vs evaluation")
     ours = our_layer()
+    threads = torch.get_num_threads()
     proof = prove(ctx.settings.seed, extra={"batchnorm": ours} if ours is not None else None)
+    # Our layer's first call launches numba's OpenMP pool, which resets the thread count torch
+    # reads; left at 2, torch's threads fight numba's spinning ones (about 10x slower here).
+    torch.set_num_threads(threads)
     sec.results["proof"] = proof.to_dict()
     sec.results["proof"]["implementations"] = list(proof.rows[0].values)
     sec.p("The lesson's proof, run: a random (2, 2, 2, 2) float32 input (seed "
