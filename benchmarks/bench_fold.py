@@ -8,6 +8,7 @@ machine the slower rounds measure other processes). CPU, batch 8 by default.
     .venv/bin/python benchmarks/bench_fold.py            # the full table
     .venv/bin/python benchmarks/bench_fold.py --quick    # smaller inputs, fewer rounds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,10 +67,18 @@ def compare(label: str, model: nn.Module, x: torch.Tensor, rounds: int) -> dict:
         err_fold = ((folded(x) - want).abs().max() / want.abs().max()).item()
     t = time_variants({"eval": model, "fuse": fused, "fold": folded}, x, rounds)
     return {
-        "model": label, "bn": bn_left(model), "fuse_left": bn_left(fused), "fold_left": bn_left(folded),
-        "fold_frozen": frozen_left(folded), "eval_ms": t["eval"] * 1e3, "fuse_ms": t["fuse"] * 1e3,
-        "fold_ms": t["fold"] * 1e3, "fold/fuse": t["fold"] / t["fuse"], "fold/eval": t["fold"] / t["eval"],
-        "err_fuse": err_fuse, "err_fold": err_fold,
+        "model": label,
+        "bn": bn_left(model),
+        "fuse_left": bn_left(fused),
+        "fold_left": bn_left(folded),
+        "fold_frozen": frozen_left(folded),
+        "eval_ms": t["eval"] * 1e3,
+        "fuse_ms": t["fuse"] * 1e3,
+        "fold_ms": t["fold"] * 1e3,
+        "fold/fuse": t["fold"] / t["fuse"],
+        "fold/eval": t["fold"] / t["eval"],
+        "err_fuse": err_fuse,
+        "err_fold": err_fold,
     }
 
 
@@ -89,7 +98,9 @@ def fold_time(model: nn.Module, repeats: int = 3) -> tuple[int, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224, help="image side for ResNet/MobileNet/DenseNet")
+    parser.add_argument(
+        "--size", type=int, default=224, help="image side for ResNet/MobileNet/DenseNet"
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -101,32 +112,56 @@ def main() -> None:
     cases = [
         ("ResNet-50 replica", replicas.resnet50(), image),
         ("MobileNetV2 replica", replicas.mobilenet_v2(), image),
-        ("DCGAN generator (ConvTranspose)", replicas.dcgan_generator(nz=100, ngf=64), torch.randn(n, 100, 1, 1)),
-        ("R3D-like (Conv3d subclass)", nn.Sequential(
-            replicas.Conv3DSimple(3, 32), nn.BatchNorm3d(32), nn.ReLU(inplace=True),
-            replicas.Conv3DSimple(32, 64, 2), nn.BatchNorm3d(64), nn.ReLU(inplace=True),
-            replicas.Conv3DSimple(64, 64), nn.BatchNorm3d(64), nn.ReLU(inplace=True)),
-         torch.randn(n, 3, 8, 56, 56)),
+        (
+            "DCGAN generator (ConvTranspose)",
+            replicas.dcgan_generator(nz=100, ngf=64),
+            torch.randn(n, 100, 1, 1),
+        ),
+        (
+            "R3D-like (Conv3d subclass)",
+            nn.Sequential(
+                replicas.Conv3DSimple(3, 32),
+                nn.BatchNorm3d(32),
+                nn.ReLU(inplace=True),
+                replicas.Conv3DSimple(32, 64, 2),
+                nn.BatchNorm3d(64),
+                nn.ReLU(inplace=True),
+                replicas.Conv3DSimple(64, 64),
+                nn.BatchNorm3d(64),
+                nn.ReLU(inplace=True),
+            ),
+            torch.randn(n, 3, 8, 56, 56),
+        ),
         ("DenseNet-121-like", replicas.densenet121(), image),
     ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, "
-          f"images {s}x{s}, fastest of {args.rounds} interleaved rounds")
-    header = (f"{'model':34s} {'BN':>4s} {'left:fuse':>9s} {'left:fold':>9s} {'eval ms':>8s} {'fuse ms':>8s} "
-              f"{'fold ms':>8s} {'fold/fuse':>9s} {'fold/eval':>9s} {'err fold':>9s}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, "
+        f"images {s}x{s}, fastest of {args.rounds} interleaved rounds"
+    )
+    header = (
+        f"{'model':34s} {'BN':>4s} {'left:fuse':>9s} {'left:fold':>9s} {'eval ms':>8s} {'fuse ms':>8s} "
+        f"{'fold ms':>8s} {'fold/fuse':>9s} {'fold/eval':>9s} {'err fold':>9s}"
+    )
     print(header)
     print("-" * len(header))
     for label, model, x in cases:
         r = compare(label, model, x, args.rounds)
-        print(f"{r['model']:34s} {r['bn']:4d} {r['fuse_left']:9d} {r['fold_left']:5d}+{r['fold_frozen']:<3d} "
-              f"{r['eval_ms']:8.1f} {r['fuse_ms']:8.1f} {r['fold_ms']:8.1f} {r['fold/fuse']:9.3f} "
-              f"{r['fold/eval']:9.3f} {r['err_fold']:9.1e}")
+        print(
+            f"{r['model']:34s} {r['bn']:4d} {r['fuse_left']:9d} {r['fold_left']:5d}+{r['fold_frozen']:<3d} "
+            f"{r['eval_ms']:8.1f} {r['fuse_ms']:8.1f} {r['fold_ms']:8.1f} {r['fold/fuse']:9.3f} "
+            f"{r['fold/eval']:9.3f} {r['err_fold']:9.1e}"
+        )
     print("left:fold = BN left normalising + BN turned into frozen per-channel affines")
     print()
-    for label, model in [("ResNet-152 replica, full width", replicas.resnet152(width=64)),
-                         ("ResNet-152 replica, width 8", replicas.resnet152(width=8))]:
+    for label, model in [
+        ("ResNet-152 replica, full width", replicas.resnet152(width=64)),
+        ("ResNet-152 replica, width 8", replicas.resnet152(width=8)),
+    ]:
         count, ours, theirs = fold_time(model)
-        print(f"fold time, {label} ({count} BN): {ours:.2f} s (target < 2 s); "
-              f"deepcopy + fuse: {theirs:.2f} s")
+        print(
+            f"fold time, {label} ({count} BN): {ours:.2f} s (target < 2 s); "
+            f"deepcopy + fuse: {theirs:.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ expected number of BN that fold into a conv/linear, expected number left as a fr
 wrong fold cannot hide behind mean 0, variance 1. ``resnet50`` / ``mobilenet_v2`` are full-depth
 models for the benchmark; ``resnet152`` has 155 BN for timing ``fold`` itself.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,10 @@ from torch import nn
 
 
 def conv_bn(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU, eps=1e-5, conv=nn.Conv2d):
-    layers = [conv(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=eps)]
+    layers = [
+        conv(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout, eps=eps),
+    ]
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
@@ -33,7 +37,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -54,7 +60,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -65,10 +73,20 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block="bottleneck", layers=(1, 1), width=8, groups=1, num_classes=10, imagenet_stem=False):
+    def __init__(
+        self,
+        block="bottleneck",
+        layers=(1, 1),
+        width=8,
+        groups=1,
+        num_classes=10,
+        imagenet_stem=False,
+    ):
         super().__init__()
         self.stem = conv_bn(3, width, 3)
-        if imagenet_stem:  # 7x7 stride-2 conv and a max pool: a quarter of the side, as in torchvision
+        if (
+            imagenet_stem
+        ):  # 7x7 stride-2 conv and a max pool: a quarter of the side, as in torchvision
             self.stem = nn.Sequential(conv_bn(3, width, 7, 2), nn.MaxPool2d(3, 2, 1))
         blocks, cin = [], width
         for i, n in enumerate(layers):
@@ -103,14 +121,18 @@ def resnext():
 
 
 def resnet50(width=64):
-    return ResNet("bottleneck", layers=(3, 4, 6, 3), width=width, num_classes=1000, imagenet_stem=True)
+    return ResNet(
+        "bottleneck", layers=(3, 4, 6, 3), width=width, num_classes=1000, imagenet_stem=True
+    )
 
 
 def resnet152(width=8):
-    return ResNet("bottleneck", layers=(3, 8, 36, 3), width=width, num_classes=10, imagenet_stem=True)
+    return ResNet(
+        "bottleneck", layers=(3, 8, 36, 3), width=width, num_classes=10, imagenet_stem=True
+    )
 
 
-# --------------------------------------------------------------------------- MobileNet / EfficientNet
+# ------------------------------------------------------------------------ MobileNet / EfficientNet
 
 
 class SqueezeExcite(nn.Module):
@@ -127,8 +149,18 @@ class SqueezeExcite(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, stride, expand, act=nn.ReLU6, se=False, se_act=nn.ReLU,
-                 gate=nn.Hardsigmoid, k=3):
+    def __init__(
+        self,
+        cin,
+        cout,
+        stride,
+        expand,
+        act=nn.ReLU6,
+        se=False,
+        se_act=nn.ReLU,
+        gate=nn.Hardsigmoid,
+        k=3,
+    ):
         super().__init__()
         hidden = cin * expand
         layers = []
@@ -147,8 +179,15 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     # (expand, channels, repeats, stride), torchvision's table
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, settings=None, stem=32, last=1280, num_classes=1000, width=1.0):
         super().__init__()
@@ -178,12 +217,21 @@ def mobilenet_v2(width=1.0):
 
 
 def mobilenet_v3_block():
-    blocks = [conv_bn(3, 8, 3, 2, act=nn.Hardswish),
-              InvertedResidual(8, 8, 1, 3, act=nn.Hardswish, se=True),
-              InvertedResidual(8, 12, 2, 3, act=nn.Hardswish, se=True, k=5)]
+    blocks = [
+        conv_bn(3, 8, 3, 2, act=nn.Hardswish),
+        InvertedResidual(8, 8, 1, 3, act=nn.Hardswish, se=True),
+        InvertedResidual(8, 12, 2, 3, act=nn.Hardswish, se=True, k=5),
+    ]
     # the head: a pooled vector through Linear → BN1d → hardswish (one value per channel per sample)
-    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Hardswish(), nn.Linear(16, 10))
+    return nn.Sequential(
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 16),
+        nn.BatchNorm1d(16),
+        nn.Hardswish(),
+        nn.Linear(16, 10),
+    )
 
 
 class StochasticDepth(nn.Module):
@@ -195,16 +243,21 @@ def efficientnet_block():
     class MBConv(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()
-            self.block = InvertedResidual(cin, cout, stride, 4, act=nn.SiLU, se=True,
-                                          se_act=nn.SiLU, gate=nn.Sigmoid)
+            self.block = InvertedResidual(
+                cin, cout, stride, 4, act=nn.SiLU, se=True, se_act=nn.SiLU, gate=nn.Sigmoid
+            )
             self.drop = StochasticDepth()
 
         def forward(self, x):
             out = self.block.block(x)
             return x + self.drop(out) if self.block.use_res else out
 
-    return nn.Sequential(conv_bn(3, 8, 3, 2, act=nn.SiLU), MBConv(8, 8, 1), MBConv(8, 16, 2),
-                         conv_bn(16, 32, 1, act=nn.SiLU))
+    return nn.Sequential(
+        conv_bn(3, 8, 3, 2, act=nn.SiLU),
+        MBConv(8, 8, 1),
+        MBConv(8, 16, 2),
+        conv_bn(16, 32, 1, act=nn.SiLU),
+    )
 
 
 # --------------------------------------------------------------------------- DenseNet
@@ -228,7 +281,9 @@ class DenseLayer(nn.Module):
 
 class DenseBlock(nn.ModuleDict):
     def __init__(self, n, cin, growth):
-        super().__init__({f"denselayer{i + 1}": DenseLayer(cin + i * growth, growth) for i in range(n)})
+        super().__init__(
+            {f"denselayer{i + 1}": DenseLayer(cin + i * growth, growth) for i in range(n)}
+        )
 
     def forward(self, x):
         features = [x]
@@ -240,17 +295,29 @@ class DenseBlock(nn.ModuleDict):
 class DenseNet(nn.Module):
     def __init__(self, blocks=(2, 2), growth=4, stem=8, num_classes=10, imagenet_stem=False):
         super().__init__()
-        layers = [nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
+        layers = [
+            nn.Conv2d(3, stem, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+        ]
         if imagenet_stem:
-            layers = [nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
-                      nn.MaxPool2d(3, 2, 1)]
+            layers = [
+                nn.Conv2d(3, stem, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(stem),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            ]
         c = stem
         for i, n in enumerate(blocks):
             layers.append(DenseBlock(n, c, growth))
             c += n * growth
             if i != len(blocks) - 1:
-                layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c // 2, 1, bias=False),
-                           nn.AvgPool2d(2)]
+                layers += [
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(c, c // 2, 1, bias=False),
+                    nn.AvgPool2d(2),
+                ]
                 c //= 2
         layers.append(nn.BatchNorm2d(c))
         self.features = nn.Sequential(*layers)
@@ -266,8 +333,10 @@ def densenet():
 
 
 def densenet121():
-    """DenseNet-121's layout (121 BN, 62 of them after a concatenation), bottleneck width 2·growth."""
-    return DenseNet(blocks=(6, 12, 24, 16), growth=32, stem=64, num_classes=1000, imagenet_stem=True)
+    """DenseNet-121 layout: 121 BN, 62 of them after a concatenation; bottleneck 2·growth."""
+    return DenseNet(
+        blocks=(6, 12, 24, 16), growth=32, stem=64, num_classes=1000, imagenet_stem=True
+    )
 
 
 # --------------------------------------------------------------------------- RegNet, ShuffleNet
@@ -282,7 +351,9 @@ class RegNetBlock(nn.Module):
         self.b = conv_bn(cout, cout, 3, stride, groups=cout // group_width)
         self.se = SqueezeExcite(cout, max(cin // 4, 1), nn.ReLU, nn.Sigmoid)
         self.c = conv_bn(cout, cout, 1, act=None)
-        self.proj = conv_bn(cin, cout, 1, stride, act=None) if (stride != 1 or cin != cout) else None
+        self.proj = (
+            conv_bn(cin, cout, 1, stride, act=None) if (stride != 1 or cin != cout) else None
+        )
         self.act = nn.ReLU()
 
     def forward(self, x):
@@ -306,11 +377,15 @@ class ShuffleUnit(nn.Module):
         half = cout // 2
         self.stride = stride
         if stride > 1:
-            self.branch1 = nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, act=None),
-                                         conv_bn(cin, half, 1))
+            self.branch1 = nn.Sequential(
+                conv_bn(cin, cin, 3, stride, groups=cin, act=None), conv_bn(cin, half, 1)
+            )
         src = cin if stride > 1 else half
-        self.branch2 = nn.Sequential(conv_bn(src, half, 1), conv_bn(half, half, 3, stride, groups=half, act=None),
-                                     conv_bn(half, half, 1))
+        self.branch2 = nn.Sequential(
+            conv_bn(src, half, 1),
+            conv_bn(half, half, 3, stride, groups=half, act=None),
+            conv_bn(half, half, 1),
+        )
 
     def forward(self, x):
         if self.stride == 1:
@@ -360,10 +435,17 @@ def inception():
 def dcgan_generator(nz=8, ngf=4):
     """ConvTranspose + BN (PyTorch's fuse keeps every one of these BN); one grouped layer."""
     return nn.Sequential(
-        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, groups=2, bias=True), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 2, 3, 4, 2, 1, bias=False), nn.Tanh(),
+        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),
+        nn.BatchNorm2d(ngf * 8),
+        nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False),
+        nn.BatchNorm2d(ngf * 4),
+        nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, groups=2, bias=True),
+        nn.BatchNorm2d(ngf * 2),
+        nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 2, 3, 4, 2, 1, bias=False),
+        nn.Tanh(),
     )
 
 
@@ -385,9 +467,15 @@ def conv_subclass():
         def __init__(self):
             super().__init__()
             self.stem = nn.Sequential(Conv3DSimple(3, 8), nn.BatchNorm3d(8), nn.ReLU(inplace=True))
-            self.layer = nn.Sequential(Conv3DSimple(8, 8, 2), nn.BatchNorm3d(8), nn.ReLU(inplace=True))
-            self.temporal = nn.Sequential(Conv1dSame(8, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU())
-            self.head = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+            self.layer = nn.Sequential(
+                Conv3DSimple(8, 8, 2), nn.BatchNorm3d(8), nn.ReLU(inplace=True)
+            )
+            self.temporal = nn.Sequential(
+                Conv1dSame(8, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU()
+            )
+            self.head = nn.Sequential(
+                nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)
+            )
 
         def forward(self, x):
             x = self.layer(self.stem(x))  # (N, 8, T, H, W)

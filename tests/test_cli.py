@@ -1,4 +1,5 @@
 """The model-tool commands on saved files, including every bad-file case (exit 2, one line)."""
+
 from __future__ import annotations
 
 import copy
@@ -59,23 +60,40 @@ def test_inspect_module_function(tmp_path, capsys, monkeypatch):
     (tmp_path / "zoo_for_cli_test.py").write_text(
         "from torch import nn\n"
         "def build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))\n"
-        "def not_a_model():\n    return 3\n")
+        "def not_a_model():\n    return 3\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     status, out, _ = run(capsys, "inspect", "zoo_for_cli_test:build", "--json")
     assert status == 0 and [f["code"] for f in json.loads(out)["findings"]] == ["act-before-bn"]
-    for spec, message in [("zoo_for_cli_test:not_a_model", "to return an nn.Module (got int)"),
-                          ("zoo_for_cli_test:missing", "expected a function 'missing'"),
-                          ("no_such_module_xyz:build", "expected an importable module 'no_such_module_xyz'")]:
+    for spec, message in [
+        ("zoo_for_cli_test:not_a_model", "to return an nn.Module (got int)"),
+        ("zoo_for_cli_test:missing", "expected a function 'missing'"),
+        ("no_such_module_xyz:build", "expected an importable module 'no_such_module_xyz'"),
+    ]:
         status, out, err = run(capsys, "inspect", spec)
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_fold_writes_an_equal_model(files, capsys):
     d, model, x = files
-    status, out, _ = run(capsys, "fold", d / "model.pt", "-o", d / "folded.pt", "--input-shape", "2,3,16,16", "--json")
+    status, out, _ = run(
+        capsys,
+        "fold",
+        d / "model.pt",
+        "-o",
+        d / "folded.pt",
+        "--input-shape",
+        "2,3,16,16",
+        "--json",
+    )
     data = json.loads(out)
-    assert status == 0 and data["folded"] == 8 and data["rel_error"] < 1e-5 and data["output"].endswith("folded.pt")
+    assert (
+        status == 0
+        and data["folded"] == 8
+        and data["rel_error"] < 1e-5
+        and data["output"].endswith("folded.pt")
+    )
     folded = torch.load(d / "folded.pt", weights_only=False)
     assert not hasattr(folded, "fold_report")
     with torch.no_grad():
@@ -90,7 +108,9 @@ def test_strip_bias_writes_a_leaner_model(tmp_path, capsys):
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     torch.save(model, tmp_path / "biased.pt")
-    status, out, _ = run(capsys, "strip-bias", tmp_path / "biased.pt", "-o", tmp_path / "lean.pt", "--json")
+    status, out, _ = run(
+        capsys, "strip-bias", tmp_path / "biased.pt", "-o", tmp_path / "lean.pt", "--json"
+    )
     assert status == 0 and json.loads(out)["parameters_saved"] == 4
     lean = torch.load(tmp_path / "lean.pt", weights_only=False)
     x = torch.randn(2, 3, 6, 6)
@@ -98,12 +118,29 @@ def test_strip_bias_writes_a_leaner_model(tmp_path, capsys):
         assert torch.allclose(lean.eval()(x), model.eval()(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("source, extra", [("data.pt", []), ("data.npy", []), ("data.npz", ["--key", "x"])])
+@pytest.mark.parametrize(
+    "source, extra", [("data.pt", []), ("data.npy", []), ("data.npz", ["--key", "x"])]
+)
 def test_recalibrate_equals_update_bn(files, capsys, source, extra):
     d, model, _ = files
-    status, out, _ = run(capsys, "recalibrate", d / "model.pt", "--data", d / source, "-o", d / "recal.pt",
-                         "--batch-size", "4", "--json", *extra)
-    assert status == 0 and json.loads(out) == {"output": str(d / "recal.pt"), "batches": 3, "samples": 10}
+    status, out, _ = run(
+        capsys,
+        "recalibrate",
+        d / "model.pt",
+        "--data",
+        d / source,
+        "-o",
+        d / "recal.pt",
+        "--batch-size",
+        "4",
+        "--json",
+        *extra,
+    )
+    assert status == 0 and json.loads(out) == {
+        "output": str(d / "recal.pt"),
+        "batches": 3,
+        "samples": 10,
+    }
     want = copy.deepcopy(model)
     update_bn(list(torch.load(d / "data.pt").split(4)), want)
     got = torch.load(d / "recal.pt", weights_only=False)
@@ -114,10 +151,23 @@ def test_recalibrate_equals_update_bn(files, capsys, source, extra):
 def test_export_command(files, capsys):
     pytest.importorskip("onnxruntime")
     d, _, _ = files
-    status, out, _ = run(capsys, "export", d / "model.pt", "-o", d / "model.onnx", "--input-shape", "1,3,16,16",
-                         "--json")
+    status, out, _ = run(
+        capsys,
+        "export",
+        d / "model.pt",
+        "-o",
+        d / "model.onnx",
+        "--input-shape",
+        "1,3,16,16",
+        "--json",
+    )
     data = json.loads(out)
-    assert status == 0 and (d / "model.onnx").exists() and data["max_error"] < 1e-4 and data["folded"] == 8
+    assert (
+        status == 0
+        and (d / "model.onnx").exists()
+        and data["max_error"] < 1e-4
+        and data["folded"] == 8
+    )
 
 
 BAD = [
@@ -140,24 +190,63 @@ BAD = [
     (["strip-bias", "{d}/tensor.pt", "-o", "{d}/out.pt"], "expected a model"),
     (["strip-bias", "{d}/model.pt", "-o", "{d}/model.pt"], "different from the input"),
     (["strip-bias", "{d}/scripted.pt", "-o", "{d}/out.pt"], "TorchScript"),
-    (["recalibrate", "{d}/model.pt", "--data", "{d}/missing.npy", "-o", "{d}/out.pt"], "no such file"),
+    (
+        ["recalibrate", "{d}/model.pt", "--data", "{d}/missing.npy", "-o", "{d}/out.pt"],
+        "no such file",
+    ),
     (["recalibrate", "{d}/model.pt", "--data", "{d}/corrupt.pt", "-o", "{d}/out.pt"], "unreadable"),
     (["recalibrate", "{d}/model.pt", "--data", "{d}/model.pt", "-o", "{d}/out.pt"], "unreadable"),
     (["recalibrate", "{d}/model.pt", "--data", "{d}/flat.npy", "-o", "{d}/out.pt"], "rank >= 2"),
-    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.txt", "-o", "{d}/out.pt"], ".pt, .npy or .npz"),
-    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npz", "--key", "y", "-o", "{d}/out.pt"], "array 'y'"),
-    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/data.npy"], "different from the input"),
-    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/model.pt"], "different from the input"),
+    (
+        ["recalibrate", "{d}/model.pt", "--data", "{d}/data.txt", "-o", "{d}/out.pt"],
+        ".pt, .npy or .npz",
+    ),
+    (
+        ["recalibrate", "{d}/model.pt", "--data", "{d}/data.npz", "--key", "y", "-o", "{d}/out.pt"],
+        "array 'y'",
+    ),
+    (
+        ["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/data.npy"],
+        "different from the input",
+    ),
+    (
+        ["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/model.pt"],
+        "different from the input",
+    ),
     (["recalibrate", "{d}/corrupt.pt", "--data", "{d}/data.npy", "-o", "{d}/out.pt"], "unreadable"),
-    (["recalibrate", "{d}/model.pt", "--data", "{d}/data.npy", "-o", "{d}/out.pt", "--batch-size", "0"], "--batch-size"),
-    (["export", "{d}/missing.pt", "-o", "{d}/out.onnx", "--input-shape", "1,3,16,16"], "no such file"),
-    (["export", "{d}/model.pt", "-o", "{d}/out.pt", "--input-shape", "1,3,16,16"], "ending in .onnx"),
-    (["export", "{d}/scripted.pt", "-o", "{d}/out.onnx", "--input-shape", "1,3,16,16"], "TorchScript"),
+    (
+        [
+            "recalibrate",
+            "{d}/model.pt",
+            "--data",
+            "{d}/data.npy",
+            "-o",
+            "{d}/out.pt",
+            "--batch-size",
+            "0",
+        ],
+        "--batch-size",
+    ),
+    (
+        ["export", "{d}/missing.pt", "-o", "{d}/out.onnx", "--input-shape", "1,3,16,16"],
+        "no such file",
+    ),
+    (
+        ["export", "{d}/model.pt", "-o", "{d}/out.pt", "--input-shape", "1,3,16,16"],
+        "ending in .onnx",
+    ),
+    (
+        ["export", "{d}/scripted.pt", "-o", "{d}/out.onnx", "--input-shape", "1,3,16,16"],
+        "TorchScript",
+    ),
 ]
 
 
-@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[:1] + [a[1].split("/")[-1]]) + f"-{i}"
-                                                     for i, (a, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "argv, message",
+    BAD,
+    ids=[" ".join(a[:1] + [a[1].split("/")[-1]]) + f"-{i}" for i, (a, _) in enumerate(BAD)],
+)
 def test_bad_files_give_one_line_and_status_2(files, capsys, argv, message):
     d, _, _ = files
     before = sorted(os.listdir(d))
@@ -174,9 +263,16 @@ def test_bad_files_give_one_line_and_status_2(files, capsys, argv, message):
 
 def test_console_script_has_no_traceback(files):
     d, _, _ = files
-    for args in (["inspect", str(d / "corrupt.pt")], ["fold", str(d / "model.pt"), "-o", str(d / "model.pt")]):
-        proc = subprocess.run([sys.executable, "-m", "batchnorm.cli", *args], capture_output=True, text=True,
-                              timeout=120)
+    for args in (
+        ["inspect", str(d / "corrupt.pt")],
+        ["fold", str(d / "model.pt"), "-o", str(d / "model.pt")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "batchnorm.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
 

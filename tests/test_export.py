@@ -1,4 +1,5 @@
 """export_onnx: fold, export, and an onnxruntime round trip that matches PyTorch."""
+
 from __future__ import annotations
 
 import copy

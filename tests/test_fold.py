@@ -1,4 +1,5 @@
 """fold, fold_weights and strip_bias against PyTorch: every replica, random graphs, odd BN kinds."""
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +29,16 @@ def assert_close(got, want, rel=1e-5):
 
 def snapshot(model):
     """Every state_dict entry as raw bytes, plus every module's training flag."""
-    state = {k: (v.dtype, tuple(v.shape), v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                 if v.dim() else v.item())
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (
+            v.dtype,
+            tuple(v.shape),
+            v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            if v.dim()
+            else v.item(),
+        )
+        for k, v in model.state_dict().items()
+    }
     return state, [m.training for m in model.modules()]
 
 
@@ -40,9 +48,12 @@ def snapshot(model):
 def test_fold_weights_matches_pytorch_for_conv():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(4, 6, 3), randomize_bn(nn.BatchNorm2d(6))
-    want_w, want_b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                                          bn.eps, bn.weight, bn.bias)
-    w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    want_w, want_b = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    w, b = fold_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
     assert_close(w, want_w.detach(), 1e-6)
     assert_close(b, want_b.detach(), 1e-6)
 
@@ -57,8 +68,17 @@ def test_fold_weights_transposed_grouped_equals_bn_after_conv(groups, dims):
     bn = randomize_bn(bn_cls(12), seed=groups).eval()
     x = torch.randn(2, 8, *([4] * dims))
     want = bn(conv(x))
-    w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
-                        bn.bias, transposed=True, groups=groups)
+    w, b = fold_weights(
+        conv.weight,
+        conv.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.eps,
+        bn.weight,
+        bn.bias,
+        transposed=True,
+        groups=groups,
+    )
     got = F.__dict__[f"conv_transpose{dims}d"](x, w, b, stride=2, groups=groups)
     assert_close(got.detach(), want.detach())
 
@@ -78,7 +98,15 @@ def test_fold_weights_rejects_wrong_shapes():
     with pytest.raises(BatchNormError, match="expected gamma with 3 elements"):
         fold_weights(torch.ones(3, 2), None, torch.zeros(3), torch.ones(3), 1e-5, torch.ones(2))
     with pytest.raises(BatchNormError, match="transposed conv weight"):
-        fold_weights(torch.ones(4, 3, 1), None, torch.zeros(4), torch.ones(4), 1e-5, transposed=True, groups=2)
+        fold_weights(
+            torch.ones(4, 3, 1),
+            None,
+            torch.zeros(4),
+            torch.ones(4),
+            1e-5,
+            transposed=True,
+            groups=2,
+        )
 
 
 # --------------------------------------------------------------------------- every replica
@@ -99,7 +127,11 @@ def test_fold_equals_eval_on_every_replica(name):
 
     _, _, n_folded, n_frozen = REPLICAS[name]
     report = folded.fold_report
-    assert (report.count("folded"), report.count("frozen"), report.count("kept")) == (n_folded, n_frozen, 0)
+    assert (report.count("folded"), report.count("frozen"), report.count("kept")) == (
+        n_folded,
+        n_frozen,
+        0,
+    )
     remaining = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert remaining == [], "a PyTorch BN survived the fold"
     assert report.max_error is not None and report.rel_error < 1e-5
@@ -120,7 +152,7 @@ def test_fold_leaves_no_bn_where_pytorch_fuse_keeps_them():
         assert kept_by_fuse > 0 and kept_by_us == 0, name
 
 
-# --------------------------------------------------------------------------- BN kinds and odd graphs
+# ------------------------------------------------------------------------ BN kinds and odd graphs
 
 
 class DuckBN(nn.Module):
@@ -134,7 +166,9 @@ class DuckBN(nn.Module):
         self.register_buffer("running_var", torch.ones(c))
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 def odd_kinds_model():
@@ -142,13 +176,21 @@ def odd_kinds_model():
 
     torch.manual_seed(3)
     model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.SyncBatchNorm(6), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1), DuckBN(6),
-        nn.Conv2d(6, 6, 1), BatchNormAct2d(6, act="leaky_relu", negative_slope=0.2),
-        nn.Conv2d(6, 6, 1), BatchNorm2d(6),
-        nn.Conv2d(6, 6, 1), FrozenBatchNorm2d(6),
-        nn.MaxPool2d(2), nn.SyncBatchNorm(6),  # not after a conv: frozen affine
-        nn.MaxPool2d(2), BatchNormAct2d(6, act="elu", alpha=0.5),  # frozen affine + its ELU
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.SyncBatchNorm(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        DuckBN(6),
+        nn.Conv2d(6, 6, 1),
+        BatchNormAct2d(6, act="leaky_relu", negative_slope=0.2),
+        nn.Conv2d(6, 6, 1),
+        BatchNorm2d(6),
+        nn.Conv2d(6, 6, 1),
+        FrozenBatchNorm2d(6),
+        nn.MaxPool2d(2),
+        nn.SyncBatchNorm(6),  # not after a conv: frozen affine
+        nn.MaxPool2d(2),
+        BatchNormAct2d(6, act="elu", alpha=0.5),  # frozen affine + its ELU
     )
     return randomize_bn(model)
 
@@ -160,12 +202,21 @@ def test_fold_handles_sync_duck_ours_frozen_and_act():
     with torch.no_grad():
         assert_close(folded(x), copy.deepcopy(model).eval()(x))
     actions = {r.name: r.action for r in folded.fold_report.layers}
-    assert actions == {"1": "folded", "4": "folded", "6": "folded", "8": "folded", "10": "folded",
-                       "12": "frozen", "14": "frozen"}
+    assert actions == {
+        "1": "folded",
+        "4": "folded",
+        "6": "folded",
+        "8": "folded",
+        "10": "folded",
+        "12": "frozen",
+        "14": "frozen",
+    }
     assert isinstance(folded[6], nn.LeakyReLU) and folded[6].negative_slope == 0.2
     assert isinstance(folded[14][1], nn.ELU) and folded[14][1].alpha == 0.5
-    assert not any(batchnorm.graph.is_batchnorm(m) and not isinstance(m, batchnorm.FrozenBatchNorm2d)
-                   for m in folded.modules())
+    assert not any(
+        batchnorm.graph.is_batchnorm(m) and not isinstance(m, batchnorm.FrozenBatchNorm2d)
+        for m in folded.modules()
+    )
 
 
 def test_fold_without_example_input_and_unknown_rank_bn():
@@ -181,8 +232,12 @@ def test_fold_without_example_input_and_unknown_rank_bn():
 class SharedOutput(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), \
-            nn.BatchNorm2d(4, track_running_stats=False)
+        self.conv, self.bn, self.conv2, self.bn2 = (
+            nn.Conv2d(3, 4, 1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4, track_running_stats=False),
+        )
 
     def forward(self, x):
         y = self.conv(x)
@@ -202,7 +257,9 @@ def test_fold_keeps_shared_output_and_statless_bn_correct():
 
 
 def test_fold_skips_linear_on_3d_input():
-    model = randomize_bn(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5)))  # BN normalises dim 1 = 5 rows
+    model = randomize_bn(
+        nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5))
+    )  # BN normalises dim 1 = 5 rows
     x = torch.randn(2, 5, 5)
     folded = fold(model, x)
     assert folded.fold_report.layers[0].action == "frozen"
@@ -260,19 +317,23 @@ def test_fold_rejects_non_modules_and_bad_inputs():
 
 
 class RandomGraph(nn.Module):
-    """A program of conv / conv-transpose / BN / act / add / cat ops over a list of tensors."""
+    """A program of conv / conv-transpose / BN / act / add / cat ops over a list of tensors,
+    optionally followed by a pooled Linear → BN1d head."""
 
-    def __init__(self, program, c0):
+    def __init__(self, program, c0, head=False):
         super().__init__()
         self.program = program
         self.layers = nn.ModuleList()
+        self.head = None
         channels = [c0]
         for op, a, b, opt in program:
             c = channels[a]
             if op == "conv":
                 cls = nn.ConvTranspose2d if opt % 3 == 2 else nn.Conv2d
                 out = 2 + opt % 5
-                self.layers.append(cls(c, out, 1 + 2 * (opt % 2), padding=opt % 2, bias=opt % 4 == 1))
+                self.layers.append(
+                    cls(c, out, 1 + 2 * (opt % 2), padding=opt % 2, bias=opt % 4 == 1)
+                )
                 channels.append(out)
             elif op == "bn":
                 self.layers.append(nn.BatchNorm2d(c))
@@ -287,6 +348,14 @@ class RandomGraph(nn.Module):
                 self.layers.append(nn.Identity())
                 channels.append(c + channels[b])
         self.channels = channels
+        if head:  # pooled features through Linear → BatchNorm1d → ReLU
+            self.head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(channels[-1], 6),
+                nn.BatchNorm1d(6),
+                nn.ReLU(),
+            )
 
     def forward(self, x):
         values = [x]
@@ -298,7 +367,7 @@ class RandomGraph(nn.Module):
                 values.append(torch.cat([values[a], values[b]], 1))
             else:
                 values.append(layer(values[a]))
-        return values[-1]
+        return values[-1] if self.head is None else self.head(values[-1])
 
 
 @st.composite
@@ -317,10 +386,10 @@ def programs(draw):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(programs(), st.integers(0, 1000))
-def test_fold_equals_eval_on_random_graphs(program, seed):
+@given(programs(), st.booleans(), st.integers(0, 1000))
+def test_fold_equals_eval_on_random_graphs(program, head, seed):
     torch.manual_seed(seed)
-    model = randomize_bn(RandomGraph(program, 3), seed)
+    model = randomize_bn(RandomGraph(program, 3, head), seed)
     x = torch.randn(2, 3, 5, 5)
     before = snapshot(model)
     folded = fold(model, x)
@@ -329,7 +398,7 @@ def test_fold_equals_eval_on_random_graphs(program, seed):
         want = copy.deepcopy(model).eval()(x)
         got = folded(x)
     assert_close(got, want)
-    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert len(folded.fold_report.layers) == bns
     assert all(r.action in ("folded", "frozen") for r in folded.fold_report.layers)
 
@@ -340,14 +409,23 @@ def test_fold_equals_eval_on_random_graphs(program, seed):
 def biased_model():
     torch.manual_seed(5)
     model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.ConvTranspose2d(6, 4, 3, padding=1, groups=2, bias=True), nn.BatchNorm2d(4, momentum=None),
-        nn.Conv2d(4, 4, 1, bias=True), nn.ReLU(), nn.BatchNorm2d(4),  # act in between: bias stays
-        nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5),
+        nn.Conv2d(3, 6, 3, padding=1, bias=True),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 3, padding=1, groups=2, bias=True),
+        nn.BatchNorm2d(4, momentum=None),
+        nn.Conv2d(4, 4, 1, bias=True),
+        nn.ReLU(),
+        nn.BatchNorm2d(4),  # act in between: bias stays
+        nn.Flatten(),
+        nn.Linear(64, 5),
+        nn.BatchNorm1d(5),
     )
     with torch.no_grad():
         for m in model.modules():
-            if getattr(m, "bias", None) is not None and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            if getattr(m, "bias", None) is not None and isinstance(
+                m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+            ):
                 m.bias.normal_(0, 2)
     return randomize_bn(model)
 
@@ -361,7 +439,12 @@ def test_strip_bias_keeps_eval_and_training_outputs():
     report = lean.strip_report
     assert [(p, b) for p, b, _ in report.layers] == [("0", "1"), ("3", "4"), ("9", "10")]
     assert report.parameters_saved == 6 + 4 + 5
-    assert lean[0].bias is None and lean[3].bias is None and lean[5].bias is not None and lean[9].bias is None
+    assert (
+        lean[0].bias is None
+        and lean[3].bias is None
+        and lean[5].bias is not None
+        and lean[9].bias is None
+    )
     want_params = sum(p.numel() for p in model.parameters()) - report.parameters_saved
     assert sum(p.numel() for p in lean.parameters()) == want_params
 
@@ -384,3 +467,15 @@ def test_strip_bias_leaves_shared_outputs_alone():
     x = torch.randn(3, 3, 4, 4)
     with torch.no_grad():
         assert_close(lean.eval()(x), copy.deepcopy(model).eval()(x), 1e-6)
+
+
+def test_fold_with_tied_weights_keeps_the_other_user_right():
+    first, second = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+    second.weight = first.weight  # one Parameter, two layers: only the first is followed by BN
+    model = randomize_bn(nn.Sequential(first, nn.BatchNorm2d(3), second))
+    x = torch.randn(2, 3, 4, 4)
+    before = snapshot(model)
+    folded = fold(model, x)
+    assert snapshot(model) == before and folded.fold_report.layers[0].action == "folded"
+    with torch.no_grad():
+        assert_close(folded(x), copy.deepcopy(model).eval()(x))

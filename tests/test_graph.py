@@ -1,4 +1,5 @@
-"""graph: the BN protocol, fx tracing with leaves, producers/users, and the module-order fallback."""
+"""graph: the BN protocol, fx tracing with leaves, producers/users, the module-order fallback."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,14 @@ import torch
 from torch import nn
 
 from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
-from batchnorm.graph import activation_of, bn_input_ranks, bn_kind, is_batchnorm, is_foldable_producer, trace
+from batchnorm.graph import (
+    activation_of,
+    bn_input_ranks,
+    bn_kind,
+    is_batchnorm,
+    is_foldable_producer,
+    trace,
+)
 
 from .replicas import Conv3DSimple, build
 
@@ -31,11 +39,20 @@ def test_bn_protocol_kinds():
     from batchnorm.layers import BatchNorm2d, BatchNormAct2d
 
     cases = [
-        (nn.BatchNorm1d(4), "batchnorm"), (nn.BatchNorm3d(4), "batchnorm"), (nn.LazyBatchNorm2d(), "batchnorm"),
-        (nn.SyncBatchNorm(4), "sync"), (BatchNorm2d(4), "batchnorm"), (BatchNormAct2d(4), "batchnorm"),
-        (FrozenBatchNorm2d(4), "frozen"), (TorchvisionStyleFrozen(), "frozen"), (DuckBN(), "duck"),
-        (nn.InstanceNorm2d(4, track_running_stats=True), None), (nn.LayerNorm(4), None),
-        (nn.GroupNorm(2, 4), None), (nn.Conv2d(1, 1, 1), None), ("not a module", None),
+        (nn.BatchNorm1d(4), "batchnorm"),
+        (nn.BatchNorm3d(4), "batchnorm"),
+        (nn.LazyBatchNorm2d(), "batchnorm"),
+        (nn.SyncBatchNorm(4), "sync"),
+        (BatchNorm2d(4), "batchnorm"),
+        (BatchNormAct2d(4), "batchnorm"),
+        (FrozenBatchNorm2d(4), "frozen"),
+        (TorchvisionStyleFrozen(), "frozen"),
+        (DuckBN(), "duck"),
+        (nn.InstanceNorm2d(4, track_running_stats=True), None),
+        (nn.LayerNorm(4), None),
+        (nn.GroupNorm(2, 4), None),
+        (nn.Conv2d(1, 1, 1), None),
+        ("not a module", None),
     ]
     for module, kind in cases:
         assert bn_kind(module) == kind, module
@@ -118,7 +135,9 @@ class Untraceable(nn.Module):
 
 def test_fallback_is_module_order_with_sequential_pairs():
     graph = trace(Untraceable())
-    assert graph.approximate and "approximate" in graph.warning and "could not trace" in graph.warning
+    assert (
+        graph.approximate and "approximate" in graph.warning and "could not trace" in graph.warning
+    )
     assert [s.name for s in graph.sites if s.op == "module"] == ["a.0", "a.1", "b", "bn"]
     a1, bn = graph.calls("a.1")[0], graph.calls("bn")[0]
     assert graph.feeds_only(a1.producer, a1)  # adjacent in one nn.Sequential: trusted

@@ -1,4 +1,5 @@
 """inspect: each finding on a model built to show it, and its absence on one that does not."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,14 @@ from .replicas import build
 
 def good():
     """Conv → BN → ReLU twice, no biases, eval mode: only the 'ok' finding."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+    ).eval()
 
 
 def test_good_model_has_only_the_ok_finding():
@@ -29,13 +36,33 @@ def test_good_model_has_only_the_ok_finding():
     assert not report.approximate and report.warning is None
 
 
-@pytest.mark.parametrize("code, model, layers", [
-    ("act-before-bn", nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(8)), ["2"]),
-    ("pre-activation", nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(8),
-                                     nn.ReLU(), nn.Conv2d(8, 4, 1)), ["2"]),
-    ("pre-activation", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), ["0"]),
-    ("no-producer", nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(8)), ["2"]),
-])
+@pytest.mark.parametrize(
+    "code, model, layers",
+    [
+        (
+            "act-before-bn",
+            nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(8)),
+            ["2"],
+        ),
+        (
+            "pre-activation",
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, bias=False),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.Conv2d(8, 4, 1),
+            ),
+            ["2"],
+        ),
+        ("pre-activation", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), ["0"]),
+        (
+            "no-producer",
+            nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(8)),
+            ["2"],
+        ),
+    ],
+)
 def test_placement_findings(code, model, layers):
     report = inspect(model.eval())
     assert report.finding(code).layers == layers
@@ -45,7 +72,9 @@ def test_placement_findings(code, model, layers):
 
 
 def test_act_before_bn_wins_over_pre_activation():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+    )
     assert inspect(model).finding("act-before-bn").layers == ["2"]
 
 
@@ -53,7 +82,9 @@ def test_densenet_replica_placements():
     model, x = build("densenet")
     report = inspect(model.eval(), x)
     assert len(report.finding("conv-bn-act").layers) == 5
-    assert len(report.finding("pre-activation").layers) == 5  # norm1 of each dense layer + transition
+    assert (
+        len(report.finding("pre-activation").layers) == 5
+    )  # norm1 of each dense layer + transition
     assert report.finding("no-producer").layers == ["features.9"]  # final BN → relu → pool
 
 
@@ -74,8 +105,15 @@ def test_shared_output_finding():
 
 
 def test_redundant_bias_counts_wasted_parameters():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 36, 5), nn.BatchNorm1d(5), nn.ReLU())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 5),
+        nn.BatchNorm1d(5),
+        nn.ReLU(),
+    )
     report = inspect(model)
     finding = report.finding("redundant-bias")
     assert finding.layers == ["0", "4"] and "13 parameters wasted" in finding.message
@@ -102,13 +140,20 @@ def test_train_mode_finding_and_modes():
 def test_eps_zero_finding():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), FrozenBatchNorm2d(4, eps=0.0))
     assert inspect(model).finding("eps-zero").layers == ["1"]
-    assert "eps-zero" not in inspect(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), FrozenBatchNorm2d(4))).codes()
+    assert (
+        "eps-zero"
+        not in inspect(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), FrozenBatchNorm2d(4))).codes()
+    )
 
 
 def test_channel_mismatch_finding():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(6))
     finding = inspect(model).finding("channel-mismatch")
-    assert finding.layers == ["1"] and finding.severity == "error" and "0 gives 8, 1 expects 6" in finding.message
+    assert (
+        finding.layers == ["1"]
+        and finding.severity == "error"
+        and "0 gives 8, 1 expects 6" in finding.message
+    )
     assert "channel-mismatch" not in inspect(good()).codes()
 
 
@@ -118,7 +163,9 @@ def test_one_value_per_channel_needs_example_input():
     finding = inspect(model, x).finding("one-value-per-channel")
     assert finding.layers == ["6"]
     assert "batch size 1" in finding.message and "(2, 16)" in finding.message
-    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    pooled = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4)
+    )
     finding = inspect(pooled, torch.randn(1, 3, 8, 8)).finding("one-value-per-channel")
     assert finding.layers == ["2"] and "fails already" in finding.message
     assert "one-value-per-channel" not in inspect(good(), torch.randn(1, 3, 8, 8)).codes()
@@ -139,24 +186,43 @@ def test_layer_table_kinds_params_buffers_and_totals():
     from batchnorm.layers import BatchNormAct2d
 
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4),
-        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, affine=False, momentum=None),
-        nn.Conv2d(4, 4, 1, bias=False), nn.SyncBatchNorm(4),
-        nn.Conv2d(4, 4, 1, bias=False), FrozenBatchNorm2d(4),
-        nn.Conv2d(4, 4, 1, bias=False), Duck(4),
-        nn.Conv2d(4, 4, 1, bias=False), BatchNormAct2d(4, act="relu"),
+        nn.Conv2d(3, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1, bias=False),
+        nn.BatchNorm2d(4, affine=False, momentum=None),
+        nn.Conv2d(4, 4, 1, bias=False),
+        nn.SyncBatchNorm(4),
+        nn.Conv2d(4, 4, 1, bias=False),
+        FrozenBatchNorm2d(4),
+        nn.Conv2d(4, 4, 1, bias=False),
+        Duck(4),
+        nn.Conv2d(4, 4, 1, bias=False),
+        BatchNormAct2d(4, act="relu"),
     )
     report = inspect(model)
     rows = {r.name: r for r in report.layers}
     assert [(r.kind, r.params, r.buffers) for r in report.layers] == [
-        ("batchnorm", 8, 9), ("batchnorm", 0, 9), ("sync", 8, 9), ("frozen", 0, 16), ("duck", 0, 8),
-        ("batchnorm", 8, 9)]
-    assert rows["3"].momentum is None and rows["9"].eps == 1e-3 and rows["11"].cls == "BatchNormAct2d"
+        ("batchnorm", 8, 9),
+        ("batchnorm", 0, 9),
+        ("sync", 8, 9),
+        ("frozen", 0, 16),
+        ("duck", 0, 8),
+        ("batchnorm", 8, 9),
+    ]
+    assert (
+        rows["3"].momentum is None and rows["9"].eps == 1e-3 and rows["11"].cls == "BatchNormAct2d"
+    )
     assert rows["1"].producer == "0 (Conv2d)" and rows["1"].mode == "train"
     conv_params = 3 * 4 + 5 * 16
     assert report.totals == {
-        "bn_layers": 6, "bn_params": 24, "bn_buffers": 60, "model_params": conv_params + 24,
-        "bn_param_share": 24 / (conv_params + 24), "foldable": 6, "wasted_bias_params": 0}
+        "bn_layers": 6,
+        "bn_params": 24,
+        "bn_buffers": 60,
+        "model_params": conv_params + 24,
+        "bn_param_share": 24 / (conv_params + 24),
+        "foldable": 6,
+        "wasted_bias_params": 0,
+    }
     assert report.finding("conv-bn-act").layers == ["1", "3", "5", "7", "9", "11"]
 
 
@@ -214,4 +280,3 @@ def test_inspect_torchscript_model():
     assert report.approximate  # fx cannot trace TorchScript: module order, which is exact here
     assert [r.cls for r in report.layers] == ["BatchNorm2d", "BatchNorm2d"]
     assert report.finding("conv-bn-act").layers == ["1", "4"]
-

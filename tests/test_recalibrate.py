@@ -1,4 +1,5 @@
 """recalibrate equals torch.optim.swa_utils.update_bn, restores what it touches, fails cleanly."""
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,9 @@ def assert_same_state(a: nn.Module, b: nn.Module, tol=0.0):
         assert (sa[k].double() - sb[k].double()).abs().max().item() <= tol, k
 
 
-@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "mobilenet_v3", "conv_subclass", "dcgan"])
+@pytest.mark.parametrize(
+    "name", ["resnet_basic", "densenet", "mobilenet_v3", "conv_subclass", "dcgan"]
+)
 def test_equals_update_bn(name):
     model, x = build(name)
     data = batches((4, *x.shape[1:]))
@@ -35,8 +38,11 @@ def test_equals_update_bn(name):
     update_bn(data, want)
     assert recalibrate(got, data, progress=False) is got
     assert_same_state(got, want, tol=1e-6)
-    changed = [k for k, v in got.state_dict().items() if "running_mean" in k
-               and not torch.equal(v, model.state_dict()[k])]
+    changed = [
+        k
+        for k, v in got.state_dict().items()
+        if "running_mean" in k and not torch.equal(v, model.state_dict()[k])
+    ]
     assert changed, "recalibration changed nothing"
 
 
@@ -119,7 +125,9 @@ def test_failure_restores_statistics_momentum_and_mode():
 
 
 def test_frozen_and_statless_bn_are_left_alone():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False)
+    )
     with torch.no_grad():
         model[1].running_mean.fill_(3.0)
     recalibrate(model, batches((2, 3, 4, 4), n=2), progress=False)
@@ -130,8 +138,11 @@ def test_frozen_and_statless_bn_are_left_alone():
 def test_bad_arguments_change_nothing():
     model, _ = build("resnet_basic")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for kwargs, match in [({"batches": 0}, "batches to be None or a positive integer"),
-                          ({"batches": True}, "batches"), ({"input_fn": 3}, "input_fn to be callable")]:
+    for kwargs, match in [
+        ({"batches": 0}, "batches to be None or a positive integer"),
+        ({"batches": True}, "batches"),
+        ({"input_fn": 3}, "input_fn to be callable"),
+    ]:
         with pytest.raises(BatchNormError, match=match):
             recalibrate(model, batches((2, 3, 16, 16)), **kwargs)
     with pytest.raises(BatchNormError, match="data to be an iterable"):

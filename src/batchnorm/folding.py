@@ -10,9 +10,11 @@ output of a conv or linear layer (and nothing else reads it), the map folds into
 ``fold_weights`` is that statement as pure tensor math; ``fold`` finds the pairs on the model's
 graph (``batchnorm.graph``) and rewrites a copy; ``strip_bias`` removes a bias that BN cancels.
 """
+
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +25,15 @@ from torch.utils._pytree import tree_leaves
 from .errors import BatchNormError, expected
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 from .graph import (
-    UNKNOWN_ACTIVATION, ModelGraph, activation_of, bn_input_ranks, bn_kind, is_batchnorm,
-    is_foldable_producer, out_channels, trace,
+    UNKNOWN_ACTIVATION,
+    ModelGraph,
+    activation_of,
+    bn_input_ranks,
+    bn_kind,
+    is_batchnorm,
+    is_foldable_producer,
+    out_channels,
+    trace,
 )
 
 __all__ = ["fold_weights", "fold", "strip_bias", "FoldReport", "LayerFold", "StripReport"]
@@ -44,6 +53,7 @@ def fold_weights(
     *,
     transposed: bool = False,
     groups: int = 1,
+    _in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Fold an eval-mode BN into the weight and bias of the conv or linear layer before it.
 
@@ -52,8 +62,8 @@ def fold_weights(
         b' = (b - \mathrm{E}) \cdot \frac{\gamma}{\sqrt{\mathrm{Var} + \epsilon}} + \beta
 
     per output channel. The per-channel factor and the bias are computed in float64; the
-    weight is multiplied by the factor once, in its own dtype (one rounding per element). The output
-    channel is dim 0 of a conv or linear weight; for a transposed conv it is dim 1 within each
+    weight is multiplied by the factor once, in its own dtype (one rounding per element). The
+    output channel is dim 0 of a conv or linear weight; for a transposed conv it is dim 1 within each
     of the ``groups`` blocks of dim 0 (output channel ``o = g * C_out/groups + j``).
 
     Args:
@@ -76,10 +86,14 @@ def fold_weights(
     c = running_mean.numel()
     if transposed:
         if weight.dim() < 2 or weight.shape[0] % groups or weight.shape[1] * groups != c:
-            raise expected(f"a transposed conv weight with {c} output channels in {groups} groups",
-                           f"weight of shape {tuple(weight.shape)}")
+            raise expected(
+                f"a transposed conv weight with {c} output channels in {groups} groups",
+                f"weight of shape {tuple(weight.shape)}",
+            )
     elif weight.dim() < 2 or weight.shape[0] != c:
-        raise expected(f"a weight with {c} output channels on dim 0", f"weight of shape {tuple(weight.shape)}")
+        raise expected(
+            f"a weight with {c} output channels on dim 0", f"weight of shape {tuple(weight.shape)}"
+        )
     for what, t in (("bias", bias), ("running_var", running_var), ("gamma", gamma), ("beta", beta)):
         if t is not None and t.numel() != c:
             raise expected(f"{what} with {c} elements", f"{t.numel()}")
@@ -87,20 +101,27 @@ def fold_weights(
     scale = torch.rsqrt(running_var.detach().to(f64) + float(eps))
     if gamma is not None:
         scale = scale * gamma.detach().to(f64)
-    b = bias.detach().to(f64) if bias is not None else torch.zeros(c, dtype=f64, device=weight.device)
+    b = (
+        bias.detach().to(f64)
+        if bias is not None
+        else torch.zeros(c, dtype=f64, device=weight.device)
+    )
     new_bias = (b - running_mean.detach().to(f64)) * scale
     if beta is not None:
         new_bias = new_bias + beta.detach().to(f64)
+    # fold() multiplies its private copy in place: no second copy of every weight
     w = weight.detach()
+    if not (_in_place and w.is_contiguous()):
+        w = w.clone(memory_format=torch.contiguous_format)
     factor = scale.to(w.dtype)
     spatial = (1,) * (w.dim() - 2)
     if transposed:
-        # (C_in, C_out/groups, *k) -> (groups, C_in/groups, C_out/groups, *k)
-        blocks = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
-        new_weight = (blocks * factor.reshape(groups, 1, w.shape[1], *spatial)).reshape(w.shape)
+        # (C_in, C_out/groups, *k) -> (groups, C_in/groups, C_out/groups, *k), a view of w
+        blocks = w.view(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        blocks.mul_(factor.reshape(groups, 1, w.shape[1], *spatial))
     else:
-        new_weight = w * factor.reshape(c, 1, *spatial)
-    return new_weight, new_bias.to(weight.dtype)
+        w.mul_(factor.reshape(c, 1, *spatial))
+    return w, new_bias.to(weight.dtype)
 
 
 # --------------------------------------------------------------------------- reports
@@ -138,8 +159,12 @@ class FoldReport:
 
     def to_dict(self) -> dict:
         return {
-            "folded": self.count("folded"), "frozen": self.count("frozen"), "kept": self.count("kept"),
-            "max_error": self.max_error, "rel_error": self.rel_error, "warning": self.warning,
+            "folded": self.count("folded"),
+            "frozen": self.count("frozen"),
+            "kept": self.count("kept"),
+            "max_error": self.max_error,
+            "rel_error": self.rel_error,
+            "warning": self.warning,
             "layers": [vars(layer).copy() for layer in self.layers],
         }
 
@@ -153,10 +178,14 @@ class FoldReport:
         for r in self.layers:
             err = "-" if r.max_error is None else f"{r.max_error:.2e}"
             table.add_row(r.name, r.action, r.into or "-", err, r.reason)
-        summary = (f"{self.count('folded')} folded, {self.count('frozen')} frozen, "
-                   f"{self.count('kept')} kept")
+        summary = (
+            f"{self.count('folded')} folded, {self.count('frozen')} frozen, "
+            f"{self.count('kept')} kept"
+        )
         if self.max_error is not None:
-            summary += f"; model output max error {self.max_error:.2e} (relative {self.rel_error:.2e})"
+            summary += (
+                f"; model output max error {self.max_error:.2e} (relative {self.rel_error:.2e})"
+            )
         parts = [table, summary]
         if self.warning:
             parts.append(f"[yellow]warning:[/] {self.warning}")
@@ -178,8 +207,11 @@ class StripReport:
         return sum(n for _, _, n in self.layers)
 
     def to_dict(self) -> dict:
-        return {"parameters_saved": self.parameters_saved, "warning": self.warning,
-                "layers": [{"layer": p, "bn": b, "parameters": n} for p, b, n in self.layers]}
+        return {
+            "parameters_saved": self.parameters_saved,
+            "warning": self.warning,
+            "layers": [{"layer": p, "bn": b, "parameters": n} for p, b, n in self.layers],
+        }
 
     def __rich__(self):
         from rich.console import Group
@@ -217,7 +249,12 @@ class _AnyRankFrozenBatchNorm(_FrozenBatchNorm):
     _ranks = (2, 3, 4, 5, 6)
 
 
-_FROZEN_BY_RANK = {2: FrozenBatchNorm1d, 3: FrozenBatchNorm1d, 4: FrozenBatchNorm2d, 5: FrozenBatchNorm3d}
+_FROZEN_BY_RANK = {
+    2: FrozenBatchNorm1d,
+    3: FrozenBatchNorm1d,
+    4: FrozenBatchNorm2d,
+    5: FrozenBatchNorm3d,
+}
 
 
 def fold(model: nn.Module, example_input=None) -> nn.Module:
@@ -256,16 +293,26 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
         captured, reference = _capture(folded, args)
     report = FoldReport(warning=graph.warning)
     plans = _plan(folded, graph, captured)
+    uses = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
 
     with torch.no_grad():
         for plan in plans:
             bn = plan.bn
             if plan.action == "folded":
                 layer = folded.get_submodule(plan.into)
-                w, b = fold_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
-                                    getattr(bn, "weight", None), getattr(bn, "bias", None),
-                                    transposed=isinstance(layer, _ConvTransposeNd),
-                                    groups=getattr(layer, "groups", 1))
+                w, b = fold_weights(
+                    layer.weight,
+                    layer.bias,
+                    bn.running_mean,
+                    bn.running_var,
+                    bn.eps,
+                    getattr(bn, "weight", None),
+                    getattr(bn, "bias", None),
+                    transposed=isinstance(layer, _ConvTransposeNd),
+                    groups=getattr(layer, "groups", 1),
+                    # the copy's own weight, unless the model ties it to another layer
+                    _in_place=uses[id(layer.weight)] == 1,
+                )
                 layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
                 layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
                 replacement = plan.act if plan.act is not None else nn.Identity()
@@ -303,10 +350,14 @@ def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
             continue
         act = activation_of(bn)
         if act is UNKNOWN_ACTIVATION:
-            plans.append(_Plan(name, bn, "kept", reason=f"unknown activation {getattr(bn, 'act', None)!r}"))
+            plans.append(
+                _Plan(name, bn, "kept", reason=f"unknown activation {getattr(bn, 'act', None)!r}")
+            )
             continue
         if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-            plans.append(_Plan(name, bn, "kept", reason="no running statistics: eval uses batch statistics"))
+            plans.append(
+                _Plan(name, bn, "kept", reason="no running statistics: eval uses batch statistics")
+            )
             continue
         producer, why_not = _foldable_producer(model, graph, name, bn, captured)
         if producer is not None:
@@ -316,8 +367,16 @@ def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
         if bn_kind(bn) == "frozen" and act is None:
             plans.append(_Plan(name, bn, "kept", reason=f"already frozen; {why_not}"))
             continue
-        plans.append(_Plan(name, bn, "frozen", reason=why_not, act=act,
-                           frozen_cls=_frozen_class(bn, captured.get(name))))
+        plans.append(
+            _Plan(
+                name,
+                bn,
+                "frozen",
+                reason=why_not,
+                act=act,
+                frozen_cls=_frozen_class(bn, captured.get(name)),
+            )
+        )
     return plans
 
 
@@ -331,17 +390,26 @@ def _foldable_producer(model, graph: ModelGraph, name: str, bn: nn.Module, captu
     site = sites[0]
     prod = site.producer
     if prod is None or prod.op != "module" or not is_foldable_producer(prod.module):
-        label = "the input" if prod is None or prod.op == "input" else (
-            type(prod.module).__name__ if prod.module is not None else prod.label)
+        label = (
+            "the input"
+            if prod is None or prod.op == "input"
+            else (type(prod.module).__name__ if prod.module is not None else prod.label)
+        )
         return None, f"input comes from {label}, not a conv/linear"
     if not graph.called_once(prod):
         return None, f"{prod.name} is called more than once"
     if not graph.feeds_only(prod, site):
-        why = "not adjacent in an nn.Sequential (graph approximate)" if graph.approximate else \
-            "its output has other users"
+        why = (
+            "not adjacent in an nn.Sequential (graph approximate)"
+            if graph.approximate
+            else "its output has other users"
+        )
         return None, f"{prod.name}: {why}"
     if out_channels(prod.module) != bn.num_features:
-        return None, f"{prod.name} has {out_channels(prod.module)} output channels, BN {bn.num_features}"
+        return (
+            None,
+            f"{prod.name} has {out_channels(prod.module)} output channels, BN {bn.num_features}",
+        )
     if isinstance(prod.module, nn.Linear) and prod.name in captured:
         out = captured[prod.name][1]
         if isinstance(out, torch.Tensor) and out.dim() != 2:
@@ -355,7 +423,11 @@ def _frozen_class(bn: nn.Module, seen) -> type:
     ranks = bn_input_ranks(bn)
     if ranks is not None and ranks[0] in _FROZEN_BY_RANK:
         return _FROZEN_BY_RANK[ranks[0]]
-    if seen is not None and isinstance(seen[0][0], torch.Tensor) and seen[0][0].dim() in _FROZEN_BY_RANK:
+    if (
+        seen is not None
+        and isinstance(seen[0][0], torch.Tensor)
+        and seen[0][0].dim() in _FROZEN_BY_RANK
+    ):
         return _FROZEN_BY_RANK[seen[0][0].dim()]
     return _AnyRankFrozenBatchNorm
 
@@ -364,7 +436,9 @@ def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise expected("an nn.Module", type(model).__name__)
     if isinstance(model, torch.jit.ScriptModule):
-        raise expected("a Python nn.Module to rewrite", "a TorchScript module, which cannot be rewritten")
+        raise expected(
+            "a Python nn.Module to rewrite", "a TorchScript module, which cannot be rewritten"
+        )
 
 
 def _as_args(example_input):
@@ -372,9 +446,13 @@ def _as_args(example_input):
         return None
     if isinstance(example_input, torch.Tensor):
         return (example_input,)
-    if isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
+    if isinstance(example_input, (tuple, list)) and all(
+        isinstance(t, torch.Tensor) for t in example_input
+    ):
         return tuple(example_input)
-    raise expected("example_input to be a tensor or a tuple of tensors", type(example_input).__name__)
+    raise expected(
+        "example_input to be a tensor or a tuple of tensors", type(example_input).__name__
+    )
 
 
 def _capture(model: nn.Module, args: tuple) -> tuple[dict, object]:
@@ -383,10 +461,16 @@ def _capture(model: nn.Module, args: tuple) -> tuple[dict, object]:
     handles = []
     for name, m in model.named_modules():
         if is_batchnorm(m) or is_foldable_producer(m):
+
             def hook(mod, inputs, output, name=name):
                 if name not in captured:  # first call only
-                    captured[name] = (tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t
-                                            for t in inputs), output.detach().clone())
+                    captured[name] = (
+                        tuple(
+                            t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs
+                        ),
+                        output.detach().clone(),
+                    )
+
             handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -480,4 +564,6 @@ def strip_bias(model: nn.Module, example_input=None) -> nn.Module:
 def _failed_on(args, exc: Exception) -> BatchNormError:
     shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
     reason = str(exc).splitlines()[0] if str(exc) else ""
-    return expected(f"a model that runs on example_input of shape {shapes}", f"{type(exc).__name__}: {reason}")
+    return expected(
+        f"a model that runs on example_input of shape {shapes}", f"{type(exc).__name__}: {reason}"
+    )

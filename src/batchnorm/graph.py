@@ -13,6 +13,7 @@ One small protocol says what counts as batch norm, so no tool needs its own isin
 subclasses), ``FrozenBatchNorm*`` (ours, torchvision's) and duck-typed third-party BN
 (``num_features``, ``eps``, ``running_mean``, ``running_var``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,12 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = [
-    "is_batchnorm", "bn_kind", "bn_input_ranks", "is_foldable_producer", "out_channels", "class_name",
-    "activation_of", "Site", "ModelGraph", "trace",
+    "is_batchnorm",
+    "bn_kind",
+    "bn_input_ranks",
+    "is_foldable_producer",
+    "out_channels",
+    "class_name",
+    "activation_of",
+    "Site",
+    "ModelGraph",
+    "trace",
 ]
 
 # --------------------------------------------------------------------------- the BN protocol
@@ -46,10 +55,12 @@ def bn_kind(module: object) -> str | None:
         return "sync"
     if isinstance(module, _BatchNorm):
         return "batchnorm"
-    if not (isinstance(getattr(module, "num_features", None), int)
-            and hasattr(module, "eps")
-            and isinstance(getattr(module, "running_mean", None), torch.Tensor)
-            and isinstance(getattr(module, "running_var", None), torch.Tensor)):
+    if not (
+        isinstance(getattr(module, "num_features", None), int)
+        and hasattr(module, "eps")
+        and isinstance(getattr(module, "running_mean", None), torch.Tensor)
+        and isinstance(getattr(module, "running_var", None), torch.Tensor)
+    ):
         return None
     # frozen: the affine tensors are buffers, nothing is learned (ours and torchvision's)
     if "weight" in module._buffers or "FrozenBatchNorm" in type(module).__name__:
@@ -75,8 +86,15 @@ def bn_input_ranks(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-_FOLDABLE_NAMES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                   "ConvTranspose3d", "Linear"}
+_FOLDABLE_NAMES = {
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Linear",
+}
 
 
 def is_foldable_producer(module: object) -> bool:
@@ -139,13 +157,43 @@ def activation_of(bn: nn.Module):
 
 
 _ACT_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.Softplus, nn.Hardtanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.PReLU,
+    nn.Softplus,
+    nn.Hardtanh,
 )
 _ACT_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu,
-    F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, torch.tanh,
-    F.sigmoid, F.tanh, F.softplus,
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    torch.sigmoid,
+    torch.tanh,
+    F.sigmoid,
+    F.tanh,
+    F.softplus,
 }
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_"}
 
@@ -177,7 +225,8 @@ class Site:
         if self.module is not None:
             return isinstance(self.module, _ACT_MODULES) or (
                 isinstance(self.module, torch.jit.ScriptModule)
-                and class_name(self.module) in {c.__name__ for c in _ACT_MODULES})
+                and class_name(self.module) in {c.__name__ for c in _ACT_MODULES}
+            )
         return self.label in _ACTIVATION_LABELS
 
     @property
@@ -269,7 +318,9 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
     # shape queries (x.shape, x.size(), x.dim()) read no data: they do not count as users, so
     # "used only by BN" still holds for a conv whose output shape is also looked at
     for site in ordered:
-        site.users = [u for u in site.users if not (u.op == "function" and u.label in _SHAPE_QUERIES)]
+        site.users = [
+            u for u in site.users if not (u.op == "function" and u.label in _SHAPE_QUERIES)
+        ]
     return ModelGraph(ordered)
 
 
@@ -296,6 +347,8 @@ def _module_order(model: nn.Module, reason: str) -> ModelGraph:
     output = Site("output", "output", label="output", inputs=[previous])
     previous.users.append(output)
     sites.append(output)
-    warning = (f"torch.fx could not trace the model ({reason}); the graph is approximated by "
-               "module order, so findings are approximate")
+    warning = (
+        f"torch.fx could not trace the model ({reason}); the graph is approximated by "
+        "module order, so findings are approximate"
+    )
     return ModelGraph(sites, approximate=True, warning=warning, sequential_pairs=pairs)

@@ -4,6 +4,7 @@ The layer table answers the lesson's §3 (BN adds 2·C learnable parameters; the
 statistics are buffers); the findings answer §5 (Conv → BN → act is the order that works) and
 §6 (a bias in front of BN is wasted; BN folds into the conv at inference).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,15 @@ from torch import nn
 from .errors import expected
 from .folding import _failed_on
 from .graph import (
-    ModelGraph, Site, activation_of, bn_kind, class_name, is_batchnorm, is_foldable_producer, out_channels, trace,
+    ModelGraph,
+    Site,
+    activation_of,
+    bn_kind,
+    class_name,
+    is_batchnorm,
+    is_foldable_producer,
+    out_channels,
+    trace,
 )
 
 __all__ = ["inspect", "Report", "Finding", "LayerRow"]
@@ -93,24 +102,47 @@ class Report:
         from rich.table import Table
 
         table = Table(title="BN layers", title_justify="left")
-        for col, just in (("layer", "left"), ("kind", "left"), ("C", "right"), ("params", "right"),
-                          ("buffers", "right"), ("eps", "right"), ("momentum", "right"),
-                          ("mode", "left"), ("input from", "left")):
+        for col, just in (
+            ("layer", "left"),
+            ("kind", "left"),
+            ("C", "right"),
+            ("params", "right"),
+            ("buffers", "right"),
+            ("eps", "right"),
+            ("momentum", "right"),
+            ("mode", "left"),
+            ("input from", "left"),
+        ):
             table.add_column(col, justify=just, overflow="fold")
         for r in self.layers:
-            momentum = "-" if r.kind == "frozen" else ("None" if r.momentum is None else f"{r.momentum:g}")
-            table.add_row(r.name, r.cls, str(r.channels), str(r.params), str(r.buffers), f"{r.eps:g}",
-                          momentum, r.mode, r.producer)
+            momentum = (
+                "-" if r.kind == "frozen" else ("None" if r.momentum is None else f"{r.momentum:g}")
+            )
+            table.add_row(
+                r.name,
+                r.cls,
+                str(r.channels),
+                str(r.params),
+                str(r.buffers),
+                f"{r.eps:g}",
+                momentum,
+                r.mode,
+                r.producer,
+            )
         t = self.totals
-        summary = (f"{t.get('bn_layers', 0)} BN layers, {t.get('bn_params', 0)} learnable parameters "
-                   f"({t.get('bn_param_share', 0.0):.2%} of the model's {t.get('model_params', 0)}), "
-                   f"{t.get('bn_buffers', 0)} buffer elements")
+        summary = (
+            f"{t.get('bn_layers', 0)} BN layers, {t.get('bn_params', 0)} learnable parameters "
+            f"({t.get('bn_param_share', 0.0):.2%} of the model's {t.get('model_params', 0)}), "
+            f"{t.get('bn_buffers', 0)} buffer elements"
+        )
         findings = Table(title="findings", title_justify="left")
         for col in ("severity", "finding", "layers", "fix"):
             findings.add_column(col, overflow="fold")
         colour = {"error": "red", "warning": "yellow", "info": "cyan", "ok": "green"}
         for f in self.findings:
-            names = ", ".join(f.layers[:4]) + (f" (+{len(f.layers) - 4} more)" if len(f.layers) > 4 else "")
+            names = ", ".join(f.layers[:4]) + (
+                f" (+{len(f.layers) - 4} more)" if len(f.layers) > 4 else ""
+            )
             findings.add_row(f"[{colour[f.severity]}]{f.severity}[/]", f.message, names, f.fix)
         parts = [table, summary, findings]
         if self.warning:
@@ -179,11 +211,17 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
         if site is not None:
             placement = _placement(graph, site)
             found[placement].append(name)
-            if producer is not None and producer.module is not None and is_foldable_producer(producer.module):
+            if (
+                producer is not None
+                and producer.module is not None
+                and is_foldable_producer(producer.module)
+            ):
                 c = out_channels(producer.module)
                 if c != bn.num_features:
                     found["channel-mismatch"].append(name)
-                    extra["channel-mismatch"].append(f"{producer.name} gives {c}, {name} expects {bn.num_features}")
+                    extra["channel-mismatch"].append(
+                        f"{producer.name} gives {c}, {name} expects {bn.num_features}"
+                    )
                 bias = getattr(producer.module, "bias", None)
                 if bias is not None and graph.feeds_only(producer, site):
                     found["redundant-bias"].append(producer.name)
@@ -198,9 +236,13 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
             if len(shape) >= 2 and per_channel == 1:
                 found["one-value-per-channel"].append(name)
                 extra["one-value-per-channel"].append(
-                    f"{name} input {tuple(shape)}" + (": fails already at this batch size" if shape[0] == 1 else ""))
+                    f"{name} input {tuple(shape)}"
+                    + (": fails already at this batch size" if shape[0] == 1 else "")
+                )
 
-    report.findings = [_finding(code, found[code], extra[code], wasted) for code in SEVERITY if found[code]]
+    report.findings = [
+        _finding(code, found[code], extra[code], wasted) for code in SEVERITY if found[code]
+    ]
     bn_params = sum(r.params for r in report.layers)
     model_params = sum(p.numel() for p in model.parameters())
     report.totals = {
@@ -226,14 +268,28 @@ def _row(name: str, bn: nn.Module, producer: Site | None) -> LayerRow:
         source = "input"
     else:
         source = producer.label
-    return LayerRow(name, class_name(bn), bn_kind(bn), int(bn.num_features), params, buffers,
-                    float(bn.eps), getattr(bn, "momentum", None), "train" if bn.training else "eval", source)
+    return LayerRow(
+        name,
+        class_name(bn),
+        bn_kind(bn),
+        int(bn.num_features),
+        params,
+        buffers,
+        float(bn.eps),
+        getattr(bn, "momentum", None),
+        "train" if bn.training else "eval",
+        source,
+    )
 
 
 def _placement(graph: ModelGraph, site: Site) -> str:
     """Where the BN sits: conv-bn-act, shared-output, act-before-bn, pre-activation, no-producer."""
     producer = site.producer
-    if producer is not None and producer.module is not None and is_foldable_producer(producer.module):
+    if (
+        producer is not None
+        and producer.module is not None
+        and is_foldable_producer(producer.module)
+    ):
         return "conv-bn-act" if graph.feeds_only(producer, site) else "shared-output"
     if producer is not None and producer.is_activation:
         before = producer.producer
@@ -255,34 +311,57 @@ def _reaches_conv(site: Site) -> bool:
 def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> Finding:
     n = len(layers)
     text = {
-        "conv-bn-act": (f"{n} BN follow a conv/linear directly (Conv → BN → act): the recommended "
-                        "order; they fold into the conv at inference", ""),
-        "act-before-bn": (f"{n} BN come after an activation (Conv → act → BN): BN normalises the "
-                          "rectified output and cannot fold into the conv",
-                          "reorder to Conv → BN → act"),
-        "pre-activation": (f"{n} BN feed a conv through an activation (BN → act → Conv, "
-                           "pre-activation): fine to train, but cannot fold backwards into a conv",
-                           "nothing to do; batchnorm.fold turns them into frozen per-channel affines"),
-        "no-producer": (f"{n} BN take their input from something other than a conv/linear "
-                        "(input, add, concatenation, pooling)",
-                        "nothing to do; batchnorm.fold turns them into frozen per-channel affines"),
-        "shared-output": (f"{n} BN read a conv/linear output that other layers read too, so "
-                          "they cannot fold into it", "let only the BN read the conv output"),
-        "redundant-bias": (f"{n} conv/linear biases feed BN, which subtracts them again: "
-                           f"{wasted} parameters wasted",
-                           "build these layers with bias=False, or run batchnorm.strip_bias(model)"),
-        "train-mode": (f"{n} BN are in train mode for inference: outputs depend on the batch and "
-                       "every call overwrites the running statistics",
-                       "call model.eval() before inference"),
-        "eps-zero": (f"{n} BN have eps = 0: a running_var of 0 (e.g. fp16 underflow) divides by "
-                     "zero and gives inf/NaN", "set eps to 1e-5 (e.g. FrozenBatchNorm2d(C, eps=1e-5))"),
-        "channel-mismatch": (f"{n} BN do not match their producer's channels ({'; '.join(details)})",
-                             "set num_features to the producer's output channels"),
-        "one-value-per-channel": (f"{n} BN see one value per channel per sample "
-                                  f"({'; '.join(details)}): training breaks at batch size 1 "
-                                  "(e.g. a last partial batch)",
-                                  "use drop_last=True / batch size >= 2, or freeze this BN "
-                                  "(or use LayerNorm/GroupNorm there)"),
+        "conv-bn-act": (
+            f"{n} BN follow a conv/linear directly (Conv → BN → act): the recommended "
+            "order; they fold into the conv at inference",
+            "",
+        ),
+        "act-before-bn": (
+            f"{n} BN come after an activation (Conv → act → BN): BN normalises the "
+            "rectified output and cannot fold into the conv",
+            "reorder to Conv → BN → act",
+        ),
+        "pre-activation": (
+            f"{n} BN feed a conv through an activation (BN → act → Conv, "
+            "pre-activation): fine to train, but cannot fold backwards into a conv",
+            "nothing to do; batchnorm.fold turns them into frozen per-channel affines",
+        ),
+        "no-producer": (
+            f"{n} BN take their input from something other than a conv/linear "
+            "(input, add, concatenation, pooling)",
+            "nothing to do; batchnorm.fold turns them into frozen per-channel affines",
+        ),
+        "shared-output": (
+            f"{n} BN read a conv/linear output that other layers read too, so "
+            "they cannot fold into it",
+            "let only the BN read the conv output",
+        ),
+        "redundant-bias": (
+            f"{n} conv/linear biases feed BN, which subtracts them again: "
+            f"{wasted} parameters wasted",
+            "build these layers with bias=False, or run batchnorm.strip_bias(model)",
+        ),
+        "train-mode": (
+            f"{n} BN are in train mode for inference: outputs depend on the batch and "
+            "every call overwrites the running statistics",
+            "call model.eval() before inference",
+        ),
+        "eps-zero": (
+            f"{n} BN have eps = 0: a running_var of 0 (e.g. fp16 underflow) divides by "
+            "zero and gives inf/NaN",
+            "set eps to 1e-5 (e.g. FrozenBatchNorm2d(C, eps=1e-5))",
+        ),
+        "channel-mismatch": (
+            f"{n} BN do not match their producer's channels ({'; '.join(details)})",
+            "set num_features to the producer's output channels",
+        ),
+        "one-value-per-channel": (
+            f"{n} BN see one value per channel per sample "
+            f"({'; '.join(details)}): training breaks at batch size 1 "
+            "(e.g. a last partial batch)",
+            "use drop_last=True / batch size >= 2, or freeze this BN "
+            "(or use LayerNorm/GroupNorm there)",
+        ),
     }[code]
     return Finding(code, SEVERITY[code], layers, *text)
 
@@ -291,15 +370,19 @@ def _input_shapes(model: nn.Module, example_input) -> dict[str, tuple[int, ...]]
     """Input shape of every BN on one eval-mode forward pass of a copy of ``model``."""
     args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     if not all(isinstance(a, torch.Tensor) for a in args):
-        raise expected("example_input to be a tensor or a tuple of tensors", type(example_input).__name__)
+        raise expected(
+            "example_input to be a tensor or a tuple of tensors", type(example_input).__name__
+        )
     probe = copy.deepcopy(model).eval()
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, m in probe.named_modules():
         if is_batchnorm(m):
+
             def hook(mod, inputs, name=name):
                 if name not in shapes and inputs and isinstance(inputs[0], torch.Tensor):
                     shapes[name] = tuple(inputs[0].shape)
+
             handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():

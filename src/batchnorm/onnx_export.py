@@ -2,6 +2,7 @@
 
 onnx and onnxruntime are an optional extra: ``pip install batchnorm[onnx]``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,13 +35,16 @@ class ExportResult:
         return dict(vars(self))
 
     def __str__(self) -> str:
-        return (f"wrote {self.path} ({self.exporter} exporter; {self.folded} BN folded, {self.frozen} "
-                f"frozen); onnxruntime vs PyTorch max error {self.max_error:.2e} "
-                f"(relative {self.rel_error:.2e})")
+        return (
+            f"wrote {self.path} ({self.exporter} exporter; {self.folded} BN folded, {self.frozen} "
+            f"frozen); onnxruntime vs PyTorch max error {self.max_error:.2e} "
+            f"(relative {self.rel_error:.2e})"
+        )
 
 
-def export_onnx(model: nn.Module, example_input, path, *, opset: int | None = None,
-                verbose: bool = False) -> ExportResult:
+def export_onnx(
+    model: nn.Module, example_input, path, *, opset: int | None = None, verbose: bool = False
+) -> ExportResult:
     r"""Fold BN (:func:`batchnorm.fold`), export to ONNX, and verify with onnxruntime.
 
     The exported graph has no BatchNormalization nodes for the BN that fold; the rest become
@@ -72,7 +76,8 @@ def export_onnx(model: nn.Module, example_input, path, *, opset: int | None = No
     except ImportError as exc:
         raise BatchNormError(
             f"expected the onnx extra to be installed (got ImportError: {exc}); "
-            "run: pip install 'batchnorm[onnx]'") from None
+            "run: pip install 'batchnorm[onnx]'"
+        ) from None
     from .folding import _as_args, _max_error, fold
 
     args = _as_args(example_input)
@@ -102,7 +107,9 @@ def export_onnx(model: nn.Module, example_input, path, *, opset: int | None = No
         if os.path.exists(tmp):
             os.remove(tmp)
     max_error, rel_error = _max_error(got, reference)
-    return ExportResult(path, exporter, max_error, rel_error, report.count("folded"), report.count("frozen"))
+    return ExportResult(
+        path, exporter, max_error, rel_error, report.count("folded"), report.count("frozen")
+    )
 
 
 def _leaves(out):
@@ -129,12 +136,21 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose
         try:
             with quiet, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(model, args, path, dynamo=dynamo, opset_version=opset,
-                                  verbose=verbose, external_data=False)
+                torch.onnx.export(
+                    model,
+                    args,
+                    path,
+                    dynamo=dynamo,
+                    opset_version=opset,
+                    verbose=verbose,
+                    external_data=False,
+                )
             return "dynamo" if dynamo else "torchscript"
         except Exception as exc:  # try the other exporter, report both if both fail
             errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
-    raise BatchNormError("ONNX export failed (" + " | ".join(e.splitlines()[0] for e in errors) + ")")
+    raise BatchNormError(
+        "ONNX export failed (" + " | ".join(e.splitlines()[0] for e in errors) + ")"
+    )
 
 
 @contextlib.contextmanager

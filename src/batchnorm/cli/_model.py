@@ -5,6 +5,7 @@ load only files you trust), a TorchScript file (``torch.jit.save``), or ``module
 naming a function that builds the model (``module`` is imported from the current folder or
 ``sys.path``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,22 +13,39 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import warnings
 import zipfile
 from pathlib import Path
 
 from ._errors import CLIError
 
-TRUST_NOTE = ("MODEL is a torch.save'd module file (loaded with weights_only=False: unpickling "
-              "runs code, so only load files you trust), a TorchScript file, or module:function.")
+TRUST_NOTE = (
+    "MODEL is a torch.save'd module file (loaded with weights_only=False: unpickling "
+    "runs code, so only load files you trust), a TorchScript file, or module:function."
+)
+
+
+def describe(summary: str, *examples: str) -> str:
+    """A command's help text: the summary and the trust note wrapped, then the examples."""
+    wrap = lambda text: textwrap.fill(text, width=88)  # noqa: E731
+    lines = "\n".join(f"  {e}" for e in examples)
+    return "\n\n".join([wrap(summary), wrap(TRUST_NOTE), "Examples:\n" + lines])
 
 
 def add_model_arguments(parser, *, input_shape_required: bool = False) -> None:
     parser.add_argument("model", metavar="MODEL", help=TRUST_NOTE)
-    parser.add_argument("--input-shape", metavar="N,C,...", type=str, required=input_shape_required,
-                        help="shape of a random example input, e.g. 1,3,32,32"
-                        + ("" if input_shape_required else " (optional)"))
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    parser.add_argument(
+        "--input-shape",
+        metavar="N,C,...",
+        type=str,
+        required=input_shape_required,
+        help="shape of a random example input, e.g. 1,3,32,32"
+        + ("" if input_shape_required else " (optional)"),
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON instead of tables"
+    )
 
 
 def load_model(spec: str):
@@ -39,8 +57,10 @@ def load_model(spec: str):
     if not path.exists() and _looks_like_function(spec):
         return _call_builder(spec)
     if not path.exists():
-        raise CLIError(f"expected an existing model file (got {spec!r}: no such file)",
-                       "check the path, or give module:function")
+        raise CLIError(
+            f"expected an existing model file (got {spec!r}: no such file)",
+            "check the path, or give module:function",
+        )
     if path.is_dir():
         raise CLIError(f"expected a model file (got {spec!r}: a directory)")
     if os.getcwd() not in sys.path:  # classes of a pickled model often live next to it
@@ -53,17 +73,23 @@ def load_model(spec: str):
             else:
                 model = torch.load(str(path), map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
-        raise CLIError(f"expected the classes of the model in {spec!r} to be importable (got "
-                       f"{type(exc).__name__}: {exc})",
-                       "run from the folder of the code that defined the model, or set PYTHONPATH") from None
+        raise CLIError(
+            f"expected the classes of the model in {spec!r} to be importable (got "
+            f"{type(exc).__name__}: {exc})",
+            "run from the folder of the code that defined the model, or set PYTHONPATH",
+        ) from None
     except Exception as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise CLIError(f"expected a model saved with torch.save(model) or TorchScript "
-                       f"(got {spec!r}: unreadable: {reason})") from None
+        raise CLIError(
+            f"expected a model saved with torch.save(model) or TorchScript "
+            f"(got {spec!r}: unreadable: {reason})"
+        ) from None
     if isinstance(model, dict):
-        raise CLIError(f"expected a whole model (got {spec!r}: a dict, e.g. a state_dict)",
-                       "save with torch.save(model), or give module:function that builds the model "
-                       "and loads the state_dict")
+        raise CLIError(
+            f"expected a whole model (got {spec!r}: a dict, e.g. a state_dict)",
+            "save with torch.save(model), or give module:function that builds the model "
+            "and loads the state_dict",
+        )
     if not isinstance(model, nn.Module):
         raise CLIError(f"expected a model (nn.Module) in {spec!r} (got {type(model).__name__})")
     return model
@@ -74,14 +100,21 @@ def require_python_module(model, spec: str) -> None:
     import torch
 
     if isinstance(model, torch.jit.ScriptModule):
-        raise CLIError(f"expected a Python model to rewrite (got {spec!r}: TorchScript, which cannot be "
-                       "rewritten)", "save the model with torch.save(model), or give module:function")
+        raise CLIError(
+            f"expected a Python model to rewrite (got {spec!r}: TorchScript, which "
+            "cannot be rewritten)",
+            "save the model with torch.save(model), or give module:function",
+        )
 
 
 def _looks_like_function(spec: str) -> bool:
     module, sep, func = spec.rpartition(":")
-    return bool(sep and module and func.isidentifier()
-                and all(part.isidentifier() for part in module.split(".")))
+    return bool(
+        sep
+        and module
+        and func.isidentifier()
+        and all(part.isidentifier() for part in module.split("."))
+    )
 
 
 def _call_builder(spec: str):
@@ -93,16 +126,22 @@ def _call_builder(spec: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise CLIError(f"expected an importable module {module_name!r} (got {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CLIError(
+            f"expected an importable module {module_name!r} (got {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise CLIError(f"expected a function {func_name!r} in {module_name!r} (got "
-                       f"{'nothing' if func is None else type(func).__name__})")
+        raise CLIError(
+            f"expected a function {func_name!r} in {module_name!r} (got "
+            f"{'nothing' if func is None else type(func).__name__})"
+        )
     try:
         model = func()
     except Exception as exc:
-        raise CLIError(f"expected {spec} to build a model (got {type(exc).__name__}: {exc})") from None
+        raise CLIError(
+            f"expected {spec} to build a model (got {type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(model, nn.Module):
         raise CLIError(f"expected {spec} to return an nn.Module (got {type(model).__name__})")
     return model
@@ -146,20 +185,28 @@ def check_output(out: str, inputs: list[str]) -> Path:
     target = Path(out)
     for spec in inputs:
         source = Path(spec)
-        if source.exists() and (target.resolve() == source.resolve()
-                                or (target.exists() and os.path.samefile(target, source))):
-            raise CLIError(f"expected an output path different from the input (got -o {out!r}, the input "
-                           "file)", "write to a new file")
+        if source.exists() and (
+            target.resolve() == source.resolve()
+            or (target.exists() and os.path.samefile(target, source))
+        ):
+            raise CLIError(
+                f"expected an output path different from the input (got -o {out!r}, "
+                "the input file)",
+                "write to a new file",
+            )
     if target.exists() and target.is_dir():
         raise CLIError(f"expected an output file (got -o {out!r}: a directory)")
     if not target.resolve().parent.is_dir():
-        raise CLIError(f"expected an existing folder for -o (got {str(target.parent)!r}: no such folder)")
+        raise CLIError(
+            f"expected an existing folder for -o (got {str(target.parent)!r}: no such folder)"
+        )
     return target
 
 
 def write_atomically(target: Path, write) -> None:
     """``write(tmp_path)`` then rename over ``target``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    folder = target.resolve().parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)

@@ -1,4 +1,5 @@
 """Print a result as a human table (rich) or as JSON (--json)."""
+
 from __future__ import annotations
 
 import json

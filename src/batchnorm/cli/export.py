@@ -1,11 +1,18 @@
 """``batchnorm export MODEL -o OUT.onnx``: fold BN, export ONNX, verify with onnxruntime."""
+
 from __future__ import annotations
 
 import argparse
 
 from ._errors import CLIError
-from ._model import TRUST_NOTE, add_model_arguments, check_output, example_input, load_model, \
-    require_python_module
+from ._model import (
+    add_model_arguments,
+    check_output,
+    describe,
+    example_input,
+    load_model,
+    require_python_module,
+)
 from ._output import emit
 
 
@@ -13,17 +20,22 @@ def register(sub) -> None:
     p = sub.add_parser(
         "export",
         help="fold BN and export to ONNX, checked with onnxruntime",
-        description="Fold BN (as `batchnorm fold`), export the model to ONNX for the shape given by "
-        "--input-shape, run the file with onnxruntime on a random input and print the largest "
-        "difference from PyTorch. Needs the onnx extra: pip install 'batchnorm[onnx]'.\n\n"
-        + TRUST_NOTE + "\n\nExamples:\n"
-        "  batchnorm export model.pt -o model.onnx --input-shape 1,3,224,224\n"
-        "  batchnorm export mymodels:build -o m.onnx --input-shape 8,3,32,32 --opset 18 --json",
+        description=describe(
+            "Fold BN (as `batchnorm fold`), export the model to ONNX for the shape given by "
+            "--input-shape, run the file with onnxruntime on a random input and print the largest"
+            " difference from PyTorch. Needs the onnx extra: pip install 'batchnorm[onnx]'.",
+            "batchnorm export model.pt -o model.onnx --input-shape 1,3,224,224",
+            "batchnorm export mymodels:build -o m.onnx --input-shape 8,3,32,32 --opset 18 --json",
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(p, input_shape_required=True)
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the .onnx file")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT.onnx", help="where to write the .onnx file"
+    )
+    p.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)"
+    )
     p.set_defaults(run=run)
 
 

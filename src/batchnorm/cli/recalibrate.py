@@ -1,11 +1,19 @@
 """``batchnorm recalibrate MODEL --data FILE -o OUT``: re-estimate BN running statistics."""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ._errors import CLIError
-from ._model import TRUST_NOTE, check_output, load_model, require_python_module, save_model
+from ._model import (
+    TRUST_NOTE,
+    check_output,
+    describe,
+    load_model,
+    require_python_module,
+    save_model,
+)
 from ._output import emit, note
 
 
@@ -13,20 +21,25 @@ def register(sub) -> None:
     p = sub.add_parser(
         "recalibrate",
         help="recompute BN running statistics from data (after SWA, pruning, domain shift)",
-        description="Reset every BN's running statistics and re-estimate them as the average over "
-        "the batches of --data (train mode, no gradients, momentum restored after), as PyTorch's "
-        "update_bn does. --data is a .pt tensor (or list of tensor batches), a .npy array or a "
-        ".npz archive (first array, or --key); a single array is cut into --batch-size batches "
-        "along dim 0.\n\n" + TRUST_NOTE + "\n\nExamples:\n"
-        "  batchnorm recalibrate model.pt --data images.npy -o model.recal.pt\n"
-        "  batchnorm recalibrate model.pt --data val.npz --key x --batch-size 64 --batches 50 -o out.pt",
+        description=describe(
+            "Reset every BN's running statistics and re-estimate them as the average over the "
+            "batches of --data (train mode, no gradients, momentum restored after), as PyTorch's "
+            "update_bn does. --data is a .pt tensor (or list of tensor batches), a .npy array or "
+            "a .npz archive (first array, or --key); a single array is cut into --batch-size "
+            "batches along dim 0.",
+            "batchnorm recalibrate model.pt --data images.npy -o model.recal.pt",
+            "batchnorm recalibrate model.pt --data val.npz --key x --batch-size 64 --batches 50 "
+            "-o out.pt",
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help=TRUST_NOTE)
     p.add_argument("--data", required=True, metavar="FILE", help=".pt, .npy or .npz file of inputs")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the model")
     p.add_argument("--key", default=None, help="array name in a .npz file (default: the first)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for a single array (default 32)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="batch size for a single array (default 32)"
+    )
     p.add_argument("--batches", type=int, default=None, help="use at most this many batches")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
@@ -46,8 +59,14 @@ def run(args) -> int:
     recalibrate(model, batches, batches=args.batches, progress=not args.json)
     save_model(model, target)
     used = len(batches) if args.batches is None else min(args.batches, len(batches))
-    emit(args, {"output": str(target), "batches": used,
-                "samples": sum(int(b.shape[0]) for b in batches[:used])})
+    emit(
+        args,
+        {
+            "output": str(target),
+            "batches": used,
+            "samples": sum(int(b.shape[0]) for b in batches[:used]),
+        },
+    )
     note(args, f"wrote {target}")
     return 0
 
@@ -84,17 +103,25 @@ def load_batches(spec: str, key: str | None, batch_size: int) -> list:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         if "Weights only load failed" in reason:
             reason = "not a file of tensors (torch.load with weights_only=True refused it)"
-        raise CLIError(f"expected a readable data file (got {spec!r}: unreadable: {reason})") from None
+        raise CLIError(
+            f"expected a readable data file (got {spec!r}: unreadable: {reason})"
+        ) from None
     if isinstance(data, np.ndarray):
         if data.dtype.kind not in "fiu" or data.ndim < 2:
-            raise CLIError(f"expected a numeric array of rank >= 2 in {spec!r} (got {data.dtype}, "
-                           f"{data.ndim}D)")
+            raise CLIError(
+                f"expected a numeric array of rank >= 2 in {spec!r} (got {data.dtype}, "
+                f"{data.ndim}D)"
+            )
         data = torch.from_numpy(np.ascontiguousarray(data)).float()
     if isinstance(data, torch.Tensor):
         if data.dim() < 2 or data.is_complex() or data.dtype == torch.bool:
-            raise CLIError(f"expected a real tensor of rank >= 2 in {spec!r} (got {data.dtype}, {data.dim()}D)")
+            raise CLIError(
+                f"expected a real tensor of rank >= 2 in {spec!r} (got {data.dtype}, {data.dim()}D)"
+            )
         return list(data.float().split(batch_size))
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
         return [t.float() for t in data]
-    raise CLIError(f"expected a tensor, array or list of tensor batches in {spec!r} "
-                   f"(got {type(data).__name__})")
+    raise CLIError(
+        f"expected a tensor, array or list of tensor batches in {spec!r} "
+        f"(got {type(data).__name__})"
+    )
