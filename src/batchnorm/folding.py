@@ -274,7 +274,8 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
     Args:
         model: any ``nn.Module``.
         example_input: a tensor (or tuple of tensors) to measure the error each fold introduces
-            and to learn shapes (a Linear whose output is not 2D is not folded). Default: None
+            and to learn shapes (a Linear whose output is not 2D is not folded). The one
+            forward pass keeps a copy of every conv/linear/BN input and output. Default: None
 
     Returns:
         the folded model, in eval mode, with a :class:`FoldReport` as ``model.fold_report``.
