@@ -15,6 +15,11 @@ here with ``Tensor.copy_``. Also: first-call time in a fresh process, with an em
 (compilation) and with the cache on disk. The geometric means are compared with the targets of
 issue 3. Numbers are noisy when other processes share the CPU; rerun before trusting one.
 
+Outputs are allocated on every call (by PyTorch and by us). With glibc, blocks over 32 MB come
+from a fresh mmap each time, so the first write to every page faults; on the larger shapes that
+cost is shared by both sides and pulls the speed-ups towards 1 (the copy baseline writes into a
+preallocated tensor and does not pay it).
+
     .venv/bin/python benchmarks/bench_layers.py [--quick] [--threads 2] [--repeats 9]
 """
 from __future__ import annotations

@@ -287,3 +287,21 @@ def test_export_contains_the_batchnorm_op():
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert "batchnorm.bn_act_train.default" in targets
     assert not any("batch_norm" in t for t in targets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("memory_format", (torch.contiguous_format, torch.channels_last))
+def test_cuda_takes_pytorchs_path_and_matches_torch(memory_format):
+    x, w, b, dy = (t.cuda() for t in make((8, 4, 5, 5), torch.float32, memory_format))
+    for inplace in (False, True):
+        got = outputs_and_grads(
+            lambda x, w, b: ops.bn_act_train(x, w, b, EPS, "leaky_relu", SLOPE, inplace=inplace),
+            x, w, b, dy)
+
+        def torch_train(x, w, b):
+            z = F.batch_norm(x, None, None, w, b, training=True, eps=EPS)
+            return (F.leaky_relu(z, SLOPE), x.mean((0, 2, 3)).detach(),
+                    x.var((0, 2, 3), correction=0).detach())
+
+        assert_all_close(got, outputs_and_grads(torch_train, x, w, b, dy), torch.float32)
+        assert got[0].is_cuda and got[0].stride() == x.stride()
