@@ -15,6 +15,7 @@ handling, ``reset_parameters``, ``extra_repr``) is inherited from PyTorch's ``_B
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from numbers import Real
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 NONFINITE = ("skip", "raise", "update")
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 _REDUCED = (torch.float16, torch.bfloat16)  # may run with float32 parameters, as in PyTorch
 
 
@@ -64,8 +66,13 @@ class _OurBatchNorm(_BatchNorm):
         check_momentum(momentum)
         if nonfinite not in NONFINITE:
             raise expected(f"nonfinite in {NONFINITE}", repr(nonfinite))
+        # PyTorch >= 2.13 takes ``bias``; older releases always learn beta with ``affine``
+        extra = {"bias": bias} if _TORCH_TAKES_BIAS else {}
+        if not bias and not _TORCH_TAKES_BIAS:
+            raise expected("bias=True with this PyTorch (bias=False needs torch >= 2.13)",
+                           f"bias=False, torch {torch.__version__}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
+                         **extra)
         self.nonfinite = nonfinite
         self._warned_nonfinite = False
 
