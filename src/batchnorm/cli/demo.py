@@ -1,6 +1,9 @@
 """``batchnorm demo``: run the whole lesson on real data, print a summary, write a report."""
 from __future__ import annotations
 
+import argparse
+import textwrap
+
 from ._errors import CLIError
 
 
@@ -8,14 +11,15 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="run the lesson end to end on real data and write a report",
-        description="Run every section of the lesson on Batch Normalization for real: train a "
-        "small CNN with and without BN on scikit-learn's digits, work one channel through the "
-        "formulas, count parameters, prove train/eval behaviour against torch.nn.BatchNorm2d, "
-        "compare BN placements, strip the conv bias and fold BN. Prints a summary and writes "
-        "DIR/index.html, PNG plots and DIR/results.json.\n\n"
-        "Examples:\n  batchnorm demo\n  batchnorm demo --quick --out /tmp/tour --seed 3\n"
+        description=textwrap.fill(
+            "Run every section of the lesson on Batch Normalization for real: train a small CNN "
+            "with and without BN on scikit-learn's digits, work one channel through the "
+            "formulas, count parameters, prove train/eval behaviour against "
+            "torch.nn.BatchNorm2d, compare BN placements, strip the conv bias and fold BN. "
+            "Prints a summary and writes DIR/index.html, PNG plots and DIR/results.json.", 79)
+        + "\n\nExamples:\n  batchnorm demo\n  batchnorm demo --quick --out /tmp/tour --seed 3\n"
         "  batchnorm demo --data ~/mnist/   (a folder of MNIST IDX files, or an .npz with x, y)",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="reports/demo", metavar="DIR",
                    help="report folder (default reports/demo)")

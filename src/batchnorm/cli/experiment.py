@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from ._errors import CLIError
 
@@ -12,12 +13,14 @@ def register(sub) -> None:
     p = sub.add_parser(
         "experiment",
         help="rerun a published BN experiment and write a report",
-        description="Rerun a published Batch Normalization experiment, print whether this run "
-        "shows the paper's claims, and write DIR/index.html, PNG plots and DIR/results.json.\n\n"
-        "figure1: Ioffe & Szegedy 2015, Figure 1 (a)-(c): 3 fully-connected hidden layers of 100 "
-        "sigmoid units with and without BN; test accuracy against steps, and one sigmoid input's "
-        "15/50/85th percentiles over training.\n\n"
-        "Examples:\n  batchnorm experiment figure1\n"
+        description=textwrap.fill(
+            "Rerun a published Batch Normalization experiment, print whether this run shows the "
+            "paper's claims, and write DIR/index.html, PNG plots and DIR/results.json.", 79)
+        + "\n\n" + textwrap.fill(
+            "figure1: Ioffe & Szegedy 2015, Figure 1 (a)-(c): 3 fully-connected hidden layers of "
+            "100 sigmoid units with and without BN; test accuracy against steps, and one sigmoid "
+            "input's 15/50/85th percentiles over training.", 79)
+        + "\n\nExamples:\n  batchnorm experiment figure1\n"
         "  batchnorm experiment figure1 --steps 20000 --data ~/mnist/ --out reports/fig1-mnist",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
