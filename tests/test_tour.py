@@ -275,3 +275,21 @@ def test_downsample_pools_large_images():
 def test_strip_timing_removes_only_timing():
     value = {"a": 1, "timing": {"x": 2}, "b": [{"timing": 3, "c": 4}]}
     assert strip_timing(value) == {"a": 1, "b": [{"c": 4}]}
+
+
+def test_figure1_on_idx_files(tmp_path):
+    rng = np.random.default_rng(5)
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for prefix, n in (("train", 120), ("t10k", 40)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = (rng.random((n, 28, 28)) * 40 + y[:, None, None] * 20).astype(np.uint8)
+        (data / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(x)))
+        (data / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(y)))
+    out = tmp_path / "out"
+    argv = ["experiment", "figure1", "--steps", "20", "--data", str(data), "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["image_shape"] == [1, 28, 28]
+    assert results["data"]["train"] == 120 and results["data"]["test"] == 40
+    assert results["data"]["source"].startswith("MNIST IDX files")

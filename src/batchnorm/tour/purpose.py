@@ -169,12 +169,13 @@ def run(ctx: Context) -> R.Section:
           f"{R.fmt(late['none']['spread'])} without.")
     sec.p(f"The learning-rate sweep trains each network for {s.sweep_steps} steps at each rate, "
           f"same seed. A rate <em>works</em> when the run ends at ≥ {SWEEP_WORKS:.0%} test "
-          "accuracy without the loss becoming NaN or infinite.")
+          "accuracy without the loss becoming NaN or infinite. (A final loss near ln 10 ≈ 2.30 "
+          "means the network still guesses uniformly among the 10 classes.)")
     sec.fig(plot_sweep(ctx, sweep, "s1_lr_sweep.png"),
             "Final test accuracy per learning rate; a cross marks a run whose loss became "
             "non-finite.")
     sec.html.append(R.table(
-        ["learning rate", *(f"{LABELS[k]}: accuracy" for k in sweep)],
+        ["learning rate", *(f"{LABELS[k]}: test accuracy (final training loss)" for k in sweep)],
         [[f"{lr:g}", *(R.Raw(_sweep_cell(sweep[k][i])) for k in sweep)]
          for i, lr in enumerate(s.sweep_rates)]))
     works = {k: [r["lr"] for r in rows if r["works"]] for k, rows in sweep.items()}
@@ -205,5 +206,5 @@ def _late_move(curves: Curves, start: int) -> dict:
 def _sweep_cell(row: dict) -> str:
     if row["diverged_at"] is not None:
         return f'<span class="bad">diverged at step {row["diverged_at"]}</span>'
-    text = R.fmt(row["final_test_acc"])
+    text = f'{R.fmt(row["final_test_acc"])} (loss {R.fmt(row["final_loss"], 3)})'
     return f'<span class="ok">{text}</span>' if row["works"] else R.esc(text)
