@@ -64,7 +64,9 @@ def bn_act_train(
     for its running buffer. Running statistics are never read or written here.
 
     Autograd: gradients to ``x``, ``weight`` and ``bias`` flow through the batch statistics (the
-    training formula). ``mean`` and ``var`` are returned detached.
+    training formula). ``mean`` and ``var`` are returned detached. On the kernel path the
+    backward is itself an op without a derivative: first-order gradients only (no
+    ``create_graph=True`` double backward).
 
     Paths: on CPU with float32/float64 input that is contiguous or channels-last, the fused numba
     kernels run (one pass for the statistics, one for normalise + affine + activation; backward
