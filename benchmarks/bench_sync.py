@@ -6,11 +6,12 @@ Two gloo processes on 127.0.0.1, each with batch 16, train a ResNet-style stack 
 then 10 residual Conv-BN-ReLU blocks) under DistributedDataParallel. In the same processes and
 interleaved round by round (so load on the machine hits every variant alike), the stack runs with
 
-- ``torch``: PyTorch's BatchNorm2d (per-rank statistics),
-- ``ours``: our BatchNorm2d (per-rank statistics): the baseline,
+- ``torch``: PyTorch's BatchNorm2d (per-rank statistics): the baseline,
+- ``ours``: our BatchNorm2d (per-rank statistics),
 - ``sync``: our SyncBatchNorm (statistics over both ranks).
 
-It reports the median step time of each and the ratio to the baseline, the time the sync
+It reports the median and the best round's step time of each and their ratio to the baseline
+(on a shared machine the best round is the least disturbed by other processes), the time the sync
 layers' collectives take alone (the same messages, no compute), and the bytes each rank sends
 per BN layer per step, ours against PyTorch's SyncBatchNorm scheme, computed from the message
 layouts (both use an all-gather forward and an all-reduce backward):
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -77,6 +79,7 @@ def _rank(rank: int, init: str, args, out) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the hostname says
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     c = args.channels
@@ -98,16 +101,18 @@ def _rank(rank: int, init: str, args, out) -> None:
         opts[name].step()
 
     times = {k: [] for k in models}
+    cpu = {k: [] for k in models}
     for k in models:  # warm-up: kernels compiled, buffers allocated
         for _ in range(2):
             step(k)
     for _ in range(args.rounds):
         for k in models:
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 step(k)
             times[k].append((time.perf_counter() - start) / args.steps)
+            cpu[k].append((time.process_time() - start_cpu) / args.steps)
 
     # the sync layers' collectives alone: same sizes, same count, no compute
     n_bn = sum(1 for m in variants["sync"].modules() if isinstance(m, batchnorm.SyncBatchNorm))
@@ -125,7 +130,7 @@ def _rank(rank: int, init: str, args, out) -> None:
         comm.append((time.perf_counter() - start) / args.steps)
     if rank == 0:
         params = sum(p.numel() for p in variants["ours"].parameters())
-        out.put({"times": times, "comm": comm, "n_bn": n_bn, "params": params})
+        out.put({"times": times, "cpu": cpu, "comm": comm, "n_bn": n_bn, "params": params})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -145,26 +150,43 @@ def main() -> int:
         procs = [ctx.Process(target=_rank, args=(r, init, args, out)) for r in range(WORLD)]
         for p in procs:
             p.start()
-        res = out.get(timeout=600)
+        res = None
+        while res is None:
+            try:
+                res = out.get(timeout=1.0)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    for p in procs:
+                        p.kill()
+                    print("a benchmark process failed (its traceback is above)", file=sys.stderr)
+                    return 1
         for p in procs:
             p.join(timeout=60)
 
     med = {k: statistics.median(v) for k, v in res["times"].items()}
-    base = med["ours"]
+    best = {k: min(v) for k, v in res["times"].items()}
     c = args.channels
     print(f"{WORLD} gloo ranks on 127.0.0.1, 1 thread each; stem + {BLOCKS} residual "
           f"Conv-BN-ReLU blocks, C={c}, {args.size}x{args.size} images, batch {BATCH} per rank, "
           f"{res['n_bn']} BN layers, {res['params']:,} parameters; medians of {args.rounds} rounds "
           f"x {args.steps} steps, variants interleaved")
     print()
-    print(f"{'variant':<34}{'step ms':>10}{'vs ours BN':>12}")
+    cpu = {k: statistics.median(v) for k, v in res["cpu"].items()}
+    print(f"{'variant':<34}{'median ms':>10}{'ratio':>8}{'best ms':>10}{'ratio':>8}"
+          f"{'CPU ms':>9}{'ratio':>8}")
     names = {"torch": "PyTorch BatchNorm2d (per rank)", "ours": "our BatchNorm2d (per rank)",
              "sync": "our SyncBatchNorm (both ranks)"}
     for k in ("torch", "ours", "sync"):
-        print(f"{names[k]:<34}{med[k] * 1e3:>10.1f}{med[k] / base:>11.2f}x")
-    comm = statistics.median(res["comm"])
-    print(f"{'sync collectives alone':<34}{comm * 1e3:>10.1f}{comm / base:>11.2f}x"
+        print(f"{names[k]:<34}{med[k] * 1e3:>10.1f}{med[k] / med['torch']:>7.2f}x"
+              f"{best[k] * 1e3:>10.1f}{best[k] / best['torch']:>7.2f}x"
+              f"{cpu[k] * 1e3:>9.1f}{cpu[k] / cpu['torch']:>7.2f}x")
+    comm, comm_best = statistics.median(res["comm"]), min(res["comm"])
+    print(f"{'sync collectives alone':<34}{comm * 1e3:>10.1f}{comm / med['torch']:>7.2f}x"
+          f"{comm_best * 1e3:>10.1f}{comm_best / best['torch']:>7.2f}x"
           f"   ({res['n_bn']} x (all-gather + all-reduce) per step)")
+    print("ratios are to PyTorch's BatchNorm2d in the same processes; 'best' is the fastest round;"
+          " 'CPU' is rank 0's CPU time per step (median), which other processes on a busy machine"
+          " disturb least")
     print()
     print(f"bytes each rank sends per BN layer per training step (C={c}, W={WORLD}):")
     for name, b in bytes_per_layer(c, WORLD).items():

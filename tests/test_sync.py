@@ -468,3 +468,24 @@ def test_fault_dead_rank():
     err = unwrap(got)[0]["error"]
     assert err is not None and "'stem'" in err and "failed collective" in err, err
     assert got[0]["seconds"] < FAULT_TIMEOUT + 3
+
+
+def _fault_other_size(rank, world):
+    import batchnorm
+
+    net = batchnorm.convert(nn.ModuleDict({"small": nn.BatchNorm2d(4), "large": nn.BatchNorm2d(6)}),
+                            to="sync")
+    layer = net["small"] if rank == 0 else net["large"]
+    try:
+        layer(torch.randn(2, layer.num_features, 3, 3))
+    except BatchNormError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def test_fault_layers_of_different_sizes():
+    """gloo aborts the rank that receives the larger message; the other one reports the layer."""
+    got = run_ranks(_fault_other_size, 2, pg_timeout=FAULT_TIMEOUT, may_die=(0,))
+    err = unwrap(got)[1]["error"]
+    assert err is not None and "'large'" in err and "rank 0 in a call of another size" in err, err
+    assert got[0] is None or got[0]["error"] is not None  # never a silent wrong result

@@ -201,10 +201,12 @@ def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 def _describe(head: torch.Tensor) -> str:
     key, call, phase, channels = head.tolist()
-    if any(math.isnan(v) for v in (key, call, phase, channels)):
-        return "a call of another size (a different layer or collective)"
-    return (f"{_PHASES.get(phase, 'unknown')} call #{int(call)} of a layer with "
-            f"{int(channels)} channels (layer key {int(key)})")
+    plausible = phase in _PHASES and all(
+        math.isfinite(v) and v == int(v) and v >= 0 for v in (key, call, channels)) and channels > 0
+    if not plausible:  # a message of another length landed here: the header is not a header
+        return "a call of another size (a layer with other channels, or another collective)"
+    return (f"{_PHASES[phase]} call #{int(call)} of a layer with {int(channels)} channels "
+            f"(layer key {int(key)})")
 
 
 def _first_line(err: BaseException) -> str:
