@@ -74,6 +74,47 @@ def bytes_per_layer(c: int, world: int) -> dict[str, float]:
     }
 
 
+class _LocalLink:
+    """Stands in for the process group: one rank, no messages (the compute alone)."""
+
+    name = "local"
+
+    def gather(self, payload, phase, call, channels):
+        return payload[None]
+
+    def all_reduce(self, payload, phase, call, channels):
+        return payload
+
+
+def layer_compute(c: int, size: int, repeats: int = 20) -> dict[str, float]:
+    """Seconds for one BN layer's forward + backward, single process: PyTorch's BatchNorm2d
+    against SyncBatchNorm's autograd function with the exchange stubbed out (interleaved)."""
+    from batchnorm.sync import _SyncBatchNormFunction
+
+    torch.set_num_threads(1)
+    x0 = torch.randn(BATCH, c, size, size)
+    bn = nn.BatchNorm2d(c)
+    w, b = bn.weight, bn.bias
+
+    def torch_bn():
+        x = x0.clone().requires_grad_(True)
+        bn(x).sum().backward()
+
+    def sync_fn():
+        x = x0.clone().requires_grad_(True)
+        _SyncBatchNormFunction.apply(x, w, b, 1e-5, _LocalLink(), 1)[0].sum().backward()
+
+    runs = {"torch": [], "sync": []}
+    for f in (torch_bn, sync_fn):
+        f()
+    for _ in range(repeats):
+        for name, f in (("torch", torch_bn), ("sync", sync_fn)):
+            start = time.perf_counter()
+            f()
+            runs[name].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in runs.items()}
+
+
 def _rank(rank: int, init: str, args, out) -> None:
     import batchnorm
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -193,6 +234,12 @@ def main() -> int:
         print(f"  {name:<20}{b:>8.0f} B")
     grads = 4 * res["params"] * 2 * (WORLD - 1) / WORLD
     print(f"  for scale: DDP's gradient all-reduce sends {grads:,.0f} B per step")
+    one = layer_compute(c, args.size)
+    print()
+    print(f"one BN layer, forward + backward, single process, 1 thread, ({BATCH}, {c}, {args.size}, "
+          f"{args.size}), fastest of 20: PyTorch BatchNorm2d {one['torch'] * 1e3:.2f} ms, "
+          f"SyncBatchNorm's compute without messages {one['sync'] * 1e3:.2f} ms "
+          f"({one['sync'] / one['torch']:.2f}x)")
     return 0
 
 

@@ -33,6 +33,7 @@ import zlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -61,22 +62,34 @@ def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     exactly (``sum (d - a)^2 = M2 + n (mean_d - a)^2``). An empty batch gives count 0, mean 0,
     M2 0.
     """
-    x = _working(x.detach())
+    n, shift, d = _shifted(_working(x.detach()))
+    d_mean, m2 = _shifted_moments(n, d)
+    return float(n), shift.to(torch.float64) + d_mean, m2
+
+
+def _shifted(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(n, shift, d = x - shift): shift is one sample of each channel, so d is small and centred
+    near 0 however large the offset of x; the normalisation works on d too."""
     c = x.shape[1]
     n = x.numel() // c if c else 0
     if n == 0:
-        zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
-        return 0.0, zeros, zeros.clone()
-    dims = _reduce_dims(x)
-    view = _view(x)
-    shift = x[0].reshape(c, -1)[:, 0]  # (C,): one sample per channel keeps the sums small
-    d = x - shift.view(view)
+        return 0, torch.zeros(c, dtype=x.dtype, device=x.device), x
+    shift = x[0].reshape(c, -1)[:, 0]  # (C,)
+    return n, shift, x - shift.view(_view(x))
+
+
+def _shifted_moments(n: int, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of d, M2 of d) per channel in float64: two passes, d left unchanged."""
+    c = d.shape[1]
+    if n == 0:
+        zeros = torch.zeros(c, dtype=torch.float64, device=d.device)
+        return zeros, zeros.clone()
+    dims = _reduce_dims(d)
     d_mean = d.sum(dim=dims, dtype=torch.float64) / n
-    centre = d_mean.to(x.dtype)
-    e = d.sub_(centre.view(view))
-    m2 = e.square_().sum(dim=dims, dtype=torch.float64)
-    m2 -= n * (d_mean - centre.to(torch.float64)).square()
-    return float(n), shift.to(torch.float64) + d_mean, m2.clamp_(min=0.0)
+    centre = d_mean.to(d.dtype)
+    e = (d - centre.view(_view(d))).square_()
+    m2 = e.sum(dim=dims, dtype=torch.float64) - n * (d_mean - centre.to(torch.float64)).square()
+    return d_mean, m2.clamp_(min=0.0)
 
 
 def _working(x: torch.Tensor) -> torch.Tensor:
@@ -90,16 +103,6 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
 
 def _view(x: torch.Tensor) -> tuple[int, ...]:
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a (C,) vector over (N, C, *)
-
-
-def _centred(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """x - mean with a float64 mean split in two parts of x's dtype (hi + lo): on float32 data
-    with a large offset, subtracting only the rounded mean would shift x_hat by (mean - hi) *
-    invstd, 0.06 at mean 1e4 and std 1e-2."""
-    hi = mean.to(x.dtype)
-    lo = (mean - hi.to(torch.float64)).to(x.dtype)
-    view = _view(x)
-    return (x - hi.view(view)).sub_(lo.view(view))
 
 
 def merge_moments(
@@ -231,58 +234,74 @@ def _group_world(process_group) -> tuple[object, int]:
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
+    """Normalise with the statistics of all ranks; backward adds the statistics' gradient.
+
+    The element-wise work runs on the shifted batch ``d = x - shift`` (small values, so float32
+    loses nothing at large offsets) with PyTorch's fused eval-mode kernels, the merged
+    statistics being constants for them: forward ``F.batch_norm(d, mean - shift, var)``,
+    backward ``native_batch_norm_backward`` (``gamma * invstd * g``, ``sum g * x_hat``, ``sum g``
+    in one pass) plus the correction for the statistics,
+    ``- gamma * invstd * (sum_g / n + x_hat * sum_gxhat / n)`` with global sums and n.
+    """
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps, link, call):
         c = x.shape[1]
-        count, mean, m2 = local_moments(x)
-        payload = torch.cat([mean, m2, mean.new_tensor([count])])  # (2C + 1,)
+        xw = _working(x.detach())
+        n_local, shift, d = _shifted(xw)
+        d_mean, m2 = _shifted_moments(n_local, d)
+        mean = shift.to(torch.float64) + d_mean
+        payload = torch.cat([mean, m2, mean.new_tensor([float(n_local)])])  # (2C + 1,)
         rows = link.gather(payload, _FORWARD, call, c)  # (W, 2C + 1)
         n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
         if n == 1:
             raise expected(f"{link.name}: more than 1 value per channel when training",
                            "1 value per channel over all ranks")
         var = g_m2 / n if n > 0 else torch.full_like(g_m2, math.nan)
-        invstd = torch.rsqrt(var + eps)
-        xw = _working(x)
-        scale = invstd if weight is None else invstd * weight.detach().to(torch.float64)
-        y = _centred(xw, g_mean).mul_(scale.to(xw.dtype).view(_view(xw)))
-        if bias is not None:
-            y.add_(bias.detach().to(xw.dtype).view(_view(xw)))
-        ctx.save_for_backward(x, weight, g_mean, invstd)
-        ctx.n, ctx.link, ctx.call = n, link, call
+        # the global mean in d's frame: small, so its rounding to d's dtype costs nothing
+        mean_d = (g_mean - shift.to(torch.float64)).to(xw.dtype)
+        var_w = var.to(xw.dtype)
+        w = None if weight is None else weight.detach().to(xw.dtype)
+        b = None if bias is None else bias.detach().to(xw.dtype)
+        if n_local > 0:
+            y = F.batch_norm(d, mean_d, var_w, w, b, training=False, eps=eps)
+        else:
+            y = torch.empty_like(xw)
+        ctx.save_for_backward(d, weight, mean_d, var_w)
+        ctx.n, ctx.eps, ctx.link, ctx.call = n, eps, link, call
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_dtype = x.dtype
         n_out = g_mean.new_tensor(n)
         ctx.mark_non_differentiable(g_mean, var, n_out)
         return y.to(x.dtype), g_mean, var, n_out
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gn):
-        x, weight, mean, invstd = ctx.saved_tensors
-        c = x.shape[1]
-        xw, g = _working(x), _working(gy)
-        if x.numel() > 0:
-            dims = _reduce_dims(xw)
-            xmu = _centred(xw, mean)
-            sum_g = g.sum(dim=dims, dtype=torch.float64)
-            sum_gxhat = (g * xmu).sum(dim=dims, dtype=torch.float64) * invstd
+        d, weight, mean_d, var_w = ctx.saved_tensors
+        c = d.shape[1]
+        invstd = torch.rsqrt(var_w.to(torch.float64) + ctx.eps)
+        gamma = torch.ones_like(invstd) if weight is None else weight.detach().to(torch.float64)
+        if d.numel() > 0:
+            g = _working(gy).contiguous()
+            # eval-mode backward on d: statistics as constants; one fused pass
+            dx, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                g, d, gamma.to(d.dtype), mean_d, var_w, None, None, False, ctx.eps,
+                [True, True, True])
+            sum_g, sum_gxhat = sum_g.to(torch.float64), sum_gxhat.to(torch.float64)
         else:
-            sum_g = torch.zeros(c, dtype=torch.float64, device=x.device)
+            dx = torch.zeros_like(d)
+            sum_g = torch.zeros(c, dtype=torch.float64, device=d.device)
             sum_gxhat = torch.zeros_like(sum_g)
         # every rank joins, an empty one too, or its peers would wait forever
         total = ctx.link.all_reduce(torch.cat([sum_g, sum_gxhat]), _BACKWARD, ctx.call, c)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if x.numel() > 0:
-                view = _view(xw)
-                gamma = torch.ones_like(invstd) if weight is None else weight.to(torch.float64)
-                mean_g = total[:c] / ctx.n
-                k = invstd * total[c:] / ctx.n  # x_hat * mean(g x_hat) == xmu * k
-                # dx = gamma * invstd * (g - mean(g) - x_hat * mean(g x_hat))
-                dx = torch.addcmul(g - mean_g.to(xw.dtype).view(view), xmu,
-                                   k.to(xw.dtype).view(view), value=-1.0)
-                dx = dx.mul_((gamma * invstd).to(xw.dtype).view(view)).to(x.dtype)
-            else:
-                dx = torch.zeros_like(x)
+        if ctx.needs_input_grad[0] and d.numel() > 0:
+            view = _view(d)
+            scale = gamma * invstd
+            k1 = scale * invstd * total[c:] / ctx.n  # times (d - mean_d): x_hat * mean(g x_hat)
+            k0 = scale * total[:c] / ctx.n - k1 * mean_d.to(torch.float64)  # and mean(g)
+            dx = torch.addcmul(dx, d, k1.to(d.dtype).view(view), value=-1.0)
+            dx = dx.sub_(k0.to(d.dtype).view(view))
+        dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
             else None
