@@ -217,6 +217,60 @@ def test_one_and_two_threads_give_identical_bits():
         assert torch.equal(one, two)
 
 
+THREADS_SCRIPT = """
+import torch
+torch.set_num_threads(1)
+assert torch.get_num_threads() == 1  # torch's OpenMP is initialised before numba's pool starts
+import batchnorm
+from batchnorm import kernels
+kernels.set_threads(2)  # numba's pool starts here or earlier; torch's count must stay 1
+after_set = torch.get_num_threads()
+m = batchnorm.BatchNormAct2d(4, act="relu")
+m(torch.randn(64, 4, 32, 32)).sum().backward()  # > 64k elements: the kernels run threaded
+print(after_set, torch.get_num_threads())
+"""
+
+
+def test_kernels_leave_torchs_thread_count_alone():
+    # a fresh process: numba's OpenMP layer used to reset torch's count when its pool started
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
+
+
+def test_two_python_threads_at_once_give_the_sequential_results():
+    import threading
+
+    shapes = [(64, 8, 16, 16), (32, 16, 8, 8)]  # > 64k and < 64k elements per call
+    inputs = [make(shape, torch.float32, seed=i) for i, shape in enumerate(shapes)]
+
+    def run(i):
+        return outputs_and_grads(lambda x, w, b: ops.bn_act_train(x, w, b, EPS, "silu"),
+                                 *inputs[i])
+
+    want = [run(i) for i in range(2)]
+    got: list = [[], []]
+
+    def work(i):
+        for _ in range(20):
+            got[i].append(run(i))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(got[i]) == 20
+        for result in got[i]:
+            for g, w in zip(result, want[i], strict=True):
+                assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("memory_format", (None, torch.channels_last))
 def test_empty_batch(memory_format):
     x = torch.empty(0, 3, 4, 4).contiguous(memory_format=memory_format or torch.contiguous_format)

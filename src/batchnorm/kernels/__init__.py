@@ -19,6 +19,8 @@ after changing ``_activation.py`` or ``statistics.py``, delete ``kernels/__pycac
 """
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 
@@ -55,6 +57,26 @@ __all__ = [
     "moments",
     "set_threads",
 ]
+
+
+def _start_pool() -> None:
+    """Start numba's thread pool now, once, leaving torch's thread count as it was.
+
+    Numba's OpenMP threading layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` when it
+    starts, and that OpenMP count is the one ``torch.get_num_threads()`` reports: a user's
+    ``torch.set_num_threads(1)`` became 2 at our first kernel call. Starting the pool here, at
+    import (under the import lock, so once even with several Python threads) and putting torch's
+    count back, keeps it. Later ``numba.set_num_threads`` calls only mask numba's own
+    (thread-local) count and leave OpenMP's alone.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    numba.get_num_threads()  # launches the threading layer (once per process)
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+_start_pool()
 
 
 def set_threads(n: int) -> None:
