@@ -110,7 +110,32 @@ def test_other_dtypes_and_strides_take_pytorchs_path(dtype, monkeypatch):
     y, mean, var = ops.bn_act_train(x, w, b, EPS, "relu")
     want = F.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS))
     torch.testing.assert_close(y, want)
-    assert not calls and mean.dtype == dtype and y.stride() == x.stride()
+    assert not calls and mean.dtype == torch.float32 and y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype,rtol", ((torch.float16, 1e-6), (torch.bfloat16, 1e-6)))
+@pytest.mark.parametrize("memory_format", (torch.contiguous_format, torch.channels_last))
+def test_reduced_dtypes_keep_float32_statistics_as_torch(dtype, rtol, memory_format):
+    # PyTorch computes half-precision batch statistics in float32 and keeps float32 buffers
+    from batchnorm import BatchNorm2d
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 5, 9, 9, generator=g) * 2 + 3).to(dtype)
+    x = x.contiguous(memory_format=memory_format)
+    theirs, ours = torch.nn.BatchNorm2d(5), BatchNorm2d(5)
+    for _ in range(3):
+        want_y, got_y = theirs(x), ours(x)
+    torch.testing.assert_close(got_y, want_y)
+    assert got_y.dtype == dtype
+    for name in ("running_mean", "running_var"):
+        got, want = getattr(ours, name), getattr(theirs, name)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    _, mean, var = ops.bn_act_train(x, None, None, EPS)
+    assert mean.dtype == var.dtype == torch.float32
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), xd.var((0, 2, 3), correction=0), rtol=1e-6, atol=0)
 
 
 def test_kernels_run_for_cpu_float_dense_input(monkeypatch):

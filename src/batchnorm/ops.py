@@ -94,7 +94,8 @@ def bn_act_train(
 
     Returns:
         ``(y, mean, var)``: ``y`` of the shape, dtype and memory format of ``x``; ``mean`` and the
-        biased ``var`` of shape ``(C,)`` in the dtype of ``x``, detached. For an empty batch
+        biased ``var`` of shape ``(C,)`` in the dtype of ``x`` (float32 for float16 / bfloat16
+        input: computed in float32, as PyTorch's own batch norm does), detached. For an empty batch
         (``N * prod(spatial) == 0``) ``y`` is empty, ``mean`` is 0 and ``var`` is NaN (the
         variance of nothing is undefined; :func:`batchnorm.reference.variance` says the same).
 
@@ -436,7 +437,7 @@ def _plain_train(x, weight, bias, eps, act, negative_slope, alpha):
     z = F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
     y = _activate(z, act, negative_slope, alpha)
     mean, var = _plain_moments(x)
-    return _same_format(y, x), mean.to(x.dtype), var.to(x.dtype)
+    return _same_format(y, x), mean, var
 
 
 def _plain_eval(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
@@ -449,7 +450,8 @@ def _plain_eval(x, weight, bias, running_mean, running_var, eps, act, negative_s
 
 @torch.no_grad()
 def _plain_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x (N, C, *), detached, in at least float32.
+    """Per-channel mean and biased variance of x (N, C, *), detached: x's dtype, or float32
+    for float16 / bfloat16 (the precision of the running buffers PyTorch keeps for them).
 
     An empty batch gives mean 0 and variance NaN.
     """
@@ -487,7 +489,6 @@ class _PlainInplaceTrain(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)  # float32 at least
         ctx.save_for_backward(y, weight, bias, invstd)
         ctx.params = (eps, act, negative_slope, alpha)
-        mean, var = mean.to(x.dtype), var.to(x.dtype)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
