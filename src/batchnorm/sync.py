@@ -24,6 +24,9 @@ different order, raise :class:`~batchnorm.BatchNormError` naming the layer inste
 statistics of different layers. A rank that dies or never joins makes the collective fail after
 the process group's timeout (``dist.init_process_group(..., timeout=datetime.timedelta(...))``;
 gloo's default is 30 minutes); that failure is re-raised as a BatchNormError naming the layer.
+One case stays gloo's: a peer whose message is *longer* than this rank's (a layer with more
+channels) makes gloo abort this process ("Received data size doesn't match expected size");
+the peer, which sees a short message, raises the BatchNormError. Never a silent wrong result.
 """
 from __future__ import annotations
 
