@@ -90,6 +90,7 @@ def _suite(rank, world):
         "one_value": lambda: _one_value_per_channel(rank, world) if world == 2 else None,
         "recal": lambda: _recal_run(rank, world) if world == 3 else None,
         "offset": lambda: _offset_run(rank, world),
+        "subgroup": lambda: _subgroup_run(rank, world) if world == 3 else None,
     }
     out = {}
     for name, part in parts.items():
@@ -231,6 +232,27 @@ def test_large_offset_float32_matches_float64_reference(suite, world):
         np.testing.assert_allclose(got["y"].numpy(), y[lo:hi], atol=1e-4, rtol=0)
         np.testing.assert_allclose(got["dx"].numpy(), dx[lo:hi], rtol=1e-3, atol=1e-2)
         np.testing.assert_allclose(got["rv"].numpy(), state.running_var, rtol=1e-5)
+
+
+def _subgroup_run(rank, world):
+    group = torch.distributed.new_group([0, 1])  # every rank calls new_group; rank 2 stays out
+    if rank == 2:
+        return None
+    x, _ = _data((4, 6), shape=(3, 5), seed=11)
+    mine = x[:4] if rank == 0 else x[4:]
+    bn = SyncBatchNorm(3, process_group=group).train()
+    return {"y": bn(mine).detach(), "rv": bn.running_var.clone()}
+
+
+def test_process_group_limits_the_sync_to_its_ranks(suite):
+    got = suite(3, "subgroup")
+    assert got[2] is None
+    x, _ = _data((4, 6), shape=(3, 5), seed=11)
+    want = nn.BatchNorm1d(3).train()
+    y = want(x)
+    torch.testing.assert_close(got[0]["y"], y[:4], **TOL)
+    torch.testing.assert_close(got[1]["y"], y[4:], **TOL)
+    torch.testing.assert_close(got[1]["rv"], want.running_var, **TOL)
 
 
 # ---------------------------------------------------------------------------------------------
