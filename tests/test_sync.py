@@ -469,12 +469,12 @@ def _fault(rank, world, kind):
 
 
 def test_fault_ranks_calling_different_layers():
-    got = unwrap(run_ranks(_fault, 2, "other_layer", pg_timeout=FAULT_TIMEOUT))
+    got = unwrap(run_ranks(_fault, 2, "other_layer", pg_timeout=10.0))
     for rank, name in ((0, "'stem'"), (1, "'head'")):
         err = got[rank]["error"]
         assert err is not None and name in err and "call #2" in err, err
         assert f"rank {1 - rank} in forward call #" in err, err
-        assert got[rank]["seconds"] < FAULT_TIMEOUT  # seen at once, not by a timeout
+        assert got[rank]["seconds"] < 5.0  # seen at once, not by the 10 s timeout
 
 
 def test_fault_extra_call_ends_at_the_timeout():
@@ -509,5 +509,7 @@ def test_fault_layers_of_different_sizes():
     """gloo aborts the rank that receives the larger message; the other one reports the layer."""
     got = run_ranks(_fault_other_size, 2, pg_timeout=FAULT_TIMEOUT, may_die=(0,))
     err = unwrap(got)[1]["error"]
-    assert err is not None and "'large'" in err and "rank 0 in a call of another size" in err, err
+    # rank 1 sees rank 0's short message, or (a race) the connection the abort closed
+    assert err is not None and "'large'" in err, err
+    assert "rank 0 in a call of another size" in err or "failed collective" in err, err
     assert got[0] is None or got[0]["error"] is not None  # never a silent wrong result

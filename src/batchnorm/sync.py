@@ -26,7 +26,8 @@ the process group's timeout (``dist.init_process_group(..., timeout=datetime.tim
 gloo's default is 30 minutes); that failure is re-raised as a BatchNormError naming the layer.
 One case stays gloo's: a peer whose message is *longer* than this rank's (a layer with more
 channels) makes gloo abort this process ("Received data size doesn't match expected size");
-the peer, which sees a short message, raises the BatchNormError. Never a silent wrong result.
+the peer, which sees a short message or the closed connection, raises the BatchNormError.
+Never a silent wrong result.
 """
 from __future__ import annotations
 
