@@ -479,3 +479,16 @@ def test_fold_with_tied_weights_keeps_the_other_user_right():
     assert snapshot(model) == before and folded.fold_report.layers[0].action == "folded"
     with torch.no_grad():
         assert_close(folded(x), copy.deepcopy(model).eval()(x))
+
+
+def test_frozen_replacements_are_bit_identical_to_bn_eval():
+    model, x = build("densenet")
+    folded = fold(model, x)
+    frozen = [r for r in folded.fold_report.layers if r.action == "frozen"]
+    assert len(frozen) == 6 and all(r.max_error == 0.0 for r in frozen)
+    module = folded.get_submodule(frozen[0].name)
+    assert isinstance(module, FrozenBatchNorm2d)
+    with pytest.raises(BatchNormError, match=r"expected 4D input \(got 3D input\)"):
+        module(torch.randn(2, module.num_features, 3))
+    with pytest.raises(BatchNormError, match="channels on dim 1"):
+        module(torch.randn(2, module.num_features + 1, 3, 3))
