@@ -75,6 +75,9 @@ def data(shape, dtype, seed=0, loc=0.7, scale=1.6):
 
 
 SHAPE = (5, 3, 4, 7)
+# (N, C, S) with >= FUSE_MIN_CHANNELS channels takes the channel-fused kernels (kernels/fused.py)
+WIDE = (3, 20, 5, 3)
+SHAPES = (SHAPE, WIDE)
 LAYOUTS = ("ncs", "mc")
 DTYPES = (np.float32, np.float64)
 
@@ -98,6 +101,10 @@ def test_moments_match_reference_over_many_chunks(layout, dtype):
     np.testing.assert_allclose(m2, want.m2, rtol=1e-11)
 
 
+def test_fused_kernels_used_for_wide_ncs_only():
+    assert WIDE[1] >= kernels.FUSE_MIN_CHANNELS > SHAPE[1]
+
+
 def test_moments_equal_chan_merge_of_halves():
     x = np.random.default_rng(2).normal(size=(6, 4, 50))
     halves = reference.merge(reference.moments(x[:3]), reference.moments(x[3:]))
@@ -116,11 +123,12 @@ def test_nan_in_a_channel_reaches_its_statistics(layout):
     assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(var[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (4, 32, 8, 8)))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_large_offset_float32_is_exact_to_float64(layout):
+def test_large_offset_float32_is_exact_to_float64(layout, shape):
     # mean 1e4, std 1e-2: E[x^2] - E[x]^2 fails here; PyTorch CPU is off by ~3e-2
     rng = np.random.default_rng(3)
-    x = (1e4 + 1e-2 * rng.normal(size=(16, 4, 8, 8))).astype(np.float32)
+    x = (1e4 + 1e-2 * rng.normal(size=shape)).astype(np.float32)
     want, state = reference.forward(x.astype(np.float64), None, None, None, None, training=True)
     xk = to_kernel(x, layout)
     y = np.empty_like(xk)
@@ -137,8 +145,9 @@ def test_large_offset_float32_is_exact_to_float64(layout):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_train_forward_and_backward(act, layout, dtype):
-    x, w, b, dy = data(SHAPE, dtype)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_train_forward_and_backward(act, layout, dtype, shape):
+    x, w, b, dy = data(shape, dtype)
     z_ref, state = reference.forward(x.astype(np.float64), w.astype(np.float64),
                                      b.astype(np.float64), None, None, training=True)
     y_ref = act_np(z_ref, act)
@@ -161,8 +170,9 @@ def test_train_forward_and_backward(act, layout, dtype):
 @pytest.mark.parametrize("act", ("identity", "leaky_relu", "elu"))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inplace_backward_from_output_equals_backward_from_input(act, layout, dtype):
-    x, w, b, dy = data(SHAPE, dtype)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_inplace_backward_from_output_equals_backward_from_input(act, layout, dtype, shape):
+    x, w, b, dy = data(shape, dtype)
     w[1] = -w[1]  # a negative gamma must invert too
     xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
     y = np.empty_like(xk)

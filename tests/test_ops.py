@@ -209,10 +209,11 @@ def test_inplace_saves_the_output_not_the_input(plain):
 # numerics, determinism, edge cases
 
 
+@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (4, 32, 8, 8)))  # plane- and channel-parallel
 @pytest.mark.parametrize("memory_format", (None, torch.channels_last))
-def test_large_offset_float32_within_1e_4_of_exact(memory_format):
+def test_large_offset_float32_within_1e_4_of_exact(memory_format, shape):
     g = torch.Generator().manual_seed(7)
-    x = (1e4 + 1e-2 * torch.randn(16, 4, 8, 8, generator=g, dtype=torch.float64))
+    x = (1e4 + 1e-2 * torch.randn(*shape, generator=g, dtype=torch.float64))
     exact = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
         x.var((0, 2, 3), correction=0, keepdim=True) + EPS)
     x32 = x.float().contiguous(memory_format=memory_format or torch.contiguous_format)
@@ -224,8 +225,9 @@ def test_large_offset_float32_within_1e_4_of_exact(memory_format):
     assert (y.double() - exact).abs().max() < 1e-4
 
 
-def test_one_and_two_threads_give_identical_bits():
-    x, w, b, dy = make((40, 1024, 2, 2), torch.float32, torch.channels_last)
+@pytest.mark.parametrize("memory_format", (torch.contiguous_format, torch.channels_last))
+def test_one_and_two_threads_give_identical_bits(memory_format):
+    x, w, b, dy = make((40, 1024, 2, 2), torch.float32, memory_format)
     before = torch.get_num_threads()
     runs = []
     try:
