@@ -76,7 +76,7 @@ def data(shape, dtype, seed=0, loc=0.7, scale=1.6):
 
 SHAPE = (5, 3, 4, 7)
 # (N, C, S) with >= FUSE_MIN_CHANNELS channels takes the channel-fused kernels (kernels/fused.py)
-WIDE = (3, 20, 5, 3)
+WIDE = (2, 16, 8, 64)
 SHAPES = (SHAPE, WIDE)
 LAYOUTS = ("ncs", "mc")
 DTYPES = (np.float32, np.float64)
@@ -102,7 +102,13 @@ def test_moments_match_reference_over_many_chunks(layout, dtype):
 
 
 def test_fused_kernels_used_for_wide_ncs_only():
-    assert WIDE[1] >= kernels.FUSE_MIN_CHANNELS > SHAPE[1]
+    for dtype in DTYPES:
+        wide = to_kernel(np.empty(WIDE, dtype), "ncs")
+        assert kernels._fused(wide) and kernels._fused(wide, backward=True)
+        assert not kernels._fused(to_kernel(np.empty(SHAPE, dtype), "ncs"), backward=True)
+        assert not kernels._fused(to_kernel(np.empty(WIDE, dtype), "mc"))
+    short_planes = to_kernel(np.empty((2, 16, 7, 7), np.float32), "ncs")
+    assert kernels._fused(short_planes) and not kernels._fused(short_planes, backward=True)
 
 
 def test_moments_equal_chan_merge_of_halves():
@@ -123,7 +129,7 @@ def test_nan_in_a_channel_reaches_its_statistics(layout):
     assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(var[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (4, 32, 8, 8)))
+@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (2, 16, 16, 32)))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_large_offset_float32_is_exact_to_float64(layout, shape):
     # mean 1e4, std 1e-2: E[x^2] - E[x]^2 fails here; PyTorch CPU is off by ~3e-2

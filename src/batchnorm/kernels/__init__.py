@@ -47,6 +47,7 @@ _BACKWARD = {
 }
 from .fused import (
     FUSE_MIN_CHANNELS,
+    FUSE_MIN_PLANE_BYTES,
     train_backward_from_output_ncs,
     train_backward_ncs,
     train_forward_ncs,
@@ -129,7 +130,7 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     dtype = src.dtype
     invstd = _invstd(var, eps)
     gamma = _gamma(weight, src)
-    if _fused(src):
+    if _fused(src, backward=True):
         kernel = train_backward_from_output_ncs if inplace else train_backward_ncs
         sum_g, sum_ge = kernel(dy, src, dx, np.asarray(mean, np.float64),
                                np.asarray(var, np.float64), gamma, _beta(bias, src), float(eps),
@@ -181,9 +182,11 @@ def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
     kernel(x, y, mean_hi, mean_lo, scale, shift, CODES[act], consts(x.dtype, negative_slope, alpha))
 
 
-def _fused(x: np.ndarray) -> bool:
-    """(N, C, S) with enough channels for a task per channel (see :mod:`.fused`)."""
-    return x.ndim == 3 and x.shape[1] >= FUSE_MIN_CHANNELS
+def _fused(x: np.ndarray, backward: bool = False) -> bool:
+    """(N, C, S) with enough channels (backward: and long enough planes); see :mod:`.fused`."""
+    if x.ndim != 3 or x.shape[1] < FUSE_MIN_CHANNELS:
+        return False
+    return not backward or x.shape[2] * x.itemsize >= FUSE_MIN_PLANE_BYTES
 
 
 def _beta(bias, x) -> np.ndarray:
