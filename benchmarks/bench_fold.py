@@ -2,7 +2,7 @@
 time ``batchnorm.fold`` itself takes.
 
 Every ratio is measured in the same run: the three variants of a model (eval, fuse, fold) are
-timed interleaved, round after round, and the fastest round of each compared (on a shared
+timed interleaved (order rotated each round), and the fastest round of each compared (on a shared
 machine the slower rounds measure other processes). CPU, batch 8 by default.
 
     .venv/bin/python benchmarks/bench_fold.py            # the full table
@@ -47,8 +47,11 @@ def time_variants(variants: dict, x: torch.Tensor, rounds: int) -> dict:
         for m in variants.values():  # warm up
             m(x)
             m(x)
-        for _ in range(rounds):
-            for name, m in variants.items():
+        names = list(variants)
+        for i in range(rounds):
+            # rotate the order every round: no variant always runs right after another
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                m = variants[name]
                 t = time.perf_counter()
                 m(x)
                 times[name].append(time.perf_counter() - t)
