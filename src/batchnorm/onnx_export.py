@@ -47,8 +47,8 @@ def export_onnx(
 ) -> ExportResult:
     r"""Fold BN (:func:`batchnorm.fold`), export to ONNX, and verify with onnxruntime.
 
-    The exported graph has no BatchNormalization nodes for the BN that fold; the rest become
-    ``Mul``/``Add`` per-channel affines. The file is written atomically (a temporary file in the
+    The exported graph has no node for the BN that fold; each BN that cannot fold is one
+    inference-mode ``BatchNormalization`` node on its fixed statistics (a per-channel affine). The file is written atomically (a temporary file in the
     same folder, then renamed), and then run with onnxruntime on ``example_input``; the largest
     absolute difference from the original model in eval mode is returned.
 
