@@ -16,10 +16,11 @@ here with ``Tensor.copy_``. Also: first-call time in a fresh process, with an em
 issue 3. Numbers are noisy when other processes share the CPU; rerun before trusting one.
 
 Outputs are allocated on every call (by PyTorch and by us). With glibc, blocks over 32 MB come
-from a fresh mmap each time, so the first write to every page faults; on the larger shapes that
-cost is shared by both sides and pulls the speed-ups towards 1 (the copy baseline writes into a
-preallocated tensor and does not pay it). ``--thp`` sets PyTorch's ``THP_MEM_ALLOC_ENABLE=1``
-(2 MB transparent huge pages for large tensors, ~45x fewer faults here), for both sides alike.
+from a fresh mmap each time, so the first write to every page faults (and the kernel zeroes the
+page); the copy baseline writes into a preallocated tensor and does not pay it. Our ops ask for
+2 MB transparent huge pages (``madvise``) on every output of 4 MB or more, 512x fewer faults;
+PyTorch's allocator does the same only with ``THP_MEM_ALLOC_ENABLE=1``, which ``--thp`` sets
+(then for both sides alike, and the speed-ups measure the kernels more than the allocation).
 
     .venv/bin/python benchmarks/bench_layers.py [--quick] [--thp] [--threads 2] [--repeats 9]
 """
