@@ -25,15 +25,9 @@ from torch import fx, nn
 
 from . import graph, layers, sync
 from .errors import expected
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNormXd
 
 __all__ = ["convert", "freeze", "unfreeze"]
-
-
-class _FrozenBatchNormXd(_FrozenBatchNorm):
-    """Frozen BN for any rank 2..5: what a rank-less SyncBatchNorm freezes into."""
-
-    _ranks = (2, 3, 4, 5)
 
 
 # family -> input ranks -> class. "xd" is the rank-less SyncBatchNorm and what it converts to.
