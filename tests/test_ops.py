@@ -60,7 +60,7 @@ CASES = [  # (shape, memory format)
     ((3, 2, 3, 4, 5), torch.channels_last_3d),
     ((7, 4), None),
     ((4, 3, 9), None),
-    ((2, 16, 16, 32), None),  # the channel-fused kernels (kernels/fused.py)
+    ((2, 16, 16, 32), None),  # wider: more planes per channel merge
 ]
 
 
@@ -210,7 +210,7 @@ def test_inplace_saves_the_output_not_the_input(plain):
 # numerics, determinism, edge cases
 
 
-@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (2, 16, 16, 32)))  # plane-, channel-parallel
+@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (2, 16, 16, 32)))
 @pytest.mark.parametrize("memory_format", (None, torch.channels_last))
 def test_large_offset_float32_within_1e_4_of_exact(memory_format, shape):
     g = torch.Generator().manual_seed(7)
@@ -229,7 +229,7 @@ def test_large_offset_float32_within_1e_4_of_exact(memory_format, shape):
 @pytest.mark.parametrize("shape,memory_format", [
     ((40, 1024, 2, 2), torch.channels_last),
     ((40, 1024, 2, 2), torch.contiguous_format),
-    ((4, 16, 32, 32), torch.contiguous_format),  # channel-fused kernels
+    ((4, 16, 32, 32), torch.contiguous_format),  # long planes, channels merged in parallel
 ])
 def test_one_and_two_threads_give_identical_bits(shape, memory_format):
     x, w, b, dy = make(shape, torch.float32, memory_format)

@@ -45,13 +45,6 @@ _BACKWARD = {
     (3, True): (reduce_from_output_ncs, write_dx_from_output_ncs),
     (2, True): (reduce_from_output_mc, write_dx_from_output_mc),
 }
-from .fused import (
-    FUSE_MIN_CHANNELS,
-    FUSE_MIN_PLANE_BYTES,
-    train_backward_from_output_ncs,
-    train_backward_ncs,
-    train_forward_ncs,
-)
 from .normalize import normalize_mc, normalize_ncs
 from .statistics import moments_mc, moments_ncs
 
@@ -104,10 +97,6 @@ def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
     ``mean`` and the biased ``var`` are float64 arrays of shape (C,). ``weight`` / ``bias`` are
     (C,) arrays or None; ``act`` a name from ``CODES``. x must be non-empty.
     """
-    if _fused(x):
-        mean, var = train_forward_ncs(x, y, _gamma(weight, x), _beta(bias, x), float(eps),
-                                      CODES[act], consts(x.dtype, negative_slope, alpha))
-        return mean, var
     mean, m2 = moments(x)
     var = m2 / _count(x)
     _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha)
@@ -130,14 +119,6 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     dtype = src.dtype
     invstd = _invstd(var, eps)
     gamma = _gamma(weight, src)
-    if _fused(src, backward=True):
-        kernel = train_backward_from_output_ncs if inplace else train_backward_ncs
-        sum_g, sum_ge = kernel(dy, src, dx, np.asarray(mean, np.float64),
-                               np.asarray(var, np.float64), gamma, _beta(bias, src), float(eps),
-                               CODES[act], consts(dtype, negative_slope, alpha))
-        if inplace:
-            return sum_ge / _safe(gamma, eps), sum_g
-        return sum_ge * invstd, sum_g
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
     code = CODES[act]
     k = consts(dtype, negative_slope, alpha)
@@ -146,7 +127,7 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     m = _count(src)
     k1 = gamma * invstd
     if inplace:
-        safe = _safe(gamma, eps)
+        safe = np.where(np.abs(gamma) < eps, np.where(gamma < 0, -eps, eps), gamma)
         sum_gxhat = sum_ge / safe  # e = gamma * x_hat
         k2 = -k1 * sum_gxhat / (m * safe)
     else:
@@ -180,22 +161,6 @@ def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, _gamma(weight, x), bias, x.dtype)
     kernel = normalize_ncs if x.ndim == 3 else normalize_mc
     kernel(x, y, mean_hi, mean_lo, scale, shift, CODES[act], consts(x.dtype, negative_slope, alpha))
-
-
-def _fused(x: np.ndarray, backward: bool = False) -> bool:
-    """(N, C, S) with enough channels (backward: and long enough planes); see :mod:`.fused`."""
-    if x.ndim != 3 or x.shape[1] < FUSE_MIN_CHANNELS:
-        return False
-    return not backward or x.shape[2] * x.itemsize >= FUSE_MIN_PLANE_BYTES
-
-
-def _beta(bias, x) -> np.ndarray:
-    return np.zeros(x.shape[1], x.dtype) if bias is None else np.asarray(bias).astype(x.dtype)
-
-
-def _safe(gamma: np.ndarray, eps: float) -> np.ndarray:
-    """gamma moved away from 0 to sign * eps where |gamma| < eps (inplace mode's divisor)."""
-    return np.where(np.abs(gamma) < eps, np.where(gamma < 0, -eps, eps), gamma)
 
 
 def _count(x: np.ndarray) -> int:
