@@ -18,7 +18,8 @@ issue 3. Numbers are noisy when other processes share the CPU; rerun before trus
 Outputs are allocated on every call (by PyTorch and by us). With glibc, blocks over 32 MB come
 from a fresh mmap each time, so the first write to every page faults (and the kernel zeroes the
 page); the copy baseline writes into a preallocated tensor and does not pay it. Our ops ask for
-2 MB transparent huge pages (``madvise``) on every output of 4 MB or more, 512x fewer faults;
+2 MB transparent huge pages (``madvise``) on every output of 32 MB or more, 512x fewer faults
+(lower medians, but now and then a stalled huge-page fault: watch for single slow rows);
 PyTorch's allocator does the same only with ``THP_MEM_ALLOC_ENABLE=1``, which ``--thp`` sets
 (then for both sides alike, and the speed-ups measure the kernels more than the allocation).
 
