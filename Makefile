@@ -1,6 +1,6 @@
 # make demo  - set up .venv from nothing and run the tour on the bundled data
 # make test  - set up .venv from nothing and run the test suite
-# make bench - run the benchmarks (ratios against PyTorch in the same run)
+# make bench - run the benchmarks (ratios against PyTorch in the same run, noisy on a busy machine)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,6 +25,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_fold.py
+	$(PY) benchmarks/bench_sync.py
 
 clean:
 	rm -rf $(VENV) build dist reports .pytest_cache .hypothesis
