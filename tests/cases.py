@@ -108,14 +108,16 @@ CASES = [
 ]
 
 
-def torch_module(case: Case):
-    """PyTorch's BatchNorm{1,2,3}d for the case, with the case's initial parameters."""
+def make_module(case: Case, cls=None, **kwargs):
+    """A BN module of class ``cls`` (default: PyTorch's BatchNorm{1,2,3}d for the case's rank)
+    built with the case's arguments and initial parameters and buffers."""
     import torch
 
-    cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-           5: torch.nn.BatchNorm3d}[len(case.shape)]
+    if cls is None:
+        cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+               5: torch.nn.BatchNorm3d}[len(case.shape)]
     m = cls(case.channels, eps=case.eps, momentum=case.momentum, affine=case.affine,
-            track_running_stats=case.track).to(getattr(torch, case.dtype))
+            track_running_stats=case.track, dtype=getattr(torch, case.dtype), **kwargs)
     params, _ = case.data()
     with torch.no_grad():
         for name, value in params.items():
@@ -124,20 +126,32 @@ def torch_module(case: Case):
     return m
 
 
-def torch_trajectory(case: Case) -> list[Step]:
-    """PyTorch's answer for every step of the case (channels-last through a transpose)."""
+def torch_module(case: Case):
+    """PyTorch's BatchNorm{1,2,3}d for the case, with the case's initial parameters."""
+    return make_module(case)
+
+
+def module_trajectory(case: Case, m, *, copy: bool = False) -> list[Step]:
+    """Run the case's steps through module m; x goes in as (N, C, *) over the case's layout.
+
+    For channels-last cases that is a view of the (N, *, C) array, channels_last in memory, so a
+    layer's channels-last path runs without a copy; ``copy=True`` hands in contiguous NCHW.
+    """
     import torch
 
-    m = torch_module(case)
     _, steps = case.data()
     out = []
     for training, (x, dy) in zip(STEPS, steps):
         m.train(training)
-        xt = torch.from_numpy(case.from_layout(x).copy()).requires_grad_(True)
+        xn, dyn = case.from_layout(x), case.from_layout(dy)
+        if copy:
+            xn, dyn = xn.copy(), dyn.copy()
+        xt = torch.from_numpy(xn).requires_grad_(True)
         for p in m.parameters():
             p.grad = None
         y = m(xt)
-        y.backward(torch.from_numpy(case.from_layout(dy).copy()))
+        assert y.shape == xt.shape and y.dtype == xt.dtype
+        y.backward(torch.from_numpy(dyn))
         out.append(Step(
             y=case.to_layout(y.detach().numpy()),
             dx=case.to_layout(xt.grad.numpy()),
@@ -145,9 +159,15 @@ def torch_trajectory(case: Case) -> list[Step]:
             dbias=None if m.bias is None else m.bias.grad.numpy().copy(),
             running_mean=None if m.running_mean is None else m.running_mean.numpy().copy(),
             running_var=None if m.running_var is None else m.running_var.numpy().copy(),
-            num_batches_tracked=None if m.num_batches_tracked is None else int(m.num_batches_tracked),
+            num_batches_tracked=(None if m.num_batches_tracked is None
+                                 else int(m.num_batches_tracked)),
         ))
     return out
+
+
+def torch_trajectory(case: Case) -> list[Step]:
+    """PyTorch's answer for every step of the case (channels-last through a transpose)."""
+    return module_trajectory(case, torch_module(case), copy=True)
 
 
 def assert_steps_close(case: Case, got: list[Step], want: list[Step]) -> float:

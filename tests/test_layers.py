@@ -12,7 +12,8 @@ from torch import nn
 
 import batchnorm
 from batchnorm import BatchNormError
-from tests.cases import CASES, STEPS, Case, Step, assert_steps_close, torch_module, torch_trajectory
+from tests.cases import (CASES, Case, assert_steps_close, make_module, module_trajectory,
+                         torch_module, torch_trajectory)
 
 OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
         5: batchnorm.BatchNorm3d}
@@ -24,44 +25,7 @@ ACT_ARGS = {"negative_slope": 0.1, "alpha": 0.7}
 
 
 def our_module(case: Case, cls=None, **kwargs) -> nn.Module:
-    cls = cls or OURS[len(case.shape)]
-    m = cls(case.channels, eps=case.eps, momentum=case.momentum, affine=case.affine,
-            track_running_stats=case.track, dtype=getattr(torch, case.dtype), **kwargs)
-    params, _ = case.data()
-    with torch.no_grad():
-        for name, value in params.items():
-            if value is not None:
-                getattr(m, name).copy_(torch.from_numpy(value))
-    return m
-
-
-def module_trajectory(case: Case, m: nn.Module) -> list[Step]:
-    """Run the case's steps through m; x goes in as (N, C, *) over the case's memory layout.
-
-    For channels-last cases that is a view of the (N, *, C) array, channels_last in memory, so
-    the channels-last kernel path runs without a copy.
-    """
-    _, steps = case.data()
-    out = []
-    for training, (x, dy) in zip(STEPS, steps):
-        m.train(training)
-        xt = torch.from_numpy(case.from_layout(x)).requires_grad_(True)
-        for p in m.parameters():
-            p.grad = None
-        y = m(xt)
-        assert y.shape == xt.shape and y.dtype == xt.dtype
-        y.backward(torch.from_numpy(case.from_layout(dy)))
-        out.append(Step(
-            y=case.to_layout(y.detach().numpy()),
-            dx=case.to_layout(xt.grad.numpy()),
-            dweight=None if m.weight is None else m.weight.grad.numpy().copy(),
-            dbias=None if m.bias is None else m.bias.grad.numpy().copy(),
-            running_mean=None if m.running_mean is None else m.running_mean.numpy().copy(),
-            running_var=None if m.running_var is None else m.running_var.numpy().copy(),
-            num_batches_tracked=(None if m.num_batches_tracked is None
-                                 else int(m.num_batches_tracked)),
-        ))
-    return out
+    return make_module(case, cls or OURS[len(case.shape)], **kwargs)
 
 
 def assert_state_dicts_equal(a: dict, b: dict) -> None:
