@@ -46,9 +46,6 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     sections: list[R.Section] = []
     with deterministic(), progress:
         for section in (purpose, compute, parameters, modes, placement, conv_bias):
-            # Re-pin one thread before each section: launching numba's OpenMP pool (our layer,
-            # used in §4) resets the OpenMP thread count that torch.get_num_threads() reads.
-            torch.set_num_threads(1)
             result = section.run(ctx)
             if section is modes:
                 result, proof = result

@@ -12,6 +12,8 @@ import copy
 import numpy as np
 import torch
 
+import batchnorm
+
 from . import report as R
 from .context import Context
 from .proof import EPS, MOMENTUM, prove
@@ -22,32 +24,15 @@ BATCH_SIZES = (2, 8, 64)  # train-mode test-accuracy batch sizes in (c)
 TRAIN_MODE_IMAGES = 448  # test images classified in train mode (7 batches of 64; 224 pairs)
 
 
-def our_layer():
-    """``batchnorm.BatchNorm2d`` once the layers exist, else None (the column is then left out)."""
-    try:
-        import batchnorm
-
-        return batchnorm.BatchNorm2d
-    except (ImportError, AttributeError):
-        return None
-
-
 def run(ctx: Context) -> R.Section:
     sec = R.Section("s4_modes", "4 · Training vs evaluation")
-    ours = our_layer()
-    threads = torch.get_num_threads()
-    proof = prove(ctx.settings.seed, extra={"batchnorm": ours} if ours is not None else None)
-    # Our layer's first call launches numba's OpenMP pool, which resets the thread count torch
-    # reads; left at 2, torch's threads fight numba's spinning ones (about 10x slower here).
-    torch.set_num_threads(threads)
+    proof = prove(ctx.settings.seed, extra={"batchnorm": batchnorm.BatchNorm2d})
     sec.results["proof"] = proof.to_dict()
     sec.results["proof"]["implementations"] = list(proof.rows[0].values)
     sec.p("The lesson's proof, run: a random (2, 2, 2, 2) float32 input (seed "
           f"{ctx.settings.seed}) through the lesson's hand-written per-channel loop, "
           "<code>batchnorm.reference</code>, <code>torch.nn.BatchNorm2d</code>"
-          + (" and our <code>batchnorm.BatchNorm2d</code>" if ours is not None else
-             " (our <code>batchnorm.BatchNorm2d</code> is not available in this build, so its "
-             "column is absent)")
+          + " and our <code>batchnorm.BatchNorm2d</code>"
           + "; one training step (momentum 0.1, ε = 1e-5), then eval mode with the running "
           "statistics that step produced.")
     for row in proof.rows:
