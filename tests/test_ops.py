@@ -391,3 +391,26 @@ def test_cuda_takes_pytorchs_path_and_matches_torch(memory_format):
 
         assert_all_close(got, outputs_and_grads(torch_train, x, w, b, dy), torch.float32)
         assert got[0].is_cuda and got[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_eager_without_autograd_skips_the_dispatcher_with_the_same_bits(train):
+    """No graph to record: the op's implementation runs directly (same kernels, same bits);
+    with gradients the custom op (and its autograd formula) runs."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+
+    def call(x_, w_):
+        if train:
+            return ops.bn_act_train(x_, w_, b, 1e-5, "leaky_relu", 0.1)[0]
+        return ops.bn_act_eval(x_, w_, b, rm, rv, 1e-5, "leaky_relu", 0.1)
+
+    with torch.no_grad():
+        plain = call(x, w)
+    assert plain.grad_fn is None
+    wg = w.clone().requires_grad_()
+    recorded = call(x, wg)
+    assert recorded.grad_fn is not None
+    assert torch.equal(plain, recorded.detach())
