@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._model import (
-    add_model_arguments,
-    check_output,
-    describe,
-    example_input,
-    load_model,
-    require_python_module,
-    save_model,
-)
-from ._output import emit, note
+from ._model import add_model_arguments, describe, rewrite_model
 
 
 def register(sub) -> None:
@@ -41,13 +32,4 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..folding import fold
 
-    target = check_output(args.output, [args.model])
-    model = load_model(args.model)
-    require_python_module(model, args.model)
-    folded = fold(model, example_input(args))
-    report = folded.fold_report
-    del folded.fold_report  # the saved model carries no report object
-    save_model(folded, target)
-    emit(args, {"output": str(target), **report.to_dict()}, report)
-    note(args, f"wrote {target}")
-    return 0
+    return rewrite_model(args, fold, "fold_report")

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._model import (
-    add_model_arguments,
-    check_output,
-    describe,
-    example_input,
-    load_model,
-    require_python_module,
-    save_model,
-)
-from ._output import emit, note
+from ._model import add_model_arguments, describe, rewrite_model
 
 
 def register(sub) -> None:
@@ -39,13 +30,4 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..folding import strip_bias
 
-    target = check_output(args.output, [args.model])
-    model = load_model(args.model)
-    require_python_module(model, args.model)
-    lean = strip_bias(model, example_input(args))
-    report = lean.strip_report
-    del lean.strip_report
-    save_model(lean, target)
-    emit(args, {"output": str(target), **report.to_dict()}, report)
-    note(args, f"wrote {target}")
-    return 0
+    return rewrite_model(args, strip_bias, "strip_report")
