@@ -16,9 +16,7 @@ handling, ``reset_parameters``, ``extra_repr``) is inherited from PyTorch's ``_B
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -297,23 +295,12 @@ class _OurBatchNormAct:
         bias: bool = True,
         nonfinite: str = "skip",
     ) -> None:
-        if act not in ops.ACTIVATIONS:
-            raise expected(f"act in {ops.ACTIVATIONS}", repr(act))
-        for arg, value in (("negative_slope", negative_slope), ("alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-                raise expected(f"{arg} to be a finite number", repr(value))
-        if inplace:
-            if act not in ops.INVERTIBLE:
-                raise expected(f"an invertible act {ops.INVERTIBLE} with inplace=True", repr(act))
-            if act == "leaky_relu" and negative_slope <= 0:
-                raise expected("negative_slope > 0 with inplace=True", negative_slope)
-            if act == "elu" and alpha <= 0:
-                raise expected("alpha > 0 with inplace=True", alpha)
+        negative_slope, alpha = ops.check_act(act, negative_slope, alpha, bool(inplace))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias, nonfinite=nonfinite)
         self.act = act
-        self.negative_slope = float(negative_slope)
-        self.alpha = float(alpha)
+        self.negative_slope = negative_slope
+        self.alpha = alpha
         self.inplace = bool(inplace)
 
     def _act(self) -> tuple[str, float, float, bool]:

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import kernels
 from .errors import check_eps, expected
 
-__all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval"]
+__all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "check_act"]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
 INVERTIBLE = ("identity", "leaky_relu", "elu")
@@ -116,7 +116,7 @@ def bn_act_train(
     c = _check_input(x)
     _check_param("weight", weight, x, c)
     _check_param("bias", bias, x, c)
-    negative_slope, alpha = _check_act(act, negative_slope, alpha, inplace)
+    negative_slope, alpha = check_act(act, negative_slope, alpha, inplace)
     if _kernels_take(x, weight, bias):
         op = _train_impl if _plain_eager(x, weight, bias) else torch.ops.batchnorm.bn_act_train
         y, mean, var = op(x, weight, bias, eps, act, negative_slope, alpha, inplace)
@@ -179,7 +179,7 @@ def bn_act_eval(
     _check_param("bias", bias, x, c)
     _check_param("running_mean", running_mean, x, c, required=True)
     _check_param("running_var", running_var, x, c, required=True)
-    negative_slope, alpha = _check_act(act, negative_slope, alpha, inplace=False)
+    negative_slope, alpha = check_act(act, negative_slope, alpha, inplace=False)
     if _kernels_take(x, weight, bias, running_mean, running_var):
         op = _eval_impl if _plain_eager(x, weight, bias) else torch.ops.batchnorm.bn_act_eval
         return op(x, weight, bias, running_mean.detach(), running_var.detach(), eps, act,
@@ -644,7 +644,9 @@ def _check_param(name: str, value: object, x: Tensor, c: int, required: bool = F
         raise expected(f"{name} on {x.device}, the input's device", f"device {value.device}")
 
 
-def _check_act(act: object, negative_slope: object, alpha: object, inplace: bool):
+def check_act(act: object, negative_slope: object, alpha: object, inplace: bool):
+    """The activation arguments of the ops and of BatchNormAct: ``(negative_slope, alpha)``
+    as floats, or BatchNormError."""
     if act not in ACTIVATIONS:
         raise expected(f"act in {ACTIVATIONS}", repr(act))
     for name, value in (("negative_slope", negative_slope), ("alpha", alpha)):
