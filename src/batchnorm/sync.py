@@ -66,9 +66,15 @@ def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     exactly (``sum (d - a)^2 = M2 + n (mean_d - a)^2``). An empty batch gives count 0, mean 0,
     M2 0.
     """
-    n, shift, d = _shifted(_working(x.detach()))
+    n, _, _, mean, m2 = _local_partial(_working(x.detach()))
+    return float(n), mean, m2
+
+
+def _local_partial(x: torch.Tensor):
+    """(n, shift, d, mean, M2): local_moments plus the shifted batch d that forward normalises."""
+    n, shift, d = _shifted(x)
     d_mean, m2 = _shifted_moments(n, d)
-    return float(n), shift.to(torch.float64) + d_mean, m2
+    return n, shift, d, shift.to(torch.float64) + d_mean, m2
 
 
 def _shifted(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -252,9 +258,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, link, call):
         c = x.shape[1]
         xw = _working(x.detach())
-        n_local, shift, d = _shifted(xw)
-        d_mean, m2 = _shifted_moments(n_local, d)
-        mean = shift.to(torch.float64) + d_mean
+        n_local, shift, d, mean, m2 = _local_partial(xw)
         payload = torch.cat([mean, m2, mean.new_tensor([float(n_local)])])  # (2C + 1,)
         rows = link.gather(payload, _FORWARD, call, c)  # (W, 2C + 1)
         n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
