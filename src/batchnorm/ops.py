@@ -343,6 +343,20 @@ def _(x, weight, bias, eps, act, negative_slope, alpha, inplace):
         c, dtype=torch.float64)
 
 
+def _backward(dy: Tensor, src: Tensor, weight: Tensor | None, kernel) -> tuple[Tensor, Tensor, Tensor]:
+    """What both backward ops share: ``kernel(dy, src, dx) -> (dweight, dbias)`` on kernel views
+    of ``dy`` (in src's strides), ``src`` and a fresh ``dx``; an empty batch gives zeros."""
+    c = src.shape[1]
+    pdtype = src.dtype if weight is None else weight.dtype
+    if src.numel() == 0:
+        return torch.empty_like(src), src.new_zeros(c, dtype=pdtype), src.new_zeros(c, dtype=pdtype)
+    src = _dense(src)
+    dy = _as_layout_of(dy, src)
+    dx = _output_like(src)
+    dweight, dbias = _run(kernel, src, [dx], [dy, src])
+    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
+
+
 @torch.library.custom_op("batchnorm::bn_act_train_backward", mutates_args=())
 def _train_backward_op(
     dy: Tensor,
@@ -357,20 +371,12 @@ def _train_backward_op(
     alpha: float,
     inplace: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    c = src.shape[1]
-    pdtype = src.dtype if weight is None else weight.dtype
-    if src.numel() == 0:
-        return torch.empty_like(src), src.new_zeros(c, dtype=pdtype), src.new_zeros(c, dtype=pdtype)
-    src = _dense(src)
-    dy = _as_layout_of(dy, src)
-    dx = _output_like(src)
-    dweight, dbias = _run(
+    return _backward(
+        dy, src, weight,
         lambda dyv, sv, dxv: kernels.train_backward(
             dyv, sv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, act,
             negative_slope, alpha, inplace, dxv),
-        src, [dx], [dy, src],
     )
-    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
 
 
 @_train_backward_op.register_fake
@@ -445,20 +451,12 @@ def _eval_backward_op(
     negative_slope: float,
     alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    c = x.shape[1]
-    pdtype = x.dtype if weight is None else weight.dtype
-    if x.numel() == 0:
-        return torch.empty_like(x), x.new_zeros(c, dtype=pdtype), x.new_zeros(c, dtype=pdtype)
-    x = _dense(x)
-    dy = _as_layout_of(dy, x)
-    dx = _output_like(x)
-    dweight, dbias = _run(
+    return _backward(
+        dy, x, weight,
         lambda dyv, xv, dxv: kernels.eval_backward(
             dyv, xv, _np(weight), _np(bias), _np(running_mean), _np(running_var), eps, act,
             negative_slope, alpha, dxv),
-        x, [dx], [dy, x],
     )
-    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
 
 
 @_eval_backward_op.register_fake
