@@ -5,7 +5,6 @@ determinism, large-offset stability, empty batches, errors, torch.compile and to
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
