@@ -24,7 +24,7 @@ def test_batchnorm2d_on_cuda_matches_torch(dtype, channels_last):
     x = torch.randn(4, 8, 6, 6, device="cuda").to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    for step in range(3):
+    for _ in range(3):
         xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
         yo, yt = ours(xo), theirs(xt)
         g = torch.randn_like(yo)
