@@ -46,7 +46,13 @@ _BACKWARD = {
     (2, True): (reduce_from_output_mc, write_dx_from_output_mc),
 }
 from .normalize import normalize_mc, normalize_ncs
-from .statistics import moments_mc, moments_ncs
+from .statistics import (
+    BLOCKED_PLANE_FROM,
+    moments_mc,
+    moments_mc_blocked,
+    moments_ncs,
+    moments_ncs_blocked,
+)
 
 __all__ = [
     "CODES",
@@ -87,8 +93,14 @@ def set_threads(n: int) -> None:
 
 
 def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float64 ``(mean, M2)`` of x ``(N, C, S)`` or ``(M, C)`` (non-empty)."""
-    return moments_ncs(x) if x.ndim == 3 else moments_mc(x)
+    """Per-channel float64 ``(mean, M2)`` of x ``(N, C, S)`` or ``(M, C)`` (non-empty).
+
+    float32 data is summed in float32 blocks (two passes over each chunk while it is in cache),
+    except short NCS planes; float64 data in float64 (see :mod:`.statistics`).
+    """
+    if x.ndim == 3:
+        return moments_ncs_blocked(x) if _blocked_planes(x) else moments_ncs(x)
+    return moments_mc_blocked(x) if x.dtype == np.float32 else moments_mc(x)
 
 
 def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
@@ -123,7 +135,8 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     code = CODES[act]
     k = consts(dtype, negative_slope, alpha)
     reduce, write_dx = _BACKWARD[src.ndim, bool(inplace)]
-    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, code, k)
+    blocked = (_blocked_planes(src),) if src.ndim == 3 else ()
+    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, code, k, *blocked)
     m = _count(src)
     k1 = gamma * invstd
     if inplace:
@@ -147,9 +160,12 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
     mean_hi, mean_lo, scale, shift = _per_channel(
         np.asarray(mean, np.float64), invstd, gamma, bias, dtype
     )
-    kernel = eval_backward_ncs if x.ndim == 3 else eval_backward_mc
     k = consts(dtype, negative_slope, alpha)
-    sum_g, sum_ge = kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, CODES[act], k)
+    if x.ndim == 3:
+        sum_g, sum_ge = eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, CODES[act], k,
+                                          _blocked_planes(x))
+    else:
+        sum_g, sum_ge = eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, CODES[act], k)
     return sum_ge * invstd, sum_g
 
 
@@ -161,6 +177,11 @@ def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, _gamma(weight, x), bias, x.dtype)
     kernel = normalize_ncs if x.ndim == 3 else normalize_mc
     kernel(x, y, mean_hi, mean_lo, scale, shift, CODES[act], consts(x.dtype, negative_slope, alpha))
+
+
+def _blocked_planes(x: np.ndarray) -> bool:
+    """Whether the (N, C, S) reductions sum in float32 blocks: float32 data, long planes."""
+    return x.dtype == np.float32 and x.shape[2] >= BLOCKED_PLANE_FROM
 
 
 def _count(x: np.ndarray) -> int:

@@ -10,6 +10,13 @@ with ``k1 = gamma * invstd``, ``k0 = -k1 * sum_g / m`` and ``k2 = -k1 * invstd^2
 (the training formula ``dx = gamma*invstd*(g - mean(g) - x_hat*mean(g*x_hat))``, x_hat = e*invstd);
 in evaluation ``k0 = k2 = 0`` and one pass does both.
 
+The sums are float64 across blocks and in the data's dtype within a block (as the statistics
+are, see ``statistics.py``): ``BLOCK`` values of a long (N, C, S) plane, when the caller passes
+``blocked`` (float32 data, planes of at least ``BLOCKED_PLANE_FROM``; short planes are summed
+value by value in float64, which was as fast there), or ``ROW_BLOCK`` channels-last rows. For
+float32 that halves the arithmetic of the reduction; g * e is already centred, so there is no
+cancellation for the float32 rounding to grow in.
+
 In the inplace (InPlace-ABN) mode the source is the output y: z = act^-1(y), g uses act' written
 with y, and e = z - beta stands for gamma * x_hat, so x_hat = e / gamma: the caller builds the
 coefficients with that. Partials are summed in a fixed order, so results do not depend on the thread count.
@@ -30,7 +37,10 @@ from ._activation import (
     inverse,
     unpack,
 )
-from .statistics import REASSOC, rows_per_chunk
+from .statistics import BLOCK, REASSOC, rows_per_chunk
+
+# channels-last reductions: rows added in the data's dtype before one float64 add per channel
+ROW_BLOCK = 16
 
 # Each kernel dispatches on the activation outside its inner loop and calls an inlined row
 # function with constants, so that every inner loop is branch-free and vectorises (see
@@ -51,10 +61,32 @@ def _grad_centred(src, dy, mh, ml, sc, sh, act, inplace, k):
 
 
 @njit(inline="always", cache=True)
-def _reduce_row_ncs(xr, gr, mh, ml, sc, sh, act, inplace, k):
+def _reduce_row_ncs(xr, gr, mh, ml, sc, sh, act, inplace, k, blocked):
+    """Float64 (sum g, sum g*e) over one plane: in float32 blocks of BLOCK values when
+    ``blocked`` (float32 data, long planes), else value by value in float64."""
     a = 0.0
     b = 0.0
-    for t in range(xr.shape[0]):
+    s = xr.shape[0]
+    if blocked:
+        z = xr.dtype.type(0.0)
+        full = s // BLOCK * BLOCK
+        for t0 in range(0, full, BLOCK):
+            sa = z
+            sb = z
+            for t in range(t0, t0 + BLOCK):
+                g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
+                sa += g
+                sb += g * e
+            a += np.float64(sa)
+            b += np.float64(sb)
+        sa = z
+        sb = z
+        for t in range(full, s):
+            g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
+            sa += g
+            sb += g * e
+        return a + np.float64(sa), b + np.float64(sb)
+    for t in range(s):
         g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
         a += np.float64(g)
         b += np.float64(g) * np.float64(e)
@@ -63,10 +95,11 @@ def _reduce_row_ncs(xr, gr, mh, ml, sc, sh, act, inplace, k):
 
 @njit(inline="always", cache=True)
 def _reduce_row_mc(xr, gr, mh, ml, sc, sh, acc_g, acc_ge, act, inplace, k):
+    """acc_g[j] += g, acc_ge[j] += g * e over one row, in the accumulators' dtype (the data's)."""
     for j in range(xr.shape[0]):
         g, e = _grad_centred(xr[j], gr[j], mh[j], ml[j], sc[j], sh[j], act, inplace, k)
-        acc_g[j] += np.float64(g)
-        acc_ge[j] += np.float64(g) * np.float64(e)
+        acc_g[j] += g
+        acc_ge[j] += g * e
 
 
 @njit(inline="always", cache=True)
@@ -84,10 +117,33 @@ def _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, act, inplace, k):
 
 
 @njit(inline="always", cache=True)
-def _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, act, k):
+def _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, act, k, blocked):
+    """out = g * scale over one plane; float64 (sum g, sum g*e) as in _reduce_row_ncs."""
     a = 0.0
     b = 0.0
-    for t in range(xr.shape[0]):
+    s = xr.shape[0]
+    if blocked:
+        z = xr.dtype.type(0.0)
+        full = s // BLOCK * BLOCK
+        for t0 in range(0, full, BLOCK):
+            sa = z
+            sb = z
+            for t in range(t0, t0 + BLOCK):
+                g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
+                out[t] = g * sc
+                sa += g
+                sb += g * e
+            a += np.float64(sa)
+            b += np.float64(sb)
+        sa = z
+        sb = z
+        for t in range(full, s):
+            g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
+            out[t] = g * sc
+            sa += g
+            sb += g * e
+        return a + np.float64(sa), b + np.float64(sb)
+    for t in range(s):
         g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
         out[t] = g * sc
         a += np.float64(g)
@@ -97,11 +153,22 @@ def _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, act, k):
 
 @njit(inline="always", cache=True)
 def _eval_row_mc(xr, gr, out, mh, ml, sc, sh, acc_g, acc_ge, act, k):
+    """out = g * scale over one row; accumulators as in _reduce_row_mc."""
     for j in range(xr.shape[0]):
         g, e = _grad_centred(xr[j], gr[j], mh[j], ml[j], sc[j], sh[j], act, False, k)
         out[j] = g * sc[j]
-        acc_g[j] += np.float64(g)
-        acc_ge[j] += np.float64(g) * np.float64(e)
+        acc_g[j] += g
+        acc_ge[j] += g * e
+
+
+@njit(inline="always", cache=True)
+def _flush(acc_g, acc_ge, part_g, part_ge):
+    """Add the data-dtype row accumulators into the float64 partials and zero them."""
+    for j in range(acc_g.shape[0]):
+        part_g[j] += np.float64(acc_g[j])
+        part_ge[j] += np.float64(acc_ge[j])
+        acc_g[j] = 0.0
+        acc_ge[j] = 0.0
 
 
 @njit(cache=True)
@@ -115,7 +182,7 @@ def _sum_rows(part):
 
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k):
+def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k, blocked):
     """Per-channel float64 (sum g, sum g*e) over (N, C, S)."""
     n, c, s = src.shape
     kt = unpack(k)
@@ -126,15 +193,15 @@ def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k):
         j = p - i * c
         xr, gr, mh, ml, sc, sh = src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j]
         if act == RELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, RELU, False, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, RELU, False, kt, blocked)
         elif act == LEAKY_RELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, False, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, False, kt, blocked)
         elif act == ELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, False, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, False, kt, blocked)
         elif act == SILU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, SILU, False, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, SILU, False, kt, blocked)
         else:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, False, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, False, kt, blocked)
         part_g[i, j] = a
         part_ge[i, j] = b
     return _sum_rows(part_g), _sum_rows(part_ge)
@@ -151,9 +218,14 @@ def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     part_ge = np.zeros((chunks, c))
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
-        a = part_g[q]
-        b = part_ge[q]
-        for r in range(q * rows, min(m, (q + 1) * rows)):
+        # row accumulators in the data's dtype, added into the float64 partials every
+        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(c, dy.dtype)
+        b = np.zeros(c, dy.dtype)
+        r0 = q * rows
+        for r in range(r0, min(m, r0 + rows)):
+            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+                _flush(a, b, part_g[q], part_ge[q])
             xr, gr = src[r], dy[r]
             if act == RELU:
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, RELU, False, kt)
@@ -165,6 +237,7 @@ def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, SILU, False, kt)
             else:
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, False, kt)
+        _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
@@ -214,7 +287,7 @@ def write_dx_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k)
 
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_from_output_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k):
+def reduce_from_output_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k, blocked):
     """Per-channel float64 (sum g, sum g*e) over (N, C, S). Inplace mode: src is the output y."""
     n, c, s = src.shape
     kt = unpack(k)
@@ -225,11 +298,11 @@ def reduce_from_output_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k):
         j = p - i * c
         xr, gr, mh, ml, sc, sh = src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j]
         if act == LEAKY_RELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, True, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, True, kt, blocked)
         elif act == ELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, True, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, True, kt, blocked)
         else:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, True, kt)
+            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, True, kt, blocked)
         part_g[i, j] = a
         part_ge[i, j] = b
     return _sum_rows(part_g), _sum_rows(part_ge)
@@ -246,9 +319,14 @@ def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     part_ge = np.zeros((chunks, c))
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
-        a = part_g[q]
-        b = part_ge[q]
-        for r in range(q * rows, min(m, (q + 1) * rows)):
+        # row accumulators in the data's dtype, added into the float64 partials every
+        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(c, dy.dtype)
+        b = np.zeros(c, dy.dtype)
+        r0 = q * rows
+        for r in range(r0, min(m, r0 + rows)):
+            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+                _flush(a, b, part_g[q], part_ge[q])
             xr, gr = src[r], dy[r]
             if act == LEAKY_RELU:
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, True, kt)
@@ -256,6 +334,7 @@ def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, True, kt)
             else:
                 _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, True, kt)
+        _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
@@ -297,7 +376,7 @@ def write_dx_from_output_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0,
 
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
-def eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
+def eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k, blocked):
     """One pass: dx = g * scale and per-channel float64 (sum g, sum g*e), (N, C, S)."""
     n, c, s = x.shape
     kt = unpack(k)
@@ -309,15 +388,15 @@ def eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
         xr, gr, out = x[i, j], dy[i, j], dx[i, j]
         mh, ml, sc, sh = mean_hi[j], mean_lo[j], scale[j], shift[j]
         if act == RELU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, RELU, kt)
+            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, RELU, kt, blocked)
         elif act == LEAKY_RELU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, LEAKY_RELU, kt)
+            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, LEAKY_RELU, kt, blocked)
         elif act == ELU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, ELU, kt)
+            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, ELU, kt, blocked)
         elif act == SILU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, SILU, kt)
+            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, SILU, kt, blocked)
         else:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, IDENTITY, kt)
+            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, IDENTITY, kt, blocked)
         part_g[i, j] = a
         part_ge[i, j] = b
     return _sum_rows(part_g), _sum_rows(part_ge)
@@ -334,9 +413,14 @@ def eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
     part_ge = np.zeros((chunks, c))
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
-        a = part_g[q]
-        b = part_ge[q]
-        for r in range(q * rows, min(m, (q + 1) * rows)):
+        # row accumulators in the data's dtype, added into the float64 partials every
+        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(c, dy.dtype)
+        b = np.zeros(c, dy.dtype)
+        r0 = q * rows
+        for r in range(r0, min(m, r0 + rows)):
+            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+                _flush(a, b, part_g[q], part_ge[q])
             xr, gr, out = x[r], dy[r], dx[r]
             if act == RELU:
                 _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, RELU, kt)
@@ -348,4 +432,5 @@ def eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
                 _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, SILU, kt)
             else:
                 _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, IDENTITY, kt)
+        _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
