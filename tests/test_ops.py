@@ -395,7 +395,7 @@ def test_cuda_takes_pytorchs_path_and_matches_torch(memory_format):
 @pytest.mark.parametrize("train", [True, False])
 def test_eager_without_autograd_skips_the_dispatcher_with_the_same_bits(train):
     """No graph to record: the op's implementation runs directly (same kernels, same bits);
-    with gradients the custom op (and its autograd formula) runs."""
+    with gradients it runs through _EagerTrain / _EagerEval (tested against the op below)."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5)
     w, b = torch.rand(3) + 0.5, torch.randn(3)
@@ -413,3 +413,152 @@ def test_eager_without_autograd_skips_the_dispatcher_with_the_same_bits(train):
     recorded = call(x, wg)
     assert recorded.grad_fn is not None
     assert torch.equal(plain, recorded.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# eager with autograd: _EagerTrain / _EagerEval instead of the op's dispatcher round trip
+
+RM, RV = [0.3, -0.2, 0.1], [0.7, 1.4, 0.2]
+
+
+def eager_and_op(train, x, w, b, inplace=False):
+    """(eager route, op route) callables of (x, w, b) -> outputs, statistics in x's dtype."""
+    rm, rv = (torch.tensor(v, dtype=x.dtype) for v in (RM, RV))
+    if train:
+        def eager(x, w, b):
+            return ops.bn_act_train(x, w, b, EPS, "leaky_relu", SLOPE, ALPHA, inplace)
+
+        def op(x, w, b):  # the custom op called directly, as torch.compile and export see it
+            y, mean, var = torch.ops.batchnorm.bn_act_train(
+                x, w, b, EPS, "leaky_relu", SLOPE, ALPHA, inplace)
+            return y, mean.to(x.dtype), var.to(x.dtype)
+        return eager, op
+
+    def eager(x, w, b):
+        return ops.bn_act_eval(x, w, b, rm, rv, EPS, "leaky_relu", SLOPE, ALPHA)
+
+    def op(x, w, b):
+        return torch.ops.batchnorm.bn_act_eval(x, w, b, rm, rv, EPS, "leaky_relu", SLOPE, ALPHA)
+    return eager, op
+
+
+def grad_fn_name(fn, x, w, b):
+    out = fn(*(t.detach().clone().requires_grad_() for t in (x, w, b)))
+    return type((out[0] if isinstance(out, tuple) else out).grad_fn).__name__
+
+
+@pytest.mark.parametrize("train,inplace", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("memory_format", (None, torch.channels_last))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_eager_autograd_route_matches_the_op_bit_for_bit(train, inplace, memory_format, dtype):
+    x, w, b, dy = make((6, 3, 5, 4), dtype, memory_format)
+    w[1] = -w[1]  # a negative scale: the inplace inversion divides by it
+    eager, op = eager_and_op(train, x, w, b, inplace)
+    want = "_EagerTrainBackward" if train else "_EagerEvalBackward"
+    assert grad_fn_name(eager, x, w, b) == want
+    assert "bn_act" in grad_fn_name(op, x, w, b)
+    got, want = outputs_and_grads(eager, x, w, b, dy), outputs_and_grads(op, x, w, b, dy)
+    assert len(got) == (6 if train else 4)  # y, dx, dw, db (, mean, var)
+    for g, o in zip(got, want, strict=True):
+        assert g.dtype == o.dtype and g.stride() == o.stride() and torch.equal(g, o)
+
+
+@pytest.mark.parametrize("train", (True, False))
+def test_eager_autograd_route_without_weight_or_bias_matches_the_op(train):
+    x, _, _, dy = make((4, 3, 5, 5), torch.float64, torch.channels_last)
+    eager, op = eager_and_op(train, x, None, None)
+    grads = []
+    for fn in (eager, op):
+        xg = x.clone().requires_grad_()
+        out = fn(xg, None, None)
+        y = out[0] if train else out
+        grads.append((y.detach(), *torch.autograd.grad(y, xg, dy)))
+    for g, o in zip(*grads, strict=True):
+        assert torch.equal(g, o)
+
+
+def test_eager_autograd_route_skips_the_dispatcher(monkeypatch):
+    """The profiler records every dispatcher call: none of the batchnorm ops forward or backward
+    on the eager route; all four with the route forced back to the op."""
+    torch.manual_seed(0)
+    x, dy = torch.randn(4, 3, 5, 5, requires_grad=True), torch.randn(4, 3, 5, 5)
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def names():
+        with torch.autograd.profiler.profile() as prof:
+            y = ops.bn_act_train(x, w, b, EPS, "relu")[0]
+            torch.autograd.grad(y, (x, w, b), dy)
+            y = ops.bn_act_eval(x, w, b, rm, rv, EPS, "relu")
+            torch.autograd.grad(y, (x, w, b), dy)
+        return {e.name for e in prof.function_events if e.name.startswith("batchnorm::")}
+
+    assert names() == set()
+    monkeypatch.setattr(ops, "_plain_eager", lambda *a: False)
+    assert names() == {"batchnorm::bn_act_train", "batchnorm::bn_act_train_backward",
+                       "batchnorm::bn_act_eval", "batchnorm::bn_act_eval_backward"}
+
+
+@pytest.mark.parametrize("act,inplace", [("silu", False), ("elu", True), ("leaky_relu", True)])
+@pytest.mark.parametrize("memory_format", (None, torch.channels_last))
+def test_gradcheck_through_the_eager_route(act, inplace, memory_format):
+    x, w, b, _ = make((3, 2, 3, 2), torch.float64, memory_format)
+    rm, rv = torch.tensor(RM[:2], dtype=torch.float64), torch.tensor(RV[:2], dtype=torch.float64)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
+
+    def train(x, w, b):
+        y = ops.bn_act_train(x, w, b, EPS, act, SLOPE, ALPHA, inplace)[0]
+        assert type(y.grad_fn).__name__ == "_EagerTrainBackward"
+        return y
+
+    def evaluate(x, w, b):
+        y = ops.bn_act_eval(x, w, b, rm, rv, EPS, act, SLOPE, ALPHA)
+        assert type(y.grad_fn).__name__ == "_EagerEvalBackward"
+        return y
+
+    assert torch.autograd.gradcheck(train, inputs)
+    assert torch.autograd.gradcheck(evaluate, inputs)
+
+
+@pytest.mark.parametrize("train", (True, False))
+@pytest.mark.parametrize("route", ("eager", "op"))
+def test_double_backward_raises_on_both_routes(train, route):
+    """create_graph=True gives the first-order gradients (the same bits as without it);
+    differentiating them again raises: the backward has no derivative on either route."""
+    x, w, b, dy = make((4, 3, 5, 5), torch.float64)
+    fn = dict(zip(("eager", "op"), eager_and_op(train, x, w, b)))[route]
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    out = fn(x, w, b)
+    y = out[0] if train else out
+    first = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    plain = torch.autograd.grad(fn(x, w, b)[0] if train else fn(x, w, b), (x, w, b), dy)
+    assert all(torch.equal(f, p) for f, p in zip(first, plain, strict=True))
+    backward_op = "bn_act_train_backward" if train else "bn_act_eval_backward"
+    with pytest.raises(RuntimeError, match=f"batchnorm.{backward_op}.*no autograd formula"):
+        torch.autograd.grad(first[0].square().sum(), (x, w))
+
+
+class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", (True, False))
+def test_modes_see_the_op_with_or_without_autograd(grad):
+    x, w, b, dy = make((4, 3, 5, 5), torch.float32)
+    x.requires_grad_(grad)
+    with OpRecorder() as mode:
+        y = ops.bn_act_train(x, w, b, EPS, "relu")[0]
+        if grad:
+            torch.autograd.grad(y, x, dy)
+    want = {"batchnorm.bn_act_train.default"} | ({"batchnorm.bn_act_train_backward.default"}
+                                                 if grad else set())
+    assert want <= mode.names
+    with torch.no_grad():
+        assert torch.equal(y, ops.bn_act_train(x, w, b, EPS, "relu")[0])
+

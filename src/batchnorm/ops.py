@@ -13,7 +13,10 @@ Which path runs:
 - CPU, float32 or float64, memory dense as ``(N, C, *)`` contiguous or channels-last
   (``torch.channels_last`` / ``channels_last_3d``, or ``(N, L, C)`` storage for 3D input): the
   fused numba kernels in :mod:`batchnorm.kernels`, registered as custom ops in the ``batchnorm``
-  namespace so that autograd, ``torch.compile`` and ``torch.export`` see a single op.
+  namespace so that autograd, ``torch.compile`` and ``torch.export`` see a single op. In plain
+  eager mode the same implementations run without the op's dispatcher round trip: directly when
+  no gradient is recorded, through a ``torch.autograd.Function`` with the op's own autograd
+  formula when one is (same kernels, same bits; see ``_plain_eager``).
 - Anything else (CUDA or other devices, bfloat16 / float16, non-contiguous strides): PyTorch's own
   path, ``F.batch_norm`` followed by the activation from ``torch.nn.functional``.
 
@@ -65,8 +68,8 @@ def bn_act_train(
 
     Autograd: gradients to ``x``, ``weight`` and ``bias`` flow through the batch statistics (the
     training formula). ``mean`` and ``var`` are returned detached. On the kernel path the
-    backward is itself an op without a derivative: first-order gradients only (no
-    ``create_graph=True`` double backward).
+    backward is itself an op without a derivative: first-order gradients only (a backward with
+    ``create_graph=True`` works, differentiating its gradients again raises RuntimeError).
 
     Paths: on CPU with float32/float64 input that is contiguous or channels-last, the fused numba
     kernels run (one pass for the statistics, one for normalise + affine + activation; backward
@@ -118,8 +121,13 @@ def bn_act_train(
     _check_param("bias", bias, x, c)
     negative_slope, alpha = check_act(act, negative_slope, alpha, inplace)
     if _kernels_take(x, weight, bias):
-        op = _train_impl if _plain_eager(x, weight, bias) else torch.ops.batchnorm.bn_act_train
-        y, mean, var = op(x, weight, bias, eps, act, negative_slope, alpha, inplace)
+        args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
+        if not _plain_eager(x, weight, bias):
+            y, mean, var = torch.ops.batchnorm.bn_act_train(*args)
+        elif _records_grad(x, weight, bias):
+            y, mean, var = _EagerTrain.apply(*args)
+        else:
+            y, mean, var = _train_impl(*args)
         # the op returns float64 statistics; the contract is the input's dtype, detached
         return y, mean.detach().to(x.dtype), var.detach().to(x.dtype)
     if inplace:
@@ -181,9 +189,13 @@ def bn_act_eval(
     _check_param("running_var", running_var, x, c, required=True)
     negative_slope, alpha = check_act(act, negative_slope, alpha, inplace=False)
     if _kernels_take(x, weight, bias, running_mean, running_var):
-        op = _eval_impl if _plain_eager(x, weight, bias) else torch.ops.batchnorm.bn_act_eval
-        return op(x, weight, bias, running_mean.detach(), running_var.detach(), eps, act,
-                  negative_slope, alpha)
+        args = (x, weight, bias, running_mean.detach(), running_var.detach(), eps, act,
+                negative_slope, alpha)
+        if not _plain_eager(x, weight, bias, running_mean, running_var):
+            return torch.ops.batchnorm.bn_act_eval(*args)
+        if _records_grad(x, weight, bias):
+            return _EagerEval.apply(*args)
+        return _eval_impl(*args)
     return _plain_eval(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha)
 
 
@@ -200,16 +212,34 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _plain_eager(x: Tensor, *params: Tensor | None) -> bool:
-    """True when nothing needs the custom op: eager, plain tensors, no autograd graph to record.
+    """True when nothing needs the custom op: eager, plain tensors, no mode or transform active.
 
-    The op's dispatcher round trip costs about 0.1 ms a call (as much as the whole kernel on a
-    (8, 512, 14, 14) input), and buys nothing without autograd, a compiler or a tracer; then the
-    op's implementation is called directly. Same kernels, same results.
+    The op's dispatcher round trip costs about 0.1 ms a call forward and again backward (as much
+    as the whole kernel on a (8, 512, 14, 14) input), and buys nothing without a compiler, a
+    tracer, a tensor subclass or a mode that wants to see the op; then the op's implementation is
+    called directly (under autograd through ``_EagerTrain`` / ``_EagerEval``, which carry the
+    op's own autograd formula). Same kernels, same bits. Anything else (torch.compile,
+    torch.export, jit or fx tracing, FakeTensor, subclasses, torch function or dispatch modes,
+    functorch transforms) gets the op, which they know how to trace.
     """
+    # is_compiling first: under dynamo the other checks are never traced
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor:
         return False
-    return not (torch.is_grad_enabled()
-                and any(t is not None and t.requires_grad for t in (x, *params)))
+    if any(t is not None and type(t) not in _PLAIN_TYPES for t in params):
+        return False
+    # modes: a dispatch mode (FakeTensorMode, export's proxy mode included) or a torch function
+    # mode (torch.device as a context manager among them) must see the op
+    return not (torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active())
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _records_grad(*tensors: Tensor | None) -> bool:
+    """True when autograd records a graph for an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _kernels_take(x: Tensor, *per_channel: Tensor | None) -> bool:
@@ -357,8 +387,7 @@ def _backward(dy: Tensor, src: Tensor, weight: Tensor | None, kernel) -> tuple[T
     return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
 
 
-@torch.library.custom_op("batchnorm::bn_act_train_backward", mutates_args=())
-def _train_backward_op(
+def _train_backward_impl(
     dy: Tensor,
     src: Tensor,
     weight: Optional[Tensor],
@@ -379,6 +408,10 @@ def _train_backward_op(
     )
 
 
+_train_backward_op = torch.library.custom_op(
+    "batchnorm::bn_act_train_backward", _train_backward_impl, mutates_args=())
+
+
 @_train_backward_op.register_fake
 def _(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace):
     c = src.shape[1]
@@ -395,16 +428,52 @@ def _train_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
 
 
-def _train_backward(ctx, dy, _dmean, _dvar):
+def _train_grads(ctx, dy: Tensor, backward) -> tuple:
+    """The gradients of the training forward's inputs, ``backward`` computing (dx, dw, db)."""
     src, weight, bias, mean, var = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.batchnorm.bn_act_train_backward(
-        dy, src, weight, bias, mean, var, *ctx.params
-    )
+    dx, dweight, dbias = backward(dy, src, weight, bias, mean, var, *ctx.params)
     return (dx, None if weight is None else dweight, None if bias is None else dbias,
             None, None, None, None, None)
 
 
+def _train_backward(ctx, dy, _dmean, _dvar):
+    return _train_grads(ctx, dy, torch.ops.batchnorm.bn_act_train_backward)
+
+
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+class _EagerTrain(torch.autograd.Function):
+    """bn_act_train's op and autograd formula without the dispatcher, for plain eager calls.
+
+    The same forward, setup_context (inplace saves y, not x) and backward as the op; first-order
+    only, like the op (see ``_first_order``).
+    """
+
+    # forward with ctx, not a separate setup_context: apply() would bind the arguments to
+    # forward's signature with inspect on every call (measured 40 us a call here)
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _train_impl(*inputs)
+        _train_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        return _train_grads(
+            ctx, dy, _first_order(_train_backward_impl, torch.ops.batchnorm.bn_act_train_backward))
+
+
+def _first_order(impl, op):
+    """The backward op's implementation in a plain backward; the op itself under
+    ``create_graph=True`` (grad mode on inside backward).
+
+    The op records an autograd node on its inputs that raises "no autograd formula was registered"
+    when differentiated again: the error the op route gives. ``@once_differentiable`` would not
+    do: its error node is not connected to the inputs, so ``torch.autograd.grad(dx.sum(), x)``
+    reports "appears to not have been used in the graph" instead of the reason.
+    """
+    return op if torch.is_grad_enabled() else impl
 
 
 def _eval_impl(
@@ -438,8 +507,7 @@ def _(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alph
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("batchnorm::bn_act_eval_backward", mutates_args=())
-def _eval_backward_op(
+def _eval_backward_impl(
     dy: Tensor,
     x: Tensor,
     weight: Optional[Tensor],
@@ -459,6 +527,10 @@ def _eval_backward_op(
     )
 
 
+_eval_backward_op = torch.library.custom_op(
+    "batchnorm::bn_act_eval_backward", _eval_backward_impl, mutates_args=())
+
+
 @_eval_backward_op.register_fake
 def _(dy, x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
     c = x.shape[1]
@@ -472,17 +544,35 @@ def _eval_setup_context(ctx, inputs, output):
     ctx.params = (eps, act, negative_slope, alpha)
 
 
-def _eval_backward(ctx, dy):
+def _eval_grads(ctx, dy: Tensor, backward) -> tuple:
+    """The gradients of the eval forward's inputs, ``backward`` computing (dx, dw, db)."""
     x, weight, bias, running_mean, running_var = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.batchnorm.bn_act_eval_backward(
-        dy, x, weight, bias, running_mean, running_var, *ctx.params
-    )
+    dx, dweight, dbias = backward(dy, x, weight, bias, running_mean, running_var, *ctx.params)
     # the statistics are constants in evaluation: no gradient flows into them
     return (dx, None if weight is None else dweight, None if bias is None else dbias,
             None, None, None, None, None, None)
 
 
+def _eval_backward(ctx, dy):
+    return _eval_grads(ctx, dy, torch.ops.batchnorm.bn_act_eval_backward)
+
+
 _eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+
+
+class _EagerEval(torch.autograd.Function):
+    """bn_act_eval's op and autograd formula without the dispatcher, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _eval_impl(*inputs)
+        _eval_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _eval_grads(
+            ctx, dy, _first_order(_eval_backward_impl, torch.ops.batchnorm.bn_act_eval_backward))
 
 
 # ---------------------------------------------------------------------------------------------
