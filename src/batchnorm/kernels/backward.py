@@ -12,8 +12,8 @@ in evaluation ``k0 = k2 = 0`` and one pass does both.
 
 The sums are float64 across blocks and in the data's dtype within a block (as the statistics
 are, see ``statistics.py``): ``BLOCK`` values of a long (N, C, S) plane, when the caller passes
-``blocked`` (float32 data, planes of at least ``BLOCKED_PLANE_FROM``; short planes are summed
-value by value in float64, which was as fast there), or ``ROW_BLOCK`` channels-last rows. For
+``blocked`` (float32 data, planes of at least one BLOCK; shorter planes are summed value by
+value in float64, which was faster there), or ``ROW_BLOCK`` channels-last rows. For
 float32 that halves the arithmetic of the reduction; g * e is already centred, so there is no
 cancellation for the float32 rounding to grow in.
 
