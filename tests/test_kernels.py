@@ -268,3 +268,39 @@ def test_one_and_two_threads_give_identical_bits(layout):
     kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+# channels-last backward: rows_per_chunk(1024) = 256-row chunks, read four rows at a time (one
+# from each quarter of the chunk); the last chunk has 7 rows, 3 of them left over for one at a time
+@pytest.mark.parametrize("act", ("identity", "elu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
+    c = 1024
+    shape = (3 * rows_per_chunk(c) + 7, c, 1, 1)
+    x, w, b, dy = data(shape, dtype, seed=6)
+    z_ref, state = reference.forward(x.astype(np.float64), w.astype(np.float64),
+                                     b.astype(np.float64), None, None, training=True)
+    g = dy.astype(np.float64) * act_grad_np(z_ref, act)
+    dx_ref, dw_ref, db_ref = reference.backward(g, state)
+    xk, dyk = to_kernel(x, "mc"), to_kernel(dy, "mc")
+    y = np.empty_like(xk)
+    mean, var = kernels.train_forward(xk, w, b, EPS, act, SLOPE, ALPHA, y)
+    for src, inplace in ((xk, False), (y, True)):
+        dx = np.empty_like(xk)
+        dw, db = kernels.train_backward(dyk, src, w, b, mean, var, EPS, act, SLOPE, ALPHA,
+                                        inplace, dx)
+        tol = TOL[dtype] if not inplace or dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(from_kernel(dx, shape, "mc"), dx_ref, **tol)
+        np.testing.assert_allclose(dw, dw_ref, **tol)
+        np.testing.assert_allclose(db, db_ref, **tol)
+
+    # evaluation with the batch's own statistics: g scaled, the same sums
+    _, state_eval = reference.forward(x.astype(np.float64), w.astype(np.float64),
+                                      b.astype(np.float64), state.mean, state.var,
+                                      training=False)
+    dx_ref, dw_ref, db_ref = reference.backward(g, state_eval)
+    dx = np.empty_like(xk)
+    dw, db = kernels.eval_backward(dyk, xk, w, b, state.mean, state.var, EPS, act, SLOPE, ALPHA, dx)
+    np.testing.assert_allclose(from_kernel(dx, shape, "mc"), dx_ref, **TOL[dtype])
+    np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
+    np.testing.assert_allclose(db, db_ref, **TOL[dtype])
