@@ -38,6 +38,10 @@ __all__ = [
 NONFINITE = ("skip", "raise", "update")
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 _REDUCED = (torch.float16, torch.bfloat16)  # may run with float32 parameters, as in PyTorch
+# the same function object as torch.compiler.is_compiling (dynamo folds it to a constant); a
+# module attribute so that a test can take the compiled branch of the guard in eager without
+# patching torch itself (a patched torch.compiler.is_compiling stays cached inside dynamo)
+_is_compiling = torch.compiler.is_compiling
 
 
 class _OurBatchNorm(_BatchNorm):
@@ -147,7 +151,7 @@ class _OurBatchNorm(_BatchNorm):
         ok = None  # None: known finite (or not guarded); else a 0-d bool tensor
         if self.nonfinite != "update":
             ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            if self.nonfinite == "raise" or not torch.compiler.is_compiling():
+            if self.nonfinite == "raise" or not _is_compiling():
                 if not bool(ok):
                     self._reject_nonfinite(mean, var)
                     return
