@@ -13,8 +13,7 @@ in evaluation ``k0 = k2 = 0`` and one pass does both.
 The sums are float64 across blocks and in the data's dtype within a block (as the statistics
 are, see ``statistics.py``): ``BLOCK`` values of a long (N, C, S) plane, when the caller passes
 ``blocked`` (float32 data, planes of at least one BLOCK; shorter planes are summed value by
-value in float64, which was faster there), or ``ROW_BLOCK`` channels-last rows (four rows
-per add, see ``_reduce_chunk_mc``: at most ROW_BLOCK values in each float32 sum). For
+value in float64, which was faster there), or ``ROW_BLOCK`` channels-last rows. For
 float32 that halves the arithmetic of the reduction; g * e is already centred, so there is no
 cancellation for the float32 rounding to grow in.
 
@@ -41,8 +40,7 @@ from ._activation import (
 from .statistics import BLOCK, REASSOC, rows_per_chunk
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
-# (four rows per add, so each float32 accumulator takes ROW_BLOCK // 4 adds between flushes)
-ROW_BLOCK = 32
+ROW_BLOCK = 16
 
 # Each kernel dispatches on the activation outside its inner loop and calls an inlined row
 # function with constants, so that every inner loop is branch-free and vectorises (see
@@ -173,76 +171,6 @@ def _flush(acc_g, acc_ge, part_g, part_ge):
         acc_ge[j] = 0.0
 
 
-@njit(inline="always", cache=True)
-def _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, part_g, part_ge, act, inplace, k):
-    """part_g[j] += sum g, part_ge[j] += sum g * e over the channels-last rows r0:r1.
-
-    Four rows at a time, so each accumulator is loaded and stored once per four rows. The four
-    rows are one from each quarter of the chunk (r, r + quarter, ...), not four neighbours:
-    four long sequential streams per array, which the hardware prefetcher follows; four
-    neighbouring rows are four short streams inside a page, and were 15-50% slower than one
-    row at a time at C = 256 (measured at (32, 256, 56, 56) in float32). The last (r1 - r0) % 4
-    rows are added one at a time. The accumulators are in the data's dtype and added into the
-    float64 partials every ROW_BLOCK // 4 quads (at most ROW_BLOCK values per float32 sum, the
-    leftover rows included). They are allocated here, not passed in: LLVM then knows they do
-    not alias the data and vectorises without runtime overlap checks (as
-    ``statistics._rows_blocked``). The order of the sums is fixed by r0:r1 only, so results do
-    not depend on the thread count.
-    """
-    c = src.shape[1]
-    a = np.zeros(c, dy.dtype)
-    b = np.zeros(c, dy.dtype)
-    quarter = (r1 - r0) // 4
-    quads_end = r0 + 4 * quarter
-    for r in range(r0, r0 + quarter):
-        x0, x1, x2, x3 = src[r], src[r + quarter], src[r + 2 * quarter], src[r + 3 * quarter]
-        d0, d1, d2, d3 = dy[r], dy[r + quarter], dy[r + 2 * quarter], dy[r + 3 * quarter]
-        for j in range(c):
-            m_h, m_l, s_c, s_h = mh[j], ml[j], sc[j], sh[j]
-            g0, e0 = _grad_centred(x0[j], d0[j], m_h, m_l, s_c, s_h, act, inplace, k)
-            g1, e1 = _grad_centred(x1[j], d1[j], m_h, m_l, s_c, s_h, act, inplace, k)
-            g2, e2 = _grad_centred(x2[j], d2[j], m_h, m_l, s_c, s_h, act, inplace, k)
-            g3, e3 = _grad_centred(x3[j], d3[j], m_h, m_l, s_c, s_h, act, inplace, k)
-            a[j] += (g0 + g1) + (g2 + g3)
-            b[j] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-        if (r - r0 + 1) % (ROW_BLOCK // 4) == 0:
-            _flush(a, b, part_g, part_ge)
-    for r in range(quads_end, r1):
-        _reduce_row_mc(src[r], dy[r], mh, ml, sc, sh, a, b, act, inplace, k)
-    _flush(a, b, part_g, part_ge)
-
-
-@njit(inline="always", cache=True)
-def _eval_chunk_mc(x, dy, dx, r0, r1, mh, ml, sc, sh, part_g, part_ge, act, k):
-    """dx = g * scale over the channels-last rows r0:r1; sums as in _reduce_chunk_mc."""
-    c = x.shape[1]
-    a = np.zeros(c, dy.dtype)
-    b = np.zeros(c, dy.dtype)
-    quarter = (r1 - r0) // 4
-    quads_end = r0 + 4 * quarter
-    for r in range(r0, r0 + quarter):
-        x0, x1, x2, x3 = x[r], x[r + quarter], x[r + 2 * quarter], x[r + 3 * quarter]
-        d0, d1, d2, d3 = dy[r], dy[r + quarter], dy[r + 2 * quarter], dy[r + 3 * quarter]
-        o0, o1, o2, o3 = dx[r], dx[r + quarter], dx[r + 2 * quarter], dx[r + 3 * quarter]
-        for j in range(c):
-            m_h, m_l, s_c, s_h = mh[j], ml[j], sc[j], sh[j]
-            g0, e0 = _grad_centred(x0[j], d0[j], m_h, m_l, s_c, s_h, act, False, k)
-            g1, e1 = _grad_centred(x1[j], d1[j], m_h, m_l, s_c, s_h, act, False, k)
-            g2, e2 = _grad_centred(x2[j], d2[j], m_h, m_l, s_c, s_h, act, False, k)
-            g3, e3 = _grad_centred(x3[j], d3[j], m_h, m_l, s_c, s_h, act, False, k)
-            o0[j] = g0 * s_c
-            o1[j] = g1 * s_c
-            o2[j] = g2 * s_c
-            o3[j] = g3 * s_c
-            a[j] += (g0 + g1) + (g2 + g3)
-            b[j] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-        if (r - r0 + 1) % (ROW_BLOCK // 4) == 0:
-            _flush(a, b, part_g, part_ge)
-    for r in range(quads_end, r1):
-        _eval_row_mc(x[r], dy[r], dx[r], mh, ml, sc, sh, a, b, act, k)
-    _flush(a, b, part_g, part_ge)
-
-
 @njit(cache=True)
 def _sum_rows(part):
     """Column sums of (chunks, C) partials, chunk by chunk in order (fixed, thread-independent)."""
@@ -290,19 +218,26 @@ def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     part_ge = np.zeros((chunks, c))
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
+        # row accumulators in the data's dtype, added into the float64 partials every
+        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(c, dy.dtype)
+        b = np.zeros(c, dy.dtype)
         r0 = q * rows
-        r1 = min(m, r0 + rows)
-        pg, pge = part_g[q], part_ge[q]
-        if act == RELU:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, RELU, False, kt)
-        elif act == LEAKY_RELU:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, LEAKY_RELU, False, kt)
-        elif act == ELU:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, ELU, False, kt)
-        elif act == SILU:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, SILU, False, kt)
-        else:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, IDENTITY, False, kt)
+        for r in range(r0, min(m, r0 + rows)):
+            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+                _flush(a, b, part_g[q], part_ge[q])
+            xr, gr = src[r], dy[r]
+            if act == RELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, RELU, False, kt)
+            elif act == LEAKY_RELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, False, kt)
+            elif act == ELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, False, kt)
+            elif act == SILU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, SILU, False, kt)
+            else:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, False, kt)
+        _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
@@ -384,15 +319,22 @@ def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     part_ge = np.zeros((chunks, c))
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
+        # row accumulators in the data's dtype, added into the float64 partials every
+        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(c, dy.dtype)
+        b = np.zeros(c, dy.dtype)
         r0 = q * rows
-        r1 = min(m, r0 + rows)
-        pg, pge = part_g[q], part_ge[q]
-        if act == LEAKY_RELU:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, LEAKY_RELU, True, kt)
-        elif act == ELU:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, ELU, True, kt)
-        else:
-            _reduce_chunk_mc(src, dy, r0, r1, mh, ml, sc, sh, pg, pge, IDENTITY, True, kt)
+        for r in range(r0, min(m, r0 + rows)):
+            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+                _flush(a, b, part_g[q], part_ge[q])
+            xr, gr = src[r], dy[r]
+            if act == LEAKY_RELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, True, kt)
+            elif act == ELU:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, True, kt)
+            else:
+                _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, True, kt)
+        _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
@@ -471,17 +413,24 @@ def eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
     part_ge = np.zeros((chunks, c))
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
+        # row accumulators in the data's dtype, added into the float64 partials every
+        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(c, dy.dtype)
+        b = np.zeros(c, dy.dtype)
         r0 = q * rows
-        r1 = min(m, r0 + rows)
-        pg, pge = part_g[q], part_ge[q]
-        if act == RELU:
-            _eval_chunk_mc(x, dy, dx, r0, r1, mh, ml, sc, sh, pg, pge, RELU, kt)
-        elif act == LEAKY_RELU:
-            _eval_chunk_mc(x, dy, dx, r0, r1, mh, ml, sc, sh, pg, pge, LEAKY_RELU, kt)
-        elif act == ELU:
-            _eval_chunk_mc(x, dy, dx, r0, r1, mh, ml, sc, sh, pg, pge, ELU, kt)
-        elif act == SILU:
-            _eval_chunk_mc(x, dy, dx, r0, r1, mh, ml, sc, sh, pg, pge, SILU, kt)
-        else:
-            _eval_chunk_mc(x, dy, dx, r0, r1, mh, ml, sc, sh, pg, pge, IDENTITY, kt)
+        for r in range(r0, min(m, r0 + rows)):
+            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+                _flush(a, b, part_g[q], part_ge[q])
+            xr, gr, out = x[r], dy[r], dx[r]
+            if act == RELU:
+                _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, RELU, kt)
+            elif act == LEAKY_RELU:
+                _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, LEAKY_RELU, kt)
+            elif act == ELU:
+                _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, ELU, kt)
+            elif act == SILU:
+                _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, SILU, kt)
+            else:
+                _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, IDENTITY, kt)
+        _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
