@@ -163,16 +163,17 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
     out_mean = np.empty(c)
     out_m2 = np.empty(c)
     cnt = np.float64(r1 - r0)
-    quads_end = r0 + (r1 - r0) // 4 * 4
+    q4 = (r1 - r0) // 4  # rows r, r + q4, r + 2 q4, r + 3 q4: four long streams
+    quads_end = r0 + 4 * q4
     # pass 1: the chunk's mean, the centre k
     for j in range(c):
         out_mean[j] = 0.0
         a32[j] = z
-    for r in range(r0, quads_end, 4):
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+    for r in range(r0, r0 + q4):
+        x0, x1, x2, x3 = x[r], x[r + q4], x[r + 2 * q4], x[r + 3 * q4]
         for j in range(c):
             a32[j] += (x0[j] + x1[j]) + (x2[j] + x3[j])
-        if (r - r0 + 4) % ROW_BLOCK == 0:
+        if (r - r0 + 1) % (ROW_BLOCK // 4) == 0:
             for j in range(c):
                 out_mean[j] += np.float64(a32[j])
                 a32[j] = z
@@ -187,8 +188,8 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
         a32[j] = z
         b32[j] = z
     # pass 2: sums of d = x - k and d * d
-    for r in range(r0, quads_end, 4):
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+    for r in range(r0, r0 + q4):
+        x0, x1, x2, x3 = x[r], x[r + q4], x[r + 2 * q4], x[r + 3 * q4]
         for j in range(c):
             kj = k[j]
             d0 = x0[j] - kj
@@ -197,7 +198,7 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
             d3 = x3[j] - kj
             a32[j] += (d0 + d1) + (d2 + d3)
             b32[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        if (r - r0 + 4) % ROW_BLOCK == 0:
+        if (r - r0 + 1) % (ROW_BLOCK // 4) == 0:
             for j in range(c):
                 out_mean[j] += np.float64(a32[j])
                 out_m2[j] += np.float64(b32[j])
