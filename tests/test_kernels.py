@@ -248,12 +248,14 @@ def test_without_weight_and_bias_is_gamma_one_beta_zero():
 # determinism
 
 
+@pytest.mark.parametrize("shape", ((3 * 128 + 5, 1024, 1, 1), (4, 8, 48, 48)))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_one_and_two_threads_give_identical_bits(layout):
+def test_one_and_two_threads_give_identical_bits(layout, shape):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread")
-    # several channels-last chunks and many planes, so both threads get work
-    x, w, b, dy = data((3 * 128 + 5, 1024, 1, 1), np.float32, seed=5)
+    # several channels-last chunks and many planes, so both threads get work; 48x48 planes
+    # take the float32-block statistics and backward sums
+    x, w, b, dy = data(shape, np.float32, seed=5)
     xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
     results = []
     for threads in (1, 2):
@@ -270,8 +272,8 @@ def test_one_and_two_threads_give_identical_bits(layout):
         np.testing.assert_array_equal(one, two)
 
 
-# channels-last backward: rows_per_chunk(1024) = 256-row chunks, read four rows at a time (one
-# from each quarter of the chunk); the last chunk has 7 rows, 3 of them left over for one at a time
+# channels-last backward: rows_per_chunk(1024) = 256-row chunks, float32 row sums added into
+# float64 every ROW_BLOCK rows; the last chunk has 7 rows
 @pytest.mark.parametrize("act", ("identity", "elu"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
