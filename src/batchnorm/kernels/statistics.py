@@ -293,17 +293,25 @@ def _merge_chunks(part_mean, part_m2, m, rows, shift):
     return mean, m2
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def moments_mc(x):
-    """Per-channel (mean, M2) in float64 of channels-last x (M, C), M > 0, from float64 sums."""
+@njit(inline="always", cache=True)
+def _mc_setup(x):
+    """What both channels-last kernels start with: the shift (each channel's first value), the
+    rows per chunk, and the (chunks, C) float64 partial arrays."""
     m, c = x.shape
     shift = np.empty(c)
     for j in range(c):
         shift[j] = x[0, j]
     rows = rows_per_chunk(c)
     chunks = (m + rows - 1) // rows
-    part_mean = np.empty((chunks, c))
-    part_m2 = np.empty((chunks, c))
+    return shift, rows, np.empty((chunks, c)), np.empty((chunks, c))
+
+
+@njit(parallel=True, cache=True, fastmath=REASSOC)
+def moments_mc(x):
+    """Per-channel (mean, M2) in float64 of channels-last x (M, C), M > 0, from float64 sums."""
+    m, c = x.shape
+    shift, rows, part_mean, part_m2 = _mc_setup(x)
+    chunks = part_mean.shape[0]
     for q in prange(chunks):
         r0 = q * rows
         r1 = min(m, r0 + rows)
@@ -320,13 +328,8 @@ def moments_mc_blocked(x):
     """Per-channel (mean, M2) in float64 of float32 channels-last x (M, C), M > 0, from float32
     blocks."""
     m, c = x.shape
-    shift = np.empty(c)
-    for j in range(c):
-        shift[j] = x[0, j]
-    rows = rows_per_chunk(c)
-    chunks = (m + rows - 1) // rows
-    part_mean = np.empty((chunks, c))
-    part_m2 = np.empty((chunks, c))
+    shift, rows, part_mean, part_m2 = _mc_setup(x)
+    chunks = part_mean.shape[0]
     for q in prange(chunks):
         r0 = q * rows
         _rows_blocked(x, r0, min(m, r0 + rows), shift, part_mean[q], part_m2[q])
