@@ -11,9 +11,12 @@ return per-channel float64 results. Nothing here imports torch; :mod:`batchnorm.
 as PyTorch custom ops.
 
 Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
-so results are bitwise identical for any thread count (:func:`set_threads`).
+so results are bitwise identical for any thread count (:func:`set_threads`). Inside a chunk,
+float32 data is summed in float32 blocks whose sums are added in float64 (half the arithmetic;
+``statistics.py`` and ``backward.py`` say where and how exact); float64 data in float64.
 
-Kernels compile on first use (a few seconds each) and are cached on disk next to this package
+Kernels compile on first use (a few seconds each; about 30 s for a first float32 training step
+in both layouts) and are cached on disk next to this package
 (numba ``cache=True``). Numba does not notice edits to a helper in another file of this package:
 after changing ``_activation.py`` or ``statistics.py``, delete ``kernels/__pycache__``.
 """
