@@ -209,9 +209,9 @@ def test_inplace_saves_the_output_not_the_input(plain):
 # numerics, determinism, edge cases
 
 
-@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (2, 16, 16, 32)))
+@pytest.mark.parametrize("shape", ((16, 4, 8, 8), (2, 16, 16, 32), (2, 4, 64, 64)))
 @pytest.mark.parametrize("memory_format", (None, torch.channels_last))
-def test_large_offset_float32_within_1e_4_of_exact(memory_format, shape):
+def test_large_offset_float32_within_1e_6_of_exact(memory_format, shape):
     g = torch.Generator().manual_seed(7)
     x = (1e4 + 1e-2 * torch.randn(*shape, generator=g, dtype=torch.float64))
     exact = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
@@ -222,7 +222,8 @@ def test_large_offset_float32_within_1e_4_of_exact(memory_format, shape):
     x32d = x32.double()
     exact = (x32d - x32d.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
         x32d.var((0, 2, 3), correction=0, keepdim=True) + EPS)
-    assert (y.double() - exact).abs().max() < 1e-4
+    # measured 3.5e-7 (the output's own float32 rounding); PyTorch CPU: 3e-2, channels-last 3.8
+    assert (y.double() - exact).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("shape,memory_format", [
