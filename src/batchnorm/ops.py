@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import kernels, output_cache
 from .errors import check_eps, expected
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "check_act"]
@@ -323,15 +323,23 @@ _madvise = _libc_madvise()
 
 
 def _output_like(x: Tensor) -> Tensor:
-    """torch.empty_like(x), with huge pages asked for when it is large (see above)."""
+    """torch.empty_like(x) (x dense), from the opt-in output cache when it is on
+    (:mod:`batchnorm.output_cache`), else with huge pages asked for when it is large (see above)."""
+    cached = output_cache.empty_like_cached(x, _advise_huge_pages)
+    if cached is not None:
+        return cached
     out = torch.empty_like(x)
-    nbytes = out.numel() * out.element_size()
+    _advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    """Ask for transparent huge pages on the whole 2 MB pages of a block of 32 MB or more."""
     if _madvise is not None and nbytes >= _HUGE_PAGES_FROM:
-        start = -(-out.data_ptr() // _PAGE_2M) * _PAGE_2M  # whole 2 MB pages inside it
-        end = (out.data_ptr() + nbytes) // _PAGE_2M * _PAGE_2M
+        start = -(-address // _PAGE_2M) * _PAGE_2M  # whole 2 MB pages inside it
+        end = (address + nbytes) // _PAGE_2M * _PAGE_2M
         if end > start:
             _madvise(start, end - start, _MADV_HUGEPAGE)  # a failure only loses the speed-up
-    return out
 
 
 def _dense(x: Tensor) -> Tensor:
