@@ -244,15 +244,22 @@ def _merge_planes(part_mean, part_m2, s, shift):
     return mean, m2
 
 
+@njit(inline="always", cache=True)
+def _ncs_setup(x):
+    """What both (N, C, S) kernels start with: the shift (each channel's first value) and the
+    (N, C) float64 arrays of the planes' partials (means relative to the shift)."""
+    n, c, _ = x.shape
+    shift = np.empty(c)
+    for j in range(c):
+        shift[j] = x[0, j, 0]
+    return shift, np.empty((n, c)), np.empty((n, c))
+
+
 @njit(parallel=True, cache=True, fastmath=REASSOC)
 def moments_ncs(x):
     """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, from float64 sums."""
     n, c, s = x.shape
-    shift = np.empty(c)
-    for j in range(c):
-        shift[j] = x[0, j, 0]
-    part_mean = np.empty((n, c))  # shifted mean of each plane
-    part_m2 = np.empty((n, c))
+    shift, part_mean, part_m2 = _ncs_setup(x)
     for p in prange(n * c):
         i = p // c
         j = p - i * c
@@ -265,11 +272,7 @@ def moments_ncs(x):
 def moments_ncs_blocked(x):
     """Per-channel (mean, M2) in float64 of float32 x (N, C, S), N * S > 0, from float32 blocks."""
     n, c, s = x.shape
-    shift = np.empty(c)
-    for j in range(c):
-        shift[j] = x[0, j, 0]
-    part_mean = np.empty((n, c))
-    part_m2 = np.empty((n, c))
+    shift, part_mean, part_m2 = _ncs_setup(x)
     for p in prange(n * c):
         i = p // c
         j = p - i * c
