@@ -84,16 +84,11 @@ def timed_pair(torch_fn, our_fn, repeats: int) -> tuple[float, float]:
 def copy_bandwidth(x: torch.Tensor, repeats: int) -> float:
     """GB/s of ``dst.copy_(x)``, counting the read and the write."""
     dst = torch.empty_like(x)
-    dst.copy_(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(x)
-        times.append(time.perf_counter() - start)
-    return 2 * x.numel() * x.element_size() / statistics.median(times) / 1e9
+    return 2 * x.numel() * x.element_size() / median_seconds(lambda: dst.copy_(x), repeats) / 1e9
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -107,9 +102,9 @@ def memory_bounds(x: torch.Tensor, dy: torch.Tensor, repeats: int) -> dict[str, 
     """{case: seconds} of the passes over memory each case needs, timed with PyTorch's own
     streaming ops into preallocated outputs (see the module docstring)."""
     y = torch.empty_like(x)
-    read = median_ms(lambda: x.sum(), repeats)
-    read_write = median_ms(lambda: y.copy_(x), repeats)
-    two_reads_write = median_ms(lambda: torch.add(x, dy, out=y), repeats)
+    read = median_seconds(lambda: x.sum(), repeats)
+    read_write = median_seconds(lambda: y.copy_(x), repeats)
+    two_reads_write = median_seconds(lambda: torch.add(x, dy, out=y), repeats)
     train = read + read_write + 2 * read + two_reads_write
     return {"train fwd": read + read_write, "train fwd+bwd": train, "bn+relu fwd+bwd": train,
             "eval fwd": read_write}
