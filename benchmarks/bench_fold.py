@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import batchnorm  # noqa: E402
-from batchnorm.graph import is_batchnorm  # noqa: E402
+from batchnorm.protocol import is_batchnorm  # noqa: E402
 from tests import replicas  # noqa: E402
 
 with warnings.catch_warnings():  # torch's module warns about its own jit use on import

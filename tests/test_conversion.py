@@ -81,7 +81,7 @@ def assert_outputs_close(a, b, tol=1e-5):
 
 def bn_types(model: nn.Module) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules(remove_duplicate=False)
-            if batchnorm.graph.is_batchnorm(m)}
+            if batchnorm.protocol.is_batchnorm(m)}
 
 
 # ------------------------------------------------------------------------------------------------

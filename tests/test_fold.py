@@ -117,7 +117,7 @@ def test_fold_equals_eval_on_every_replica(name):
     model, x = build(name)
     model.train()  # fold must not care about (or change) the input's mode
     before = snapshot(model)
-    folded = fold(model, x)
+    folded, report = fold(model, x, report=True)
     assert snapshot(model) == before, "fold changed the input model"
     assert not folded.training
     with torch.no_grad():
@@ -126,7 +126,6 @@ def test_fold_equals_eval_on_every_replica(name):
     assert_close(got, want)
 
     _, _, n_folded, n_frozen = REPLICAS[name]
-    report = folded.fold_report
     assert (report.count("folded"), report.count("frozen"), report.count("kept")) == (
         n_folded,
         n_frozen,
@@ -198,10 +197,10 @@ def odd_kinds_model():
 def test_fold_handles_sync_duck_ours_frozen_and_act():
     model = odd_kinds_model()
     x = torch.randn(2, 3, 8, 8)
-    folded = fold(model, x)
+    folded, report = fold(model, x, report=True)
     with torch.no_grad():
         assert_close(folded(x), copy.deepcopy(model).eval()(x))
-    actions = {r.name: r.action for r in folded.fold_report.layers}
+    actions = {r.name: r.action for r in report.layers}
     assert actions == {
         "1": "folded",
         "4": "folded",
@@ -214,7 +213,7 @@ def test_fold_handles_sync_duck_ours_frozen_and_act():
     assert isinstance(folded[6], nn.LeakyReLU) and folded[6].negative_slope == 0.2
     assert isinstance(folded[14][1], nn.ELU) and folded[14][1].alpha == 0.5
     assert not any(
-        batchnorm.graph.is_batchnorm(m) and not isinstance(m, batchnorm.FrozenBatchNorm2d)
+        batchnorm.protocol.is_batchnorm(m) and not isinstance(m, batchnorm.FrozenBatchNorm2d)
         for m in folded.modules()
     )
 
@@ -222,9 +221,9 @@ def test_fold_handles_sync_duck_ours_frozen_and_act():
 def test_fold_without_example_input_and_unknown_rank_bn():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.SyncBatchNorm(4))
     randomize_bn(model)
-    folded = fold(model)  # no shapes: the SyncBatchNorm becomes an any-rank affine
+    folded, report = fold(model, report=True)  # no shapes: the SyncBatchNorm becomes an any-rank affine
     x = torch.randn(2, 3, 5, 5)
-    assert folded.fold_report.max_error is None
+    assert report.max_error is None
     with torch.no_grad():
         assert_close(folded(x), copy.deepcopy(model).eval()(x))
 
@@ -248,8 +247,8 @@ class SharedOutput(nn.Module):
 def test_fold_keeps_shared_output_and_statless_bn_correct():
     model = randomize_bn(SharedOutput())
     x = torch.randn(4, 3, 5, 5)
-    folded = fold(model, x)
-    actions = {r.name: (r.action, r.reason) for r in folded.fold_report.layers}
+    folded, report = fold(model, x, report=True)
+    actions = {r.name: (r.action, r.reason) for r in report.layers}
     assert actions["bn"][0] == "frozen" and "other users" in actions["bn"][1]
     assert actions["bn2"][0] == "kept"
     with torch.no_grad():
@@ -261,8 +260,8 @@ def test_fold_skips_linear_on_3d_input():
         nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5))
     )  # BN normalises dim 1 = 5 rows
     x = torch.randn(2, 5, 5)
-    folded = fold(model, x)
-    assert folded.fold_report.layers[0].action == "frozen"
+    folded, report = fold(model, x, report=True)
+    assert report.layers[0].action == "frozen"
     with torch.no_grad():
         assert_close(folded(x), copy.deepcopy(model).eval()(x))
 
@@ -284,8 +283,7 @@ class Untraceable(nn.Module):
 def test_fold_falls_back_to_sequential_pairs_when_tracing_fails():
     model = randomize_bn(Untraceable())
     x = torch.randn(2, 3, 6, 6)
-    folded = fold(model, x)
-    report = folded.fold_report
+    folded, report = fold(model, x, report=True)
     assert report.warning and "approximate" in report.warning
     actions = {r.name: r.action for r in report.layers}
     assert actions == {"body.1": "folded", "bn": "frozen"}  # conv → bn not provably adjacent
@@ -297,7 +295,7 @@ def test_fold_report_prints_and_serialises():
     import json
 
     model, x = build("densenet")
-    report = fold(model, x).fold_report
+    report = fold(model, x, report=True)[1]
     text = str(report)
     assert "features.1" in text and "folded" in text and "frozen" in text
     data = json.loads(json.dumps(report.to_dict()))
@@ -392,15 +390,15 @@ def test_fold_equals_eval_on_random_graphs(program, head, seed):
     model = randomize_bn(RandomGraph(program, 3, head), seed)
     x = torch.randn(2, 3, 5, 5)
     before = snapshot(model)
-    folded = fold(model, x)
+    folded, report = fold(model, x, report=True)
     assert snapshot(model) == before
     with torch.no_grad():
         want = copy.deepcopy(model).eval()(x)
         got = folded(x)
     assert_close(got, want)
     bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert len(folded.fold_report.layers) == bns
-    assert all(r.action in ("folded", "frozen") for r in folded.fold_report.layers)
+    assert len(report.layers) == bns
+    assert all(r.action in ("folded", "frozen") for r in report.layers)
 
 
 # --------------------------------------------------------------------------- strip_bias
@@ -434,9 +432,8 @@ def test_strip_bias_keeps_eval_and_training_outputs():
     model = biased_model()
     x = torch.randn(4, 3, 4, 4)
     before = snapshot(model)
-    lean = strip_bias(model)
+    lean, report = strip_bias(model, report=True)
     assert snapshot(model) == before, "strip_bias changed the input model"
-    report = lean.strip_report
     assert [(p, b) for p, b, _ in report.layers] == [("0", "1"), ("3", "4"), ("9", "10")]
     assert report.parameters_saved == 6 + 4 + 5
     assert (
@@ -461,8 +458,8 @@ def test_strip_bias_keeps_eval_and_training_outputs():
 
 def test_strip_bias_leaves_shared_outputs_alone():
     model = SharedOutput()
-    lean = strip_bias(model)
-    assert lean.strip_report.parameters_saved == 4  # conv2 → bn2 only; conv's output is shared
+    lean, report = strip_bias(model, report=True)
+    assert report.parameters_saved == 4  # conv2 → bn2 only; conv's output is shared
     assert lean.conv.bias is not None and lean.conv2.bias is None
     x = torch.randn(3, 3, 4, 4)
     with torch.no_grad():
@@ -475,16 +472,16 @@ def test_fold_with_tied_weights_keeps_the_other_user_right():
     model = randomize_bn(nn.Sequential(first, nn.BatchNorm2d(3), second))
     x = torch.randn(2, 3, 4, 4)
     before = snapshot(model)
-    folded = fold(model, x)
-    assert snapshot(model) == before and folded.fold_report.layers[0].action == "folded"
+    folded, report = fold(model, x, report=True)
+    assert snapshot(model) == before and report.layers[0].action == "folded"
     with torch.no_grad():
         assert_close(folded(x), copy.deepcopy(model).eval()(x))
 
 
 def test_frozen_replacements_are_bit_identical_to_bn_eval():
     model, x = build("densenet")
-    folded = fold(model, x)
-    frozen = [r for r in folded.fold_report.layers if r.action == "frozen"]
+    folded, report = fold(model, x, report=True)
+    frozen = [r for r in report.layers if r.action == "frozen"]
     assert len(frozen) == 6 and all(r.max_error == 0.0 for r in frozen)
     module = folded.get_submodule(frozen[0].name)
     assert isinstance(module, FrozenBatchNorm2d)
@@ -492,3 +489,35 @@ def test_frozen_replacements_are_bit_identical_to_bn_eval():
         module(torch.randn(2, module.num_features, 3))
     with pytest.raises(BatchNormError, match="channels on dim 1"):
         module(torch.randn(2, module.num_features + 1, 3, 3))
+
+
+def test_fold_and_strip_bias_return_clean_modules_and_reports_on_request():
+    import pickle
+    import pickletools
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    for transform, report_type in ((fold, "FoldReport"), (strip_bias, "StripReport")):
+        plain = transform(model, x)
+        new, report = transform(model, x, report=True)
+        assert isinstance(plain, nn.Module) and type(report).__name__ == report_type
+        for m in (plain, new):
+            assert not any(isinstance(v, type(report)) for v in vars(m).values())
+            # every BN folded (or PyTorch's BN kept): no class of ours in the pickle at all
+            strings = [arg for _, arg, _ in pickletools.genops(pickle.dumps(m))
+                       if isinstance(arg, str)]
+            assert not [t for t in strings if t.split(".")[0] == "batchnorm"], strings
+    assert report.parameters_saved == 6
+
+
+def test_fold_freezes_a_sync_layer_into_the_class_of_the_bn_it_replaced():
+    # the sync layer takes any rank; it remembers the BatchNorm2d it replaced, so the frozen
+    # affine takes 4D input (it was a FrozenBatchNorm1d, which refuses 4D input)
+    model = batchnorm.convert(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), to="sync").eval()
+    folded, report = fold(model, report=True)
+    assert report.layers[0].action == "frozen"
+    assert type(folded[1]) is batchnorm.FrozenBatchNorm2d
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert_close(folded(x), model(x))

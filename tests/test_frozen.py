@@ -58,3 +58,31 @@ def test_any_rank_variant():
         torch.testing.assert_close(frozen(x), x / (1 + 1e-5) ** 0.5)
     with pytest.raises(BatchNormError, match="at least 2 dimensions"):
         frozen(torch.randn(3))
+
+
+@pytest.mark.parametrize("num_features, eps, message", [
+    (0, 1e-5, "expected num_features to be a positive integer (got 0)"),
+    (True, 1e-5, "expected num_features to be a positive integer (got True)"),
+    (3, -1.0, "expected eps >= 0 (got -1.0)"),
+    (3, float("nan"), "expected eps to be a finite number (got nan)"),
+])
+def test_constructors_share_the_checks_and_their_messages(num_features, eps, message):
+    import batchnorm
+    from batchnorm.errors import check_eps, check_num_features
+
+    for cls in (FrozenBatchNorm2d, batchnorm.BatchNorm2d, batchnorm.BatchNormAct2d,
+                batchnorm.SyncBatchNorm):
+        with pytest.raises(BatchNormError) as err:
+            cls(num_features, eps=eps)
+        assert str(err.value) == message, cls
+    with pytest.raises(BatchNormError) as err:
+        check_num_features(num_features)
+        check_eps(eps, training=False)
+    assert str(err.value) == message
+
+
+def test_tour_networks_refuse_an_unknown_placement_with_our_error():
+    from batchnorm.tour.nets import SmallCNN
+
+    with pytest.raises(BatchNormError, match=r"expected a placement in .* \(got 'bn-first'\)"):
+        SmallCNN("bn-first", norm=torch.nn.BatchNorm2d)

@@ -7,14 +7,8 @@ import torch
 from torch import nn
 
 from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
-from batchnorm.graph import (
-    activation_of,
-    bn_input_ranks,
-    bn_kind,
-    is_batchnorm,
-    is_foldable_producer,
-    trace,
-)
+from batchnorm.graph import is_foldable_producer, trace
+from batchnorm.protocol import activation_of, bn_input_ranks, bn_kind, is_batchnorm
 
 from .replicas import Conv3DSimple, build
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from batchnorm import kernels, reference
+from batchnorm.activations import FUSED, REGISTRY
 from batchnorm.kernels.statistics import BLOCK, BLOCKED_PLANE_FROM, rows_per_chunk
 
-ACTS = ("identity", "relu", "leaky_relu", "elu", "silu")
+ACTS = FUSED  # identity, relu, leaky_relu, elu, silu
 SLOPE, ALPHA, EPS = 0.1, 1.3, 1e-5
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
 # batch statistics: float32 data is summed in float32 blocks (kernels/statistics.py)
@@ -21,6 +22,12 @@ STATS_TOL = {np.float32: dict(rtol=1e-7, atol=1e-7), np.float64: dict(rtol=1e-12
 
 # ---------------------------------------------------------------------------------------------
 # float64 NumPy statements of the activations
+
+
+def code(act: str) -> int:
+    """The kernel code of an activation (the registry's)."""
+    return REGISTRY[act].code
+
 
 
 def act_np(z, act):
@@ -137,7 +144,7 @@ def test_nan_in_a_channel_reaches_its_statistics(layout):
     x, w, b, _ = data(SHAPE, np.float32)
     x[2, 1, 0, 3] = np.nan
     y = np.empty_like(to_kernel(x, layout))
-    mean, var = kernels.train_forward(to_kernel(x, layout), w, b, EPS, "relu", SLOPE, ALPHA, y)
+    mean, var = kernels.train_forward(to_kernel(x, layout), w, b, EPS, code("relu"), SLOPE, ALPHA, y)
     assert np.isnan(mean[1]) and np.isnan(var[1])
     assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(var[[0, 2]]).all()
 
@@ -151,7 +158,7 @@ def test_large_offset_float32_is_exact_to_float64(layout, shape):
     want, state = reference.forward(x.astype(np.float64), None, None, None, None, training=True)
     xk = to_kernel(x, layout)
     y = np.empty_like(xk)
-    mean, var = kernels.train_forward(xk, None, None, EPS, "identity", SLOPE, ALPHA, y)
+    mean, var = kernels.train_forward(xk, None, None, EPS, code("identity"), SLOPE, ALPHA, y)
     np.testing.assert_allclose(mean, state.mean, rtol=1e-15)
     np.testing.assert_allclose(var, state.var, rtol=1e-9)
     assert np.abs(from_kernel(y, x.shape, layout) - want).max() < 1e-4
@@ -172,7 +179,7 @@ def test_train_forward_and_backward(act, layout, dtype, shape):
     y_ref = act_np(z_ref, act)
     xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
     y = np.empty_like(xk)
-    mean, var = kernels.train_forward(xk, w, b, EPS, act, SLOPE, ALPHA, y)
+    mean, var = kernels.train_forward(xk, w, b, EPS, code(act), SLOPE, ALPHA, y)
     np.testing.assert_allclose(mean, state.mean, **STATS_TOL[dtype])
     np.testing.assert_allclose(var, state.var, **STATS_TOL[dtype])
     np.testing.assert_allclose(from_kernel(y, x.shape, layout), y_ref, **TOL[dtype])
@@ -180,7 +187,7 @@ def test_train_forward_and_backward(act, layout, dtype, shape):
     g = dy.astype(np.float64) * act_grad_np(z_ref, act)  # dL/dz
     dx_ref, dw_ref, db_ref = reference.backward(g, state)
     dx = np.empty_like(xk)
-    dw, db = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, act, SLOPE, ALPHA, False, dx)
+    dw, db = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, False, dx)
     np.testing.assert_allclose(from_kernel(dx, x.shape, layout), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
     np.testing.assert_allclose(db, db_ref, **TOL[dtype])
@@ -195,10 +202,10 @@ def test_inplace_backward_from_output_equals_backward_from_input(act, layout, dt
     w[1] = -w[1]  # a negative gamma must invert too
     xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
     y = np.empty_like(xk)
-    mean, var = kernels.train_forward(xk, w, b, EPS, act, SLOPE, ALPHA, y)
+    mean, var = kernels.train_forward(xk, w, b, EPS, code(act), SLOPE, ALPHA, y)
     dx_in, dx_out = np.empty_like(xk), np.empty_like(xk)
-    want = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, act, SLOPE, ALPHA, False, dx_in)
-    got = kernels.train_backward(dyk, y, w, b, mean, var, EPS, act, SLOPE, ALPHA, True, dx_out)
+    want = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, False, dx_in)
+    got = kernels.train_backward(dyk, y, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, True, dx_out)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dx_out, dx_in, **tol)
     np.testing.assert_allclose(got[0], want[0], **tol)
@@ -218,13 +225,13 @@ def test_eval_forward_and_backward(act, layout, dtype):
                                      rv.astype(np.float64), training=False)
     xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
     y = np.empty_like(xk)
-    kernels.eval_forward(xk, w, b, rm, rv, EPS, act, SLOPE, ALPHA, y)
+    kernels.eval_forward(xk, w, b, rm, rv, EPS, code(act), SLOPE, ALPHA, y)
     np.testing.assert_allclose(from_kernel(y, x.shape, layout), act_np(z_ref, act), **TOL[dtype])
 
     g = dy.astype(np.float64) * act_grad_np(z_ref, act)
     dx_ref, dw_ref, db_ref = reference.backward(g, state)
     dx = np.empty_like(xk)
-    dw, db = kernels.eval_backward(dyk, xk, w, b, rm, rv, EPS, act, SLOPE, ALPHA, dx)
+    dw, db = kernels.eval_backward(dyk, xk, w, b, rm, rv, EPS, code(act), SLOPE, ALPHA, dx)
     np.testing.assert_allclose(from_kernel(dx, x.shape, layout), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
     np.testing.assert_allclose(db, db_ref, **TOL[dtype])
@@ -235,11 +242,11 @@ def test_without_weight_and_bias_is_gamma_one_beta_zero():
     ones, zeros = np.ones(3), np.zeros(3)
     xk, dyk = to_kernel(x, "ncs"), to_kernel(dy, "ncs")
     y1, y2, dx1, dx2 = (np.empty_like(xk) for _ in range(4))
-    s1 = kernels.train_forward(xk, None, None, EPS, "elu", SLOPE, ALPHA, y1)
-    kernels.train_forward(xk, ones, zeros, EPS, "elu", SLOPE, ALPHA, y2)
+    s1 = kernels.train_forward(xk, None, None, EPS, code("elu"), SLOPE, ALPHA, y1)
+    kernels.train_forward(xk, ones, zeros, EPS, code("elu"), SLOPE, ALPHA, y2)
     np.testing.assert_array_equal(y1, y2)
-    g1 = kernels.train_backward(dyk, xk, None, None, *s1, EPS, "elu", SLOPE, ALPHA, False, dx1)
-    g2 = kernels.train_backward(dyk, xk, ones, zeros, *s1, EPS, "elu", SLOPE, ALPHA, False, dx2)
+    g1 = kernels.train_backward(dyk, xk, None, None, *s1, EPS, code("elu"), SLOPE, ALPHA, False, dx1)
+    g2 = kernels.train_backward(dyk, xk, ones, zeros, *s1, EPS, code("elu"), SLOPE, ALPHA, False, dx2)
     np.testing.assert_array_equal(dx1, dx2)
     np.testing.assert_array_equal(g1[0], g2[0])
 
@@ -261,10 +268,10 @@ def test_one_and_two_threads_give_identical_bits(layout, shape):
     for threads in (1, 2):
         kernels.set_threads(threads)
         y, dx, dx_eval = np.empty_like(xk), np.empty_like(xk), np.empty_like(xk)
-        mean, var = kernels.train_forward(xk, w, b, EPS, "silu", SLOPE, ALPHA, y)
-        grads = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, "silu", SLOPE, ALPHA,
+        mean, var = kernels.train_forward(xk, w, b, EPS, code("silu"), SLOPE, ALPHA, y)
+        grads = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code("silu"), SLOPE, ALPHA,
                                        False, dx)
-        eval_grads = kernels.eval_backward(dyk, xk, w, b, mean, var, EPS, "silu", SLOPE, ALPHA,
+        eval_grads = kernels.eval_backward(dyk, xk, w, b, mean, var, EPS, code("silu"), SLOPE, ALPHA,
                                            dx_eval)
         results.append((mean, var, y, dx, *grads, dx_eval, *eval_grads))
     kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
@@ -286,10 +293,10 @@ def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
     dx_ref, dw_ref, db_ref = reference.backward(g, state)
     xk, dyk = to_kernel(x, "mc"), to_kernel(dy, "mc")
     y = np.empty_like(xk)
-    mean, var = kernels.train_forward(xk, w, b, EPS, act, SLOPE, ALPHA, y)
+    mean, var = kernels.train_forward(xk, w, b, EPS, code(act), SLOPE, ALPHA, y)
     for src, inplace in ((xk, False), (y, True)):
         dx = np.empty_like(xk)
-        dw, db = kernels.train_backward(dyk, src, w, b, mean, var, EPS, act, SLOPE, ALPHA,
+        dw, db = kernels.train_backward(dyk, src, w, b, mean, var, EPS, code(act), SLOPE, ALPHA,
                                         inplace, dx)
         tol = TOL[dtype] if not inplace or dtype == np.float64 else dict(rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(from_kernel(dx, shape, "mc"), dx_ref, **tol)
@@ -302,7 +309,7 @@ def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
                                       training=False)
     dx_ref, dw_ref, db_ref = reference.backward(g, state_eval)
     dx = np.empty_like(xk)
-    dw, db = kernels.eval_backward(dyk, xk, w, b, state.mean, state.var, EPS, act, SLOPE, ALPHA, dx)
+    dw, db = kernels.eval_backward(dyk, xk, w, b, state.mean, state.var, EPS, code(act), SLOPE, ALPHA, dx)
     np.testing.assert_allclose(from_kernel(dx, shape, "mc"), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
     np.testing.assert_allclose(db, db_ref, **TOL[dtype])

@@ -8,7 +8,7 @@ import torch
 
 import batchnorm
 from batchnorm import BatchNormError
-from batchnorm.output_cache import MIN_BYTES
+from batchnorm.ops.memory import MIN_BYTES
 
 SHAPE = (8, 16, 64, 64)  # 2 MiB in float32: large enough for the cache
 

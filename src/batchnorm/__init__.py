@@ -39,9 +39,9 @@ _LAZY = {
     "fold_weights": "folding",
     "recalibrate": "recalibration",
     "export_onnx": "onnx_export",
-    "set_output_cache": "output_cache",
-    "empty_output_cache": "output_cache",
-    "output_cache_info": "output_cache",
+    "set_output_cache": "ops.memory",
+    "empty_output_cache": "ops.memory",
+    "output_cache_info": "ops.memory",
 }
 
 __all__ = ["BatchNormError", "__version__", *_LAZY]

@@ -1,14 +1,16 @@
 """convert / freeze / unfreeze: swap every BN in a model for another kind, on a copy.
 
-One recursive walk (:func:`_swap`) over a deep copy of the model, driven by one table,
-``_TARGETS``: each target says which modules it replaces and how it builds the replacement.
-What counts as batch norm, and which input ranks a BN takes, is :mod:`batchnorm.graph`'s protocol
-(``bn_kind``, ``bn_input_ranks``); the classes to build are in the small ``_FAMILIES`` table.
-Parameters and buffers move to the replacement as they are (same tensors in the copy, so device,
-dtype and ``requires_grad`` are kept), and so does the training flag.
+One recursive walk (:func:`batchnorm.protocol.swap`) over a deep copy of the model, driven by
+one table, ``_TARGETS``: each target says which modules it replaces and how it builds the
+replacement. What counts as batch norm, which input ranks a BN takes and the class of each family
+are :mod:`batchnorm.protocol`'s; this file adds the SyncBatchNorm families, whose builder is
+:func:`batchnorm.sync.from_batchnorm`. Parameters and buffers move to the replacement as they are
+(same tensors in the copy, so device, dtype and ``requires_grad`` are kept), and so does the
+training flag.
 
 ``fuse_act=True`` then traces the converted model with ``torch.fx`` and turns each BN whose only
-consumer is a ReLU / LeakyReLU / ELU / SiLU (module or functional) into one ``BatchNormAct``.
+consumer is a fused activation of the registry (:mod:`batchnorm.activations`: module,
+function or tensor method) into one ``BatchNormAct``.
 """
 from __future__ import annotations
 
@@ -20,73 +22,48 @@ from numbers import Real
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from . import graph, layers, sync
+from . import activations, sync
 from .errors import expected
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNormXd
+from .protocol import (
+    FAMILIES,
+    UNKNOWN_ACTIVATION,
+    activation_of,
+    bn_args,
+    bn_kind,
+    family_of,
+    frozen_class,
+    is_batchnorm,
+    move_state,
+    rank_key,
+    swap,
+)
 
 __all__ = ["convert", "freeze", "unfreeze"]
 
 
-# family -> input ranks -> class. "xd" is the rank-less SyncBatchNorm and what it converts to.
+# the protocol's families and the rank-less SyncBatchNorm ones (they remember the BN they
+# replaced: source_ranks)
 _FAMILIES: dict[str, dict[object, type]] = {
-    "torch": {(2, 3): nn.BatchNorm1d, (4,): nn.BatchNorm2d, (5,): nn.BatchNorm3d,
-              "xd": nn.SyncBatchNorm},
-    "ours": {(2, 3): layers.BatchNorm1d, (4,): layers.BatchNorm2d, (5,): layers.BatchNorm3d,
-             "xd": layers._BatchNormXd},
-    "ours_act": {(2, 3): layers.BatchNormAct1d, (4,): layers.BatchNormAct2d,
-                 (5,): layers.BatchNormAct3d},
-    "frozen": {(2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d,
-               "xd": _FrozenBatchNormXd},
-    "sync": {"xd": sync.SyncBatchNorm},  # rank-less; remembers the BN it replaced (source_ranks)
+    **FAMILIES,
+    "sync": {"xd": sync.SyncBatchNorm},
     "sync_act": {"xd": sync.SyncBatchNormAct},
 }
 
 
 def _family_of(module: nn.Module) -> str | None:
-    """The family whose table holds exactly this module's class (not subclasses: their forward
-    may differ, so they are not ours to swap)."""
-    for family, classes in _FAMILIES.items():
-        if type(module) in classes.values():
-            return family
-    return None
-
-
-def _rank_key(module: nn.Module) -> object:
-    ranks = getattr(module, "source_ranks", None) or graph.bn_input_ranks(module)
-    return ranks if ranks in ((2, 3), (4,), (5,)) else "xd"
+    return family_of(module, _FAMILIES)
 
 
 # ------------------------------------------------------------------------------------------------
 # builders: one BN in, its replacement out (parameters and buffers moved, not copied)
 
 
-def _move_state(src: nn.Module, dst: nn.Module) -> None:
-    """Hand src's tensors to dst (weight/bias as Parameters) and its training flag."""
-    for name in ("weight", "bias"):
-        t = getattr(src, name, None)
-        if t is None:
-            continue
-        if not isinstance(t, nn.Parameter):  # a frozen BN's buffers
-            t = nn.Parameter(t.detach())
-        setattr(dst, name, t)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        if name in dst._buffers and getattr(src, name, None) is not None:
-            setattr(dst, name, getattr(src, name))
-    dst.training = src.training
-
-
-def _bn_args(bn: nn.Module) -> dict:
-    return dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                track_running_stats=bn.track_running_stats, bias=bn.bias is not None)
-
-
 def _with_activation(bn: nn.Module, replacement: nn.Module) -> nn.Module:
     """replacement alone, or followed by the activation a BN+act module applied."""
-    act = graph.activation_of(bn)
-    if act is graph.UNKNOWN_ACTIVATION:
+    act = activation_of(bn)
+    if act is UNKNOWN_ACTIVATION:
         raise expected("an activation convert can rebuild", f"{type(bn).__name__}.act={bn.act!r}")
     if act is None:
         return replacement
@@ -95,14 +72,14 @@ def _with_activation(bn: nn.Module, replacement: nn.Module) -> nn.Module:
 
 
 def _to_ours(bn: nn.Module) -> nn.Module:
-    new = _FAMILIES["ours"][_rank_key(bn)](bn.num_features, **_bn_args(bn))
-    _move_state(bn, new)
+    new = _FAMILIES["ours"][rank_key(bn)](bn.num_features, **bn_args(bn))
+    move_state(bn, new)
     return new
 
 
 def _to_torch(bn: nn.Module) -> nn.Module:
-    new = _FAMILIES["torch"][_rank_key(bn)](bn.num_features, **_bn_args(bn))
-    _move_state(bn, new)
+    new = _FAMILIES["torch"][rank_key(bn)](bn.num_features, **bn_args(bn))
+    move_state(bn, new)
     return _with_activation(bn, new)
 
 
@@ -110,14 +87,14 @@ def _to_frozen(bn: nn.Module) -> nn.Module:
     if getattr(bn, "running_mean", None) is None:
         warnings.warn(f"freezing {type(bn).__name__}({bn.num_features}) without running "
                       "statistics: it normalises with mean 0 and variance 1", stacklevel=4)
-    new = _FAMILIES["frozen"][_rank_key(bn)].from_batchnorm(bn)
+    new = frozen_class(bn).from_batchnorm(bn)
     new.training = bn.training
     return _with_activation(bn, new)
 
 
 def _to_trainable(frozen: nn.Module) -> nn.Module:
-    new = _FAMILIES["ours"][_rank_key(frozen)](frozen.num_features, eps=frozen.eps)
-    _move_state(frozen, new)
+    new = _FAMILIES["ours"][rank_key(frozen)](frozen.num_features, eps=frozen.eps)
+    move_state(frozen, new)
     new.num_batches_tracked = torch.zeros((), dtype=torch.long, device=frozen.weight.device)
     return new
 
@@ -126,28 +103,15 @@ def _act_args(bn: nn.Module) -> dict:
     return dict(act=bn.act, negative_slope=bn.negative_slope, alpha=bn.alpha, inplace=bn.inplace)
 
 
-def _to_sync(bn: nn.Module) -> nn.Module:
-    if _family_of(bn) == "ours_act":
-        new = sync.SyncBatchNormAct(bn.num_features, **_act_args(bn), **_bn_args(bn),
-                                    nonfinite=bn.nonfinite)
-    else:
-        new = sync.SyncBatchNorm(bn.num_features, **_bn_args(bn),
-                                 nonfinite=getattr(bn, "nonfinite", "skip"))
-    key = _rank_key(bn)
-    new.source_ranks = None if key == "xd" else key
-    _move_state(bn, new)
-    return new
-
-
 def _from_sync(bn: nn.Module) -> nn.Module:
-    key = _rank_key(bn)
+    key = rank_key(bn)
     if _family_of(bn) == "sync_act" and key != "xd":
-        new = _FAMILIES["ours_act"][key](bn.num_features, **_act_args(bn), **_bn_args(bn),
+        new = _FAMILIES["ours_act"][key](bn.num_features, **_act_args(bn), **bn_args(bn),
                                          nonfinite=bn.nonfinite)
     else:
-        new = _FAMILIES["ours"][key](bn.num_features, **_bn_args(bn), nonfinite=bn.nonfinite)
+        new = _FAMILIES["ours"][key](bn.num_features, **bn_args(bn), nonfinite=bn.nonfinite)
         new = _with_activation(bn, new)
-    _move_state(bn, new[0] if isinstance(new, nn.Sequential) else new)
+    move_state(bn, new[0] if isinstance(new, nn.Sequential) else new)
     return new
 
 
@@ -157,37 +121,16 @@ class _Target:
     build: Callable[[nn.Module], nn.Module]  # the replacement
 
 
-# convert's `to` -> target. A SyncBatchNorm helper adds its entry here ("sync").
+# convert's `to` -> target
 _TARGETS: dict[str, _Target] = {
     "batchnorm": _Target(lambda m: _family_of(m) in ("torch", "sync", "sync_act"),
                          lambda m: _to_ours(m) if _family_of(m) == "torch" else _from_sync(m)),
     "torch": _Target(lambda m: _family_of(m) in ("ours", "ours_act", "sync", "sync_act"),
                      _to_torch),
-    "sync": _Target(lambda m: _family_of(m) in ("torch", "ours", "ours_act"), _to_sync),
-    "frozen": _Target(lambda m: graph.bn_kind(m) not in (None, "frozen"), _to_frozen),
+    "sync": _Target(sync.converts, sync.from_batchnorm),
+    "frozen": _Target(lambda m: bn_kind(m) not in (None, "frozen"), _to_frozen),
 }
-_UNFREEZE = _Target(lambda m: graph.bn_kind(m) == "frozen", _to_trainable)
-
-
-def _swap(model: nn.Module, target: _Target) -> nn.Module:
-    """Replace, in place, every module target accepts; a module shared twice stays shared."""
-    done: dict[int, nn.Module] = {}
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) not in done:
-            if target.accepts(m):
-                done[id(m)] = target.build(m)
-            else:
-                done[id(m)] = m
-                for name, child in list(m._modules.items()):  # shared children too
-                    if child is None:
-                        continue
-                    new = visit(child)
-                    if new is not child:
-                        setattr(m, name, new)
-        return done[id(m)]
-
-    return visit(model)
+_UNFREEZE = _Target(lambda m: bn_kind(m) == "frozen", _to_trainable)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +184,8 @@ def convert(model: nn.Module, to: str = "batchnorm", fuse_act: bool = False) -> 
         raise expected(f"to in {tuple(_TARGETS)}", repr(to))
     if fuse_act and to != "batchnorm":
         raise expected("fuse_act=True only with to='batchnorm'", f"to={to!r}")
-    new = _swap(copy.deepcopy(model), _TARGETS[to])
+    target = _TARGETS[to]
+    new = swap(copy.deepcopy(model), target.accepts, target.build)
     if to == "sync":
         sync.name_layers(new)  # errors name the layer by its path
     return _fuse_activations(new) if fuse_act else new
@@ -269,7 +213,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
 
     >>> trainable = batchnorm.unfreeze(batchnorm.freeze(net))
     """
-    return _swap(copy.deepcopy(model), _UNFREEZE)
+    return swap(copy.deepcopy(model), _UNFREEZE.accepts, _UNFREEZE.build)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,44 +224,35 @@ class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every BN-like module whole (their forward checks shapes in Python)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return graph.is_batchnorm(m) or super().is_leaf_module(m, qualname)
-
-
-_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
+        return is_batchnorm(m) or super().is_leaf_module(m, qualname)
 
 
 def _activation_spec(gm: fx.GraphModule, user: fx.Node, bn: fx.Node) -> tuple[str, dict] | None:
-    """(act, kwargs) when ``user`` applies a fusable activation to ``bn`` alone, else None."""
+    """(act, kwargs) when ``user`` applies a fused activation of the registry to ``bn`` alone
+    (a module of its exact class, one of its functions with constant arguments, or one of its
+    tensor methods), else None."""
     if not user.args or user.args[0] is not bn or bn in user.args[1:] or bn in user.kwargs.values():
         return None
-
-    def const(position: int, name: str, default: float):
-        value = user.args[position] if len(user.args) > position else user.kwargs.get(name, default)
-        return value if isinstance(value, Real) and not isinstance(value, bool) else None
-
     if user.op == "call_module":
         m = gm.get_submodule(user.target)
-        return {
-            nn.ReLU: lambda: ("relu", {}),
-            nn.LeakyReLU: lambda: ("leaky_relu", {"negative_slope": m.negative_slope}),
-            nn.ELU: lambda: ("elu", {"alpha": m.alpha}),
-            nn.SiLU: lambda: ("silu", {}),
-        }.get(type(m), lambda: None)()
-    if user.op == "call_method" and user.target in ("relu", "relu_") and len(user.args) == 1:
-        return "relu", {}
+        entry = activations.by_module(m, exact=True)
+        return (entry.name, entry.module_args(m)) if entry is not None and entry.fused else None
+    if user.op == "call_method":
+        entry = activations.by_call(user.target)
+        ok = entry is not None and entry.fused and len(user.args) == 1
+        return (entry.name, {}) if ok else None
     if user.op != "call_function":
         return None
-    if user.target in _RELU_FUNCTIONS:
-        return "relu", {}
-    if user.target is F.silu:
-        return "silu", {}
-    if user.target is F.leaky_relu:
-        slope = const(1, "negative_slope", 0.01)
-        return None if slope is None else ("leaky_relu", {"negative_slope": slope})
-    if user.target is F.elu:
-        alpha = const(1, "alpha", 1.0)
-        return None if alpha is None else ("elu", {"alpha": alpha})
-    return None
+    entry = activations.by_call(user.target)
+    if entry is None or not entry.fused:
+        return None
+    kwargs = {}
+    for name, position, default in entry.call_args:
+        value = user.args[position] if len(user.args) > position else user.kwargs.get(name, default)
+        if not isinstance(value, Real) or isinstance(value, bool):
+            return None
+        kwargs[name] = value
+    return entry.name, kwargs
 
 
 def _fuse_activations(model: nn.Module) -> nn.Module:
@@ -338,16 +273,16 @@ def _fuse_activations(model: nn.Module) -> nn.Module:
         if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
             continue
         bn = gm.get_submodule(node.target)
-        if _family_of(bn) != "ours" or _rank_key(bn) == "xd":
+        if _family_of(bn) != "ours" or rank_key(bn) == "xd":
             continue
         (user,) = node.users
         spec = _activation_spec(gm, user, node)
         if spec is None:
             continue
         act, act_args = spec
-        new = _FAMILIES["ours_act"][_rank_key(bn)](bn.num_features, act, **act_args, **_bn_args(bn),
-                                                  nonfinite=bn.nonfinite)
-        _move_state(bn, new)
+        new = _FAMILIES["ours_act"][rank_key(bn)](bn.num_features, act, **act_args, **bn_args(bn),
+                                                 nonfinite=bn.nonfinite)
+        move_state(bn, new)
         parent, _, name = node.target.rpartition(".")
         setattr(gm.get_submodule(parent), name, new)
         user.replace_all_uses_with(node)

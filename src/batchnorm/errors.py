@@ -34,6 +34,36 @@ def check_eps(eps: object, *, training: bool) -> float:
     return eps
 
 
+def check_num_features(num_features: object) -> int:
+    """num_features (C) is a positive integer."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise expected("num_features to be a positive integer", repr(num_features))
+    return num_features
+
+
+def check_act(act: object, negative_slope: object, alpha: object, inplace: bool):
+    """The activation arguments of the ops and of BatchNormAct: ``(negative_slope, alpha)``
+    as floats, or BatchNormError. ``act`` names a fused activation of the registry
+    (:data:`batchnorm.activations.FUSED`); ``inplace`` needs an invertible one whose
+    parameters allow the inverse."""
+    # the registry imports torch; a NumPy-only user of the reference never gets here
+    from .activations import FUSED, INVERTIBLE, REGISTRY
+
+    if act not in FUSED:
+        raise expected(f"act in {FUSED}", repr(act))
+    for name, value in (("negative_slope", negative_slope), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise expected(f"{name} to be a finite number", repr(value))
+    if inplace:
+        if act not in INVERTIBLE:
+            raise expected(f"an invertible act {INVERTIBLE} with inplace=True", repr(act))
+        values = {"negative_slope": negative_slope, "alpha": alpha}
+        for name in REGISTRY[act].positive:
+            if values[name] <= 0:
+                raise expected(f"{name} > 0 with inplace=True", values[name])
+    return float(negative_slope), float(alpha)
+
+
 def check_momentum(momentum: object) -> float | None:
     """momentum is None (cumulative average) or a real number in [0, 1]."""
     if momentum is None:

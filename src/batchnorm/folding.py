@@ -20,21 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
-from torch.utils._pytree import tree_leaves
 
-from .errors import BatchNormError, expected
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNormXd
-from .graph import (
-    UNKNOWN_ACTIVATION,
-    ModelGraph,
-    activation_of,
-    bn_input_ranks,
-    bn_kind,
-    is_batchnorm,
-    is_foldable_producer,
-    out_channels,
-    trace,
-)
+from .errors import expected
+from .graph import ModelGraph, is_foldable_producer, out_channels, trace
+from .probe import as_args, capture, max_error, training_flags_kept
+from .protocol import UNKNOWN_ACTIVATION, activation_of, bn_kind, frozen_class, is_batchnorm
 
 __all__ = ["fold_weights", "fold", "strip_bias", "FoldReport", "LayerFold", "StripReport"]
 
@@ -53,7 +43,6 @@ def fold_weights(
     *,
     transposed: bool = False,
     groups: int = 1,
-    _in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Fold an eval-mode BN into the weight and bias of the conv or linear layer before it.
 
@@ -83,6 +72,14 @@ def fold_weights(
     >>> w, b = fold_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
     ...                     bn.weight, bn.bias)
     """
+    return _fold_weights(weight, bias, running_mean, running_var, eps, gamma, beta,
+                         transposed=transposed, groups=groups, in_place=False)
+
+
+def _fold_weights(weight, bias, running_mean, running_var, eps, gamma, beta, *, transposed,
+                  groups, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fold_weights; with ``in_place`` a contiguous weight is scaled in place, not copied
+    (fold() scales its private copy of the model: no second copy of every weight)."""
     c = running_mean.numel()
     if transposed:
         if weight.dim() < 2 or weight.shape[0] % groups or weight.shape[1] * groups != c:
@@ -109,9 +106,8 @@ def fold_weights(
     new_bias = (b - running_mean.detach().to(f64)) * scale
     if beta is not None:
         new_bias = new_bias + beta.detach().to(f64)
-    # fold() multiplies its private copy in place: no second copy of every weight
     w = weight.detach()
-    if not (_in_place and w.is_contiguous()):
+    if not (in_place and w.is_contiguous()):
         w = w.clone(memory_format=torch.contiguous_format)
     factor = scale.to(w.dtype)
     spatial = (1,) * (w.dim() - 2)
@@ -243,15 +239,7 @@ def _render(obj) -> str:
 # --------------------------------------------------------------------------- fold
 
 
-_FROZEN_BY_RANK = {
-    2: FrozenBatchNorm1d,
-    3: FrozenBatchNorm1d,
-    4: FrozenBatchNorm2d,
-    5: FrozenBatchNorm3d,
-}
-
-
-def fold(model: nn.Module, example_input=None) -> nn.Module:
+def fold(model: nn.Module, example_input=None, *, report: bool = False):
     r"""A new eval-mode model with every foldable BN folded into the conv or linear before it.
 
     A BN folds when its producer is a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear (subclasses
@@ -270,23 +258,25 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
         example_input: a tensor (or tuple of tensors) to measure the error each fold introduces
             and to learn shapes (a Linear whose output is not 2D is not folded). The one
             forward pass keeps a copy of every conv/linear/BN input and output. Default: None
+        report: also return a :class:`FoldReport` (keyword only). Default: False
 
     Returns:
-        the folded model, in eval mode, with a :class:`FoldReport` as ``model.fold_report``.
+        the folded model, in eval mode (a plain module: nothing of the report is attached, so
+        it pickles like any other); with ``report=True`` the pair ``(model, FoldReport)``.
 
     Example::
 
-        >>> folded = batchnorm.fold(model, torch.randn(1, 3, 224, 224))
-        >>> print(folded.fold_report)   # per-layer action and error
+        >>> folded, report = batchnorm.fold(model, torch.randn(1, 3, 224, 224), report=True)
+        >>> print(report)   # per-layer action and error
     """
     _check_model(model)
     folded = copy.deepcopy(model).eval()
     graph = trace(folded)
-    args = _as_args(example_input)
+    args = as_args(example_input)
     captured, reference = ({}, None)
     if args is not None:
-        captured, reference = _capture(folded, args)
-    report = FoldReport(warning=graph.warning)
+        captured, reference = capture(folded, args, _captured_module)
+    summary = FoldReport(warning=graph.warning)
     plans = _plan(folded, graph, captured)
     uses = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
 
@@ -295,7 +285,7 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
             bn = plan.bn
             if plan.action == "folded":
                 layer = folded.get_submodule(plan.into)
-                w, b = fold_weights(
+                w, b = _fold_weights(
                     layer.weight,
                     layer.bias,
                     bn.running_mean,
@@ -306,7 +296,7 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
                     transposed=isinstance(layer, _ConvTransposeNd),
                     groups=getattr(layer, "groups", 1),
                     # the copy's own weight, unless the model ties it to another layer
-                    _in_place=uses[id(layer.weight)] == 1,
+                    in_place=uses[id(layer.weight)] == 1,
                 )
                 layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
                 layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
@@ -319,12 +309,15 @@ def fold(model: nn.Module, example_input=None) -> nn.Module:
             record = LayerFold(plan.name, plan.action, plan.into, plan.reason)
             if plan.name in captured:
                 record.max_error, record.rel_error = _local_error(folded, plan, captured)
-            report.layers.append(record)
+            summary.layers.append(record)
         if args is not None:
             out = folded(*args)
-            report.max_error, report.rel_error = _max_error(out, reference)
-    folded.fold_report = report
-    return folded
+            summary.max_error, summary.rel_error = max_error(out, reference)
+    return (folded, summary) if report else folded
+
+
+def _captured_module(m: nn.Module) -> bool:
+    return is_batchnorm(m) or is_foldable_producer(m)
 
 
 @dataclass
@@ -369,7 +362,7 @@ def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
                 "frozen",
                 reason=why_not,
                 act=act,
-                frozen_cls=_frozen_class(bn, captured.get(name)),
+                frozen_cls=frozen_class(bn, _seen_rank(captured.get(name))),
             )
         )
     return plans
@@ -414,17 +407,11 @@ def _foldable_producer(model, graph: ModelGraph, name: str, bn: nn.Module, captu
     return prod.name, None
 
 
-def _frozen_class(bn: nn.Module, seen) -> type:
-    ranks = bn_input_ranks(bn)
-    if ranks is not None and ranks[0] in _FROZEN_BY_RANK:
-        return _FROZEN_BY_RANK[ranks[0]]
-    if (
-        seen is not None
-        and isinstance(seen[0][0], torch.Tensor)
-        and seen[0][0].dim() in _FROZEN_BY_RANK
-    ):
-        return _FROZEN_BY_RANK[seen[0][0].dim()]
-    return _FrozenBatchNormXd
+def _seen_rank(seen) -> int | None:
+    """The rank of the first input a captured module saw, if it was a tensor."""
+    if seen is not None and isinstance(seen[0][0], torch.Tensor):
+        return seen[0][0].dim()
+    return None
 
 
 def _check_model(model) -> None:
@@ -436,48 +423,6 @@ def _check_model(model) -> None:
         )
 
 
-def _as_args(example_input):
-    if example_input is None:
-        return None
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)) and all(
-        isinstance(t, torch.Tensor) for t in example_input
-    ):
-        return tuple(example_input)
-    raise expected(
-        "example_input to be a tensor or a tuple of tensors", type(example_input).__name__
-    )
-
-
-def _capture(model: nn.Module, args: tuple) -> tuple[dict, object]:
-    """Run ``model`` once; record (inputs, output) of every conv, linear and BN module."""
-    captured: dict[str, tuple] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if is_batchnorm(m) or is_foldable_producer(m):
-
-            def hook(mod, inputs, output, name=name):
-                if name not in captured:  # first call only
-                    captured[name] = (
-                        tuple(
-                            t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs
-                        ),
-                        output.detach().clone(),
-                    )
-
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            out = model(*args)
-    except Exception as exc:
-        raise _failed_on(args, exc) from exc
-    finally:
-        for h in handles:
-            h.remove()
-    return captured, tree_leaves(out)
-
-
 def _local_error(model: nn.Module, plan: _Plan, captured: dict) -> tuple[float, float]:
     want = captured[plan.name][1]
     if plan.action == "folded":
@@ -486,24 +431,13 @@ def _local_error(model: nn.Module, plan: _Plan, captured: dict) -> tuple[float, 
             got = plan.act(got)
     else:
         got = model.get_submodule(plan.name)(*captured[plan.name][0])
-    return _max_error([got], [want])
-
-
-def _max_error(got, want) -> tuple[float, float]:
-    got = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
-    want = [t for t in want if isinstance(t, torch.Tensor)]
-    err = scale = 0.0
-    for g, w in zip(got, want):
-        if g.numel():
-            err = max(err, (g.double() - w.double()).abs().max().item())
-            scale = max(scale, w.double().abs().max().item())
-    return err, (err / scale if scale > 0 else err)
+    return max_error([got], [want])
 
 
 # --------------------------------------------------------------------------- strip_bias
 
 
-def strip_bias(model: nn.Module, example_input=None) -> nn.Module:
+def strip_bias(model: nn.Module, example_input=None, *, report: bool = False):
     r"""A new model without the conv/linear biases that BN cancels.
 
     BN subtracts the batch mean, so a bias ``b`` added just before it changes nothing in
@@ -516,28 +450,25 @@ def strip_bias(model: nn.Module, example_input=None) -> nn.Module:
         model: any ``nn.Module``; it is not changed.
         example_input: optional tensor (or tuple) used to learn shapes: a Linear whose output
             is not 2D keeps its bias. Default: None
+        report: also return a :class:`StripReport` (keyword only). Default: False
 
     Returns:
-        the new model (same training mode as ``model``), with a :class:`StripReport` as
-        ``model.strip_report`` (``.parameters_saved``).
+        the new model (same training mode as ``model``, nothing attached); with
+        ``report=True`` the pair ``(model, StripReport)`` (``.parameters_saved``).
 
-    >>> lean = batchnorm.strip_bias(model)
-    >>> lean.strip_report.parameters_saved
+    >>> lean, report = batchnorm.strip_bias(model, report=True)
+    >>> report.parameters_saved
     """
     _check_model(model)
     stripped = copy.deepcopy(model)
     graph = trace(stripped)
     captured = {}
-    args = _as_args(example_input)
+    args = as_args(example_input)
     if args is not None:
-        flags = [(m, m.training) for m in stripped.modules()]
-        stripped.eval()
-        try:
-            captured, _ = _capture(stripped, args)
-        finally:
-            for m, training in flags:
-                m.training = training
-    report = StripReport(warning=graph.warning)
+        with training_flags_kept(stripped):
+            stripped.eval()
+            captured, _ = capture(stripped, args, _captured_module)
+    summary = StripReport(warning=graph.warning)
     with torch.no_grad():
         for name, bn in stripped.named_modules():
             if not is_batchnorm(bn):
@@ -550,15 +481,7 @@ def strip_bias(model: nn.Module, example_input=None) -> nn.Module:
                 continue
             if getattr(bn, "running_mean", None) is not None:
                 bn.running_mean.sub_(layer.bias.detach().to(bn.running_mean.dtype))
-            report.layers.append((producer, name, layer.bias.numel()))
+            summary.layers.append((producer, name, layer.bias.numel()))
             layer.bias = None
-    stripped.strip_report = report
-    return stripped
+    return (stripped, summary) if report else stripped
 
-
-def _failed_on(args, exc: Exception) -> BatchNormError:
-    shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
-    reason = str(exc).splitlines()[0] if str(exc) else ""
-    return expected(
-        f"a model that runs on example_input of shape {shapes}", f"{type(exc).__name__}: {reason}"
-    )

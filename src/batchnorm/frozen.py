@@ -12,26 +12,22 @@ scale and shift (DenseNet-121 shapes, batch 8). :meth:`scale_shift` gives the af
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import expected
+from .errors import check_eps, check_num_features, expected
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
 class _FrozenBatchNorm(nn.Module):
-    _ranks: tuple[int, ...] = ()  # accepted input ranks; empty: any rank >= 2
+    input_ranks: tuple[int, ...] = ()  # accepted input ranks; empty: any rank >= 2
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise expected("num_features to be a positive integer", repr(num_features))
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise expected("eps to be a finite number >= 0", repr(eps))
+        check_num_features(num_features)
+        eps = check_eps(eps, training=False)  # frozen BN never trains: eps >= 0
         kw = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
@@ -60,8 +56,9 @@ class _FrozenBatchNorm(nn.Module):
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._ranks and x.dim() not in self._ranks:
-            raise expected(f"{' or '.join(f'{r}D' for r in self._ranks)} input", f"{x.dim()}D input")
+        if self.input_ranks and x.dim() not in self.input_ranks:
+            raise expected(f"{' or '.join(f'{r}D' for r in self.input_ranks)} input",
+                           f"{x.dim()}D input")
         if x.dim() < 2:
             raise expected("input of at least 2 dimensions (N, C, ...)", f"{x.dim()}D input")
         if x.shape[1] != self.num_features:
@@ -95,7 +92,7 @@ class FrozenBatchNorm1d(_FrozenBatchNorm):
     torch.Size([2, 4])
     """
 
-    _ranks = (2, 3)
+    input_ranks = (2, 3)
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
@@ -105,7 +102,7 @@ class FrozenBatchNorm2d(_FrozenBatchNorm):
         num_features: C. eps: added to running_var. Default: 1e-5
     """
 
-    _ranks = (4,)
+    input_ranks = (4,)
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
@@ -115,7 +112,7 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
         num_features: C. eps: added to running_var. Default: 1e-5
     """
 
-    _ranks = (5,)
+    input_ranks = (5,)
 
 
 class _FrozenBatchNormXd(_FrozenBatchNorm):

@@ -8,83 +8,29 @@ output. That is right for plain stacks and wrong for branches, so the graph is t
 ``approximate`` with a warning, and the rewriting tools trust only pairs that sit next to each
 other inside one ``nn.Sequential``.
 
-One small protocol says what counts as batch norm, so no tool needs its own isinstance ladder:
-``is_batchnorm(m)`` and ``bn_kind(m)`` cover PyTorch's ``_BatchNorm`` (SyncBatchNorm, our
-subclasses), ``FrozenBatchNorm*`` (ours, torchvision's) and duck-typed third-party BN
-(``num_features``, ``eps``, ``running_mean``, ``running_var``).
+What counts as batch norm is :mod:`batchnorm.protocol`'s; what counts as an activation is the
+registry's (:mod:`batchnorm.activations`).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.instancenorm import _InstanceNorm
+
+from . import activations
+from .protocol import is_batchnorm
 
 __all__ = [
-    "is_batchnorm",
-    "bn_kind",
-    "bn_input_ranks",
     "is_foldable_producer",
     "out_channels",
     "class_name",
-    "activation_of",
     "Site",
     "ModelGraph",
     "trace",
 ]
-
-# --------------------------------------------------------------------------- the BN protocol
-
-
-def is_batchnorm(module: object) -> bool:
-    """True for any BN-like module: PyTorch's, ours, SyncBatchNorm, frozen, or duck-typed."""
-    return bn_kind(module) is not None
-
-
-def bn_kind(module: object) -> str | None:
-    """``"batchnorm"``, ``"sync"``, ``"frozen"``, ``"duck"`` or None when not BN-like."""
-    if not isinstance(module, nn.Module) or isinstance(module, _InstanceNorm):
-        return None
-    if isinstance(module, nn.SyncBatchNorm):
-        return "sync"
-    if isinstance(module, _BatchNorm):
-        return "batchnorm"
-    if not (
-        isinstance(getattr(module, "num_features", None), int)
-        and hasattr(module, "eps")
-        and isinstance(getattr(module, "running_mean", None), torch.Tensor)
-        and isinstance(getattr(module, "running_var", None), torch.Tensor)
-    ):
-        return None
-    # frozen: the affine tensors are buffers, nothing is learned (ours and torchvision's)
-    if "weight" in module._buffers or "FrozenBatchNorm" in type(module).__name__:
-        return "frozen"
-    return "duck"
-
-
-def bn_input_ranks(module: nn.Module) -> tuple[int, ...] | None:
-    """Input ranks the BN class accepts ((2, 3), (4,), (5,)), or None when any rank goes."""
-    if isinstance(module, nn.BatchNorm1d):
-        return (2, 3)
-    if isinstance(module, nn.BatchNorm2d):
-        return (4,)
-    if isinstance(module, nn.BatchNorm3d):
-        return (5,)
-    ranks = getattr(type(module), "_ranks", None)  # our FrozenBatchNorm*d
-    if ranks:
-        return tuple(ranks)
-    name = type(module).__name__
-    for suffix, ranks in (("1d", (2, 3)), ("2d", (4,)), ("3d", (5,))):
-        if name.endswith(suffix):
-            return ranks
-    return None
-
 
 _FOLDABLE_NAMES = {
     "Conv1d",
@@ -118,84 +64,8 @@ def out_channels(module: nn.Module) -> int | None:
     return getattr(module, "out_channels", getattr(module, "out_features", None))
 
 
-_ACTIVATIONS = {
-    "relu": lambda m: nn.ReLU(),
-    "relu6": lambda m: nn.ReLU6(),
-    "leaky_relu": lambda m: nn.LeakyReLU(getattr(m, "negative_slope", 0.01)),
-    "elu": lambda m: nn.ELU(getattr(m, "alpha", 1.0)),
-    "silu": lambda m: nn.SiLU(),
-    "swish": lambda m: nn.SiLU(),
-    "gelu": lambda m: nn.GELU(),
-    "hardswish": lambda m: nn.Hardswish(),
-    "sigmoid": lambda m: nn.Sigmoid(),
-    "tanh": lambda m: nn.Tanh(),
-}
-
-UNKNOWN_ACTIVATION = object()
-
-
-def activation_of(bn: nn.Module):
-    """The activation a BN+act module applies after normalising, as a fresh module.
-
-    None for plain BN (or ``act`` in {None, "identity", "none"}); ``UNKNOWN_ACTIVATION`` when
-    the module names one this helper cannot rebuild.
-    """
-    act = getattr(bn, "act", None)
-    if act is None:
-        return None
-    if callable(getattr(bn, "activation", None)):  # our BatchNormAct*d builds its own
-        act = bn.activation()
-    if isinstance(act, nn.Module):
-        return None if isinstance(act, nn.Identity) else copy.deepcopy(act)
-    if isinstance(act, str):
-        key = act.lower().replace("-", "_")
-        if key in ("identity", "none", "linear", ""):
-            return None
-        if key in _ACTIVATIONS:
-            return _ACTIVATIONS[key](bn)
-    return UNKNOWN_ACTIVATION
-
-
-_ACT_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.PReLU,
-    nn.Softplus,
-    nn.Hardtanh,
-)
-_ACT_FUNCTIONS = {
-    F.relu,
-    F.relu_,
-    torch.relu,
-    torch.relu_,
-    F.relu6,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    torch.sigmoid,
-    torch.tanh,
-    F.sigmoid,
-    F.tanh,
-    F.softplus,
-}
-_ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_"}
+_ACT_MODULES = activations.module_classes()
+_ACTIVATION_LABELS = activations.labels()
 
 
 # --------------------------------------------------------------------------- the graph
@@ -236,9 +106,6 @@ class Site:
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, {self.op})"
-
-
-_ACTIVATION_LABELS = {getattr(f, "__name__", str(f)) for f in _ACT_FUNCTIONS} | _ACT_METHODS
 
 
 @dataclass

@@ -15,18 +15,9 @@ import torch
 from torch import nn
 
 from .errors import expected
-from .folding import _failed_on
-from .graph import (
-    ModelGraph,
-    Site,
-    activation_of,
-    bn_kind,
-    class_name,
-    is_batchnorm,
-    is_foldable_producer,
-    out_channels,
-    trace,
-)
+from .graph import ModelGraph, Site, class_name, is_foldable_producer, out_channels, trace
+from .probe import as_args, capture
+from .protocol import activation_of, bn_kind, is_batchnorm
 
 __all__ = ["inspect", "Report", "Finding", "LayerRow"]
 
@@ -368,28 +359,10 @@ def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> F
 
 def _input_shapes(model: nn.Module, example_input) -> dict[str, tuple[int, ...]]:
     """Input shape of every BN on one eval-mode forward pass of a copy of ``model``."""
-    args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    if not all(isinstance(a, torch.Tensor) for a in args):
-        raise expected(
-            "example_input to be a tensor or a tuple of tensors", type(example_input).__name__
-        )
-    probe = copy.deepcopy(model).eval()
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, m in probe.named_modules():
-        if is_batchnorm(m):
+    args = as_args(example_input)
+    shapes, _ = capture(copy.deepcopy(model).eval(), args, is_batchnorm, _input_shape)
+    return {name: shape for name, shape in shapes.items() if shape is not None}
 
-            def hook(mod, inputs, name=name):
-                if name not in shapes and inputs and isinstance(inputs[0], torch.Tensor):
-                    shapes[name] = tuple(inputs[0].shape)
 
-            handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            probe(*args)
-    except Exception as exc:
-        raise _failed_on(args, exc) from exc
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+def _input_shape(inputs: tuple, output) -> tuple[int, ...] | None:
+    return tuple(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else None

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops
-from .errors import check_eps, check_momentum, check_values_per_channel, expected
+from .activations import REGISTRY
+from .errors import (
+    check_act,
+    check_eps,
+    check_momentum,
+    check_num_features,
+    check_values_per_channel,
+    expected,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -45,9 +53,9 @@ _is_compiling = torch.compiler.is_compiling
 
 
 class _OurBatchNorm(_BatchNorm):
-    """Shared forward of BatchNorm*d and BatchNormAct*d; subclasses set ``_ranks``."""
+    """Shared forward of BatchNorm*d and BatchNormAct*d; subclasses set ``input_ranks``."""
 
-    _ranks: tuple[int, ...] = ()
+    input_ranks: tuple[int, ...] = ()  # the input ranks the class takes (the BN protocol reads it)
 
     def __init__(
         self,
@@ -62,8 +70,7 @@ class _OurBatchNorm(_BatchNorm):
         bias: bool = True,
         nonfinite: str = "skip",
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise expected("num_features to be a positive integer", repr(num_features))
+        check_num_features(num_features)
         check_eps(eps, training=False)
         check_momentum(momentum)
         if nonfinite not in NONFINITE:
@@ -88,8 +95,8 @@ class _OurBatchNorm(_BatchNorm):
     # ----------------------------------------------------------------------------------------
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._ranks:
-            ranks = " or ".join(f"{r}D" for r in self._ranks)
+        if input.dim() not in self.input_ranks:
+            ranks = " or ".join(f"{r}D" for r in self.input_ranks)
             raise expected(f"{ranks} input", f"{input.dim()}D input")
 
     def _check_input(self, x: Tensor, batch_stats: bool, update: bool) -> None:
@@ -255,24 +262,24 @@ def _bn_doc(name: str, ranks: tuple[int, ...], shapes: str, example: str) -> str
 
 
 class BatchNorm1d(_OurBatchNorm):
-    _ranks = (2, 3)
-    __doc__ = _bn_doc("BatchNorm1d", _ranks, ":math:`(N, C)` or :math:`(N, C, L)`", "8, 16, 10")
+    input_ranks = (2, 3)
+    __doc__ = _bn_doc("BatchNorm1d", input_ranks, ":math:`(N, C)` or :math:`(N, C, L)`", "8, 16, 10")
 
 
 class BatchNorm2d(_OurBatchNorm):
-    _ranks = (4,)
-    __doc__ = _bn_doc("BatchNorm2d", _ranks, ":math:`(N, C, H, W)`", "8, 16, 5, 5")
+    input_ranks = (4,)
+    __doc__ = _bn_doc("BatchNorm2d", input_ranks, ":math:`(N, C, H, W)`", "8, 16, 5, 5")
 
 
 class BatchNorm3d(_OurBatchNorm):
-    _ranks = (5,)
-    __doc__ = _bn_doc("BatchNorm3d", _ranks, ":math:`(N, C, D, H, W)`", "8, 16, 3, 5, 5")
+    input_ranks = (5,)
+    __doc__ = _bn_doc("BatchNorm3d", input_ranks, ":math:`(N, C, D, H, W)`", "8, 16, 3, 5, 5")
 
 
 class _BatchNormXd(_OurBatchNorm):
     """Ours, any rank 2..5: what ``convert`` makes of a ``torch.nn.SyncBatchNorm`` (no rank)."""
 
-    _ranks = (2, 3, 4, 5)
+    input_ranks = (2, 3, 4, 5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,7 +306,7 @@ class _OurBatchNormAct:
         bias: bool = True,
         nonfinite: str = "skip",
     ) -> None:
-        negative_slope, alpha = ops.check_act(act, negative_slope, alpha, bool(inplace))
+        negative_slope, alpha = check_act(act, negative_slope, alpha, bool(inplace))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias, nonfinite=nonfinite)
         self.act = act
@@ -312,20 +319,12 @@ class _OurBatchNormAct:
 
     def activation(self) -> nn.Module:
         """The activation as a separate PyTorch module (what ``convert(to="torch")`` emits)."""
-        return {
-            "identity": lambda: nn.Identity(),
-            "relu": lambda: nn.ReLU(),
-            "leaky_relu": lambda: nn.LeakyReLU(self.negative_slope),
-            "elu": lambda: nn.ELU(self.alpha),
-            "silu": lambda: nn.SiLU(),
-        }[self.act]()
+        return REGISTRY[self.act].make_module(self.negative_slope, self.alpha)
 
     def extra_repr(self) -> str:
         extra = f", act={self.act!r}"
-        if self.act == "leaky_relu":
-            extra += f", negative_slope={self.negative_slope}"
-        if self.act == "elu":
-            extra += f", alpha={self.alpha}"
+        for name in REGISTRY[self.act].params:  # the constants this activation reads
+            extra += f", {name}={getattr(self, name)}"
         if self.inplace:
             extra += ", inplace=True"
         return super().extra_repr() + extra

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import BatchNormError, expected
+from .probe import as_args, max_error, tensor_leaves, training_flags_kept
 
 __all__ = ["export_onnx", "ExportResult"]
 
@@ -78,15 +79,13 @@ def export_onnx(
             f"expected the onnx extra to be installed (got ImportError: {exc}); "
             "run: pip install 'batchnorm[onnx]'"
         ) from None
-    from .folding import _as_args, _max_error, fold
+    from .folding import fold
 
-    args = _as_args(example_input)
+    args = as_args(example_input)
     if args is None:
         raise expected("an example_input tensor", "None")
     path = os.fspath(path)
-    folded = fold(model, args)
-    report = folded.fold_report
-    del folded.fold_report  # keep the exporter away from a non-tensor attribute
+    folded, report = fold(model, args, report=True)
     with torch.no_grad():
         reference = _reference_output(model, args)
 
@@ -106,27 +105,17 @@ def export_onnx(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    max_error, rel_error = _max_error(got, reference)
+    max_err, rel_error = max_error(got, reference)
     return ExportResult(
-        path, exporter, max_error, rel_error, report.count("folded"), report.count("frozen")
+        path, exporter, max_err, rel_error, report.count("folded"), report.count("frozen")
     )
-
-
-def _leaves(out):
-    from torch.utils._pytree import tree_leaves
-
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _reference_output(model: nn.Module, args: tuple) -> list[torch.Tensor]:
     """The original model's eval-mode output, with every training flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
+    with training_flags_kept(model):
         model.eval()
-        return [t.detach() for t in _leaves(model(*args))]
-    finally:
-        for m, training in flags:
-            m.training = training
+        return [t.detach() for t in tensor_leaves(model(*args))]
 
 
 def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose: bool) -> str:

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from . import sync
+from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
-from .graph import bn_kind, is_batchnorm
+from .probe import training_flags_kept
+from .protocol import bn_kind, is_batchnorm
 
 __all__ = ["recalibrate"]
 
@@ -82,33 +84,31 @@ def recalibrate(
     if not layers:
         return model
 
-    flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in layers]
     saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in layers]
-    try:
-        for m in layers:
-            _reset(m)
-            m.momentum = None
-        model.train()
-        if process_group is None:
-            seen = _accumulate(model, data, batches, input_fn, progress)
-            if seen == 0:
-                raise expected("at least one batch in data", "no batches")
-        else:  # a rank without batches still joins the merge; it raises if no rank had any
-            with sync.local_only(model):
-                _accumulate(model, data, batches, input_fn, progress)
-            sync.merge_running_stats(layers, process_group)
-    except BaseException:
-        with torch.no_grad():
-            for m, buffers in zip(layers, saved):
-                for k, v in buffers.items():
-                    m._buffers[k].copy_(v)
-        raise
-    finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
-        for m, training in flags:
-            m.training = training
+    with training_flags_kept(model):
+        try:
+            for m in layers:
+                _reset(m)
+                m.momentum = None
+            model.train()
+            if process_group is None:
+                seen = _accumulate(model, data, batches, input_fn, progress)
+                if seen == 0:
+                    raise expected("at least one batch in data", "no batches")
+            else:  # a rank without batches still joins the merge; it raises if no rank had any
+                with sync.local_only(model):
+                    _accumulate(model, data, batches, input_fn, progress)
+                _merge_running_stats(layers, process_group)
+        except BaseException:
+            with torch.no_grad():
+                for m, buffers in zip(layers, saved):
+                    for k, v in buffers.items():
+                        m._buffers[k].copy_(v)
+            raise
+        finally:
+            for m, momentum in momenta:
+                m.momentum = momentum
     return model
 
 
@@ -193,3 +193,56 @@ class _progress:
             self.bar.stop()
         return False
 
+
+# ------------------------------------------------------------------------------------------------
+# across ranks
+
+
+@torch.no_grad()
+def _merge_running_stats(layers: list[nn.Module], process_group) -> None:
+    """Average each layer's running statistics over ranks, weighted by ``num_batches_tracked``.
+
+    After a recalibration pass with ``momentum=None``, rank r's ``running_mean`` is the average of
+    its B_r per-batch means (likewise ``running_var``). The average over every rank's batches is
+
+        running = sum_r B_r * running_r / sum_r B_r,      num_batches_tracked = sum_r B_r
+
+    which is what one process recalibrating on all the batches computes. All layers travel in
+    ONE all-reduce, with a check header, so every rank ends with identical statistics. Layers
+    that no rank saw a batch for keep their values. Raises BatchNormError when the ranks hold
+    different layers, or when no rank saw any batch.
+    """
+    group, world = group_world(process_group)
+    if world == 1:
+        return
+    if not layers:
+        dev = torch.device("cpu")
+    else:
+        dev = layers[0].running_mean.device
+    parts = []
+    for m in layers:
+        b = _batches_seen(m)
+        parts += [m.running_mean.to(torch.float64) * b, m.running_var.to(torch.float64) * b,
+                  torch.tensor([b], dtype=torch.float64, device=dev)]
+    payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
+    link = Link(group, world, "recalibrate", layer_key("recalibrate"))
+    channels = sum(m.num_features for m in layers)
+    total = link.all_reduce(payload, RECALIBRATE, len(layers), channels)
+    i, seen = 0, 0.0
+    for m in layers:
+        c = m.num_features
+        mean_sum, var_sum, b = total[i:i + c], total[i + c:i + 2 * c], float(total[i + 2 * c])
+        i += 2 * c + 1
+        seen = max(seen, b)
+        if b > 0:
+            m.running_mean.copy_(mean_sum / b)
+            m.running_var.copy_(var_sum / b)
+            if getattr(m, "num_batches_tracked", None) is not None:
+                m.num_batches_tracked.fill_(int(b))
+    if layers and seen == 0:
+        raise expected("at least one batch on some rank", "no batches on any rank")
+
+
+def _batches_seen(m: nn.Module) -> float:
+    nbt = getattr(m, "num_batches_tracked", None)
+    return 0.0 if nbt is None else float(nbt)

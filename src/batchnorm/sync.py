@@ -3,8 +3,9 @@
 Works wherever ``torch.distributed`` works (gloo on CPU, NCCL on GPU); the transport is PyTorch's.
 In training, with an initialised process group of more than one rank, each rank reduces its batch
 to per-channel partials ``(count, mean, M2)`` with the reference's definitions (shifted two-pass,
-float64), the ranks exchange them in ONE all-gather and merge them with Chan's formula, so every
-rank normalises with the statistics of the whole batch::
+float64: :func:`batchnorm.ops.torch_fallback.shifted_moments`, which gives the fallback path its
+statistics too), the ranks exchange them in ONE all-gather and merge them with Chan's formula, so
+every rank normalises with the statistics of the whole batch::
 
     n    = sum_r n_r
     mean = sum_r n_r * mean_r / n
@@ -18,38 +19,29 @@ The backward pass all-reduces ``(sum g, sum g * x_hat)`` in ONE collective and a
 with the global sums and n. ``dweight``/``dbias`` stay local: DistributedDataParallel averages
 them like every other parameter gradient. Ranks may hold different batch sizes, including 0.
 
-Fault handling. Every message carries a small header (layer key, call number, phase, channels)
-that every rank checks: ranks that call sync layers a different number of times, or in a
-different order, raise :class:`~batchnorm.BatchNormError` naming the layer instead of mixing
-statistics of different layers. A rank that dies or never joins makes the collective fail after
-the process group's timeout (``dist.init_process_group(..., timeout=datetime.timedelta(...))``;
-gloo's default is 30 minutes); that failure is re-raised as a BatchNormError naming the layer.
-One case stays gloo's: a peer whose message is *longer* than this rank's (a layer with more
-channels) makes gloo abort this process ("Received data size doesn't match expected size");
-the peer, which sees a short message or the closed connection, raises the BatchNormError.
-Never a silent wrong result.
+Ranks must call every sync layer the same number of times in the same order; the messages'
+headers (:mod:`batchnorm.collectives`) turn any mismatch, a dead rank or a timeout into a
+:class:`~batchnorm.BatchNormError` naming the layer. Never a silent wrong result.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-import zlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .errors import BatchNormError, check_eps, expected
+from . import protocol
+from .activations import REGISTRY
+from .collectives import BACKWARD, FORWARD, Link, group_world, layer_key
+from .errors import check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct
+from .ops.torch_fallback import channel_view, shifted_moments, working
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
-           "local_only", "merge_running_stats"]
-
-_FORWARD, _BACKWARD, _RECALIBRATE = 1.0, 2.0, 3.0
-_PHASES = {_FORWARD: "forward", _BACKWARD: "backward", _RECALIBRATE: "recalibration"}
-_HEADER = 4  # layer key, call number, phase, channels
+           "local_only", "from_batchnorm", "is_sync_layer"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,60 +51,13 @@ _HEADER = 4  # layer key, call number, phase, channels
 def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Per-channel ``(count, mean, M2)`` of ``x`` (N, C, *) over every axis but 1, in float64.
 
-    The reference's definition (:func:`batchnorm.reference.moments`): shift by one sample of each
-    channel, then two passes, the mean of the shifted values and the sum of squared deviations
-    from it. Sums accumulate in float64 while the element-wise work stays in the input's dtype
-    (no float64 copy of the batch); the float32 rounding of the pass-two centre is corrected
-    exactly (``sum (d - a)^2 = M2 + n (mean_d - a)^2``). An empty batch gives count 0, mean 0,
+    The reference's definition (:func:`batchnorm.reference.moments`), as
+    :func:`~batchnorm.ops.torch_fallback.shifted_moments` computes it for the fallback path too:
+    shift by one sample of each channel, then two passes. An empty batch gives count 0, mean 0,
     M2 0.
     """
-    n, _, _, mean, m2 = _local_partial(_working(x.detach()))
+    n, _, _, mean, m2 = shifted_moments(working(x.detach()))
     return float(n), mean, m2
-
-
-def _local_partial(x: torch.Tensor):
-    """(n, shift, d, mean, M2): local_moments plus the shifted batch d that forward normalises."""
-    n, shift, d = _shifted(x)
-    d_mean, m2 = _shifted_moments(n, d)
-    return n, shift, d, shift.to(torch.float64) + d_mean, m2
-
-
-def _shifted(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(n, shift, d = x - shift): shift is one sample of each channel, so d is small and centred
-    near 0 however large the offset of x; the normalisation works on d too."""
-    c = x.shape[1]
-    n = x.numel() // c if c else 0
-    if n == 0:
-        return 0, torch.zeros(c, dtype=x.dtype, device=x.device), x
-    shift = x[0].reshape(c, -1)[:, 0]  # (C,)
-    return n, shift, x - shift.view(_view(x))
-
-
-def _shifted_moments(n: int, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean of d, M2 of d) per channel in float64: two passes, d left unchanged."""
-    c = d.shape[1]
-    if n == 0:
-        zeros = torch.zeros(c, dtype=torch.float64, device=d.device)
-        return zeros, zeros.clone()
-    dims = _reduce_dims(d)
-    d_mean = d.sum(dim=dims, dtype=torch.float64) / n
-    centre = d_mean.to(d.dtype)
-    e = (d - centre.view(_view(d))).square_()
-    m2 = e.sum(dim=dims, dtype=torch.float64) - n * (d_mean - centre.to(torch.float64)).square()
-    return d_mean, m2.clamp_(min=0.0)
-
-
-def _working(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 are worked on in float32 (as F.batch_norm accumulates them)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [d for d in range(x.dim()) if d != 1]
-
-
-def _view(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)  # broadcasts a (C,) vector over (N, C, *)
 
 
 def merge_moments(
@@ -135,111 +80,6 @@ def merge_moments(
 
 
 # ---------------------------------------------------------------------------------------------
-# The collectives, with headers that catch ranks out of step
-
-
-class _Link:
-    """One sync layer's view of its process group: who it is, and how many calls it made."""
-
-    def __init__(self, group, world: int, name: str, key: float):
-        self.group = group
-        self.world = world
-        self.name = name
-        self.key = key
-        # gloo moves CPU tensors; with CUDA tensors on gloo the small messages go through the host
-        self.host = dist.get_backend(group) == "gloo"
-
-    def _device(self, payload: torch.Tensor) -> torch.device:
-        return torch.device("cpu") if self.host else payload.device
-
-    def _failed(self, phase: float, call: int, err: RuntimeError) -> BatchNormError:
-        return self._fail(phase, call, f"a failed collective: {_first_line(err)}; a rank died, "
-                          "stopped early or waits elsewhere; the process group's timeout bounds "
-                          "the wait: dist.init_process_group(..., timeout=timedelta(seconds=...))")
-
-    def _fail(self, phase: float, call: int, why: str) -> BatchNormError:
-        return BatchNormError(
-            f"{self.name}: expected every rank of the process group to make the same "
-            f"SyncBatchNorm call ({_PHASES[phase]} call #{call} of this layer) (got {why})"
-        )
-
-    def _header(self, phase: float, call: int, channels: int, device) -> torch.Tensor:
-        return torch.tensor([self.key, float(call), phase, float(channels)],
-                            dtype=torch.float64, device=device)
-
-    def gather(self, payload: torch.Tensor, phase: float, call: int, channels: int) -> torch.Tensor:
-        """All-gather a float64 vector from every rank: (W, len) without the header, checked."""
-        dev, home = self._device(payload), payload.device
-        header = self._header(phase, call, channels, dev)
-        sent = torch.cat([payload.to(dev), header])
-        # NaN marks what no rank wrote: a peer sending a shorter message leaves NaN headers
-        received = torch.full((self.world * sent.numel(),), math.nan, dtype=torch.float64,
-                              device=dev)
-        try:
-            _all_gather_single(received, sent, self.group)
-        except RuntimeError as err:  # timeouts and dead peers (DistBackendError is one)
-            raise self._failed(phase, call, err) from err
-        rows = received.view(self.world, sent.numel())
-        heads = rows[:, -_HEADER:]
-        bad = ~(heads == header).all(dim=1)
-        if bad.any():
-            r = int(bad.nonzero()[0])
-            raise self._fail(phase, call, f"rank {r} in {_describe(heads[r])}")
-        return rows[:, :-_HEADER].to(home)
-
-    def all_reduce(self, payload: torch.Tensor, phase: float, call: int, channels: int) -> torch.Tensor:
-        """Sum a float64 vector over ranks, checked: the header and its square both sum to W times
-        this rank's, which holds only if every rank sent the same header (sum of (h_r - h)^2 = 0)."""
-        dev, home = self._device(payload), payload.device
-        header = self._header(phase, call, channels, dev)
-        sent = torch.cat([payload.to(dev), header, header.square()])
-        try:
-            dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=self.group)
-        except RuntimeError as err:
-            raise self._failed(phase, call, err) from err
-        got = sent[-2 * _HEADER:]
-        want = torch.cat([header, header.square()]) * self.world
-        if not torch.equal(got, want):
-            raise self._fail(phase, call, "another rank in a different call: the summed "
-                             "headers differ from this rank's")
-        return sent[: -2 * _HEADER].to(home)
-
-
-def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    if hasattr(dist, "all_gather_single"):
-        dist.all_gather_single(out, inp, group=group)
-    else:  # torch < 2.10
-        dist.all_gather_into_tensor(out, inp, group=group)
-
-
-def _describe(head: torch.Tensor) -> str:
-    key, call, phase, channels = head.tolist()
-    plausible = phase in _PHASES and all(
-        math.isfinite(v) and v == int(v) and v >= 0 for v in (key, call, channels)) and channels > 0
-    if not plausible:  # a message of another length landed here: the header is not a header
-        return "a call of another size (a layer with other channels, or another collective)"
-    return (f"{_PHASES[phase]} call #{int(call)} of a layer with {int(channels)} channels "
-            f"(layer key {int(key)})")
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
-
-
-def _layer_key(name: str) -> float:
-    return float(zlib.crc32(name.encode()) % (1 << 20))  # small: exact in float64, even squared
-
-
-def _group_world(process_group) -> tuple[object, int]:
-    """(group, world size) when a sync is possible, else (None, 1)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None, 1
-    group = process_group if process_group is not None else dist.group.WORLD
-    return group, dist.get_world_size(group)
-
-
-# ---------------------------------------------------------------------------------------------
 # Autograd: normalise with global statistics; backward reduces (sum g, sum g*x_hat) globally
 
 
@@ -257,10 +97,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, link, call):
         c = x.shape[1]
-        xw = _working(x.detach())
-        n_local, shift, d, mean, m2 = _local_partial(xw)
+        xw = working(x.detach())
+        n_local, shift, d, mean, m2 = shifted_moments(xw)
         payload = torch.cat([mean, m2, mean.new_tensor([float(n_local)])])  # (2C + 1,)
-        rows = link.gather(payload, _FORWARD, call, c)  # (W, 2C + 1)
+        rows = link.gather(payload, FORWARD, call, c)  # (W, 2C + 1)
         n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
         if n == 1:
             raise expected(f"{link.name}: more than 1 value per channel when training",
@@ -290,7 +130,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var_w.to(torch.float64) + ctx.eps)
         gamma = torch.ones_like(invstd) if weight is None else weight.detach().to(torch.float64)
         if d.numel() > 0:
-            g = _working(gy).contiguous()
+            g = working(gy).contiguous()
             # eval-mode backward on d: statistics as constants; one fused pass
             dx, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
                 g, d, gamma.to(d.dtype), mean_d, var_w, None, None, False, ctx.eps,
@@ -301,9 +141,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             sum_g = torch.zeros(c, dtype=torch.float64, device=d.device)
             sum_gxhat = torch.zeros_like(sum_g)
         # every rank joins, an empty one too, or its peers would wait forever
-        total = ctx.link.all_reduce(torch.cat([sum_g, sum_gxhat]), _BACKWARD, ctx.call, c)
+        total = ctx.link.all_reduce(torch.cat([sum_g, sum_gxhat]), BACKWARD, ctx.call, c)
         if ctx.needs_input_grad[0] and d.numel() > 0:
-            view = _view(d)
+            view = channel_view(d)
             scale = gamma * invstd
             k1 = scale * invstd * total[c:] / ctx.n  # times (d - mean_d): x_hat * mean(g x_hat)
             k0 = scale * total[:c] / ctx.n - k1 * mean_d.to(torch.float64)  # and mean(g)
@@ -323,7 +163,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 class _SyncBase(_OurBatchNorm):
     """What SyncBatchNorm and SyncBatchNormAct share: the choice of path and the sync forward."""
 
-    _ranks = (2, 3, 4, 5)
+    input_ranks = (2, 3, 4, 5)
     process_group = None
     sync_name: str | None = None  # the layer's path in its model (set by convert); names errors
     source_ranks: tuple[int, ...] | None = None  # ranks of the BN it replaced, for converting back
@@ -331,7 +171,7 @@ class _SyncBase(_OurBatchNorm):
     _local_only = False  # set by local_only() during recalibration
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        group, world = _group_world(self.process_group)
+        group, world = group_world(self.process_group)
         if not (self.training and world > 1) or self._local_only:  # eval never syncs (PyTorch)
             return super().forward(input)
         return self._sync_forward(input, group, world)
@@ -342,12 +182,12 @@ class _SyncBase(_OurBatchNorm):
         check_eps(self.eps, training=True)
         act, negative_slope, alpha, _ = self._act()
         self._sync_calls += 1
-        link = _Link(group, world, self._display_name, _layer_key(self._display_name))
+        link = Link(group, world, self._display_name, layer_key(self._display_name))
         z, mean, var, n = _SyncBatchNormFunction.apply(
             x, self.weight, self.bias, self.eps, link, self._sync_calls)
         if self.track_running_stats:
             self._update_running_stats(mean, var, int(n))  # n over all ranks: same on each
-        return ops._activate(z, act, negative_slope, alpha)
+        return REGISTRY[act].apply(z, negative_slope, alpha)
 
     @property
     def _display_name(self) -> str:
@@ -362,9 +202,7 @@ class _SyncBase(_OurBatchNorm):
         ``batchnorm.convert(module, to="sync")`` with a process group set on every sync layer.
         Unlike PyTorch's method of the same name, the input module is left untouched.
         """
-        from .conversion import convert  # conversion imports this module
-
-        new = convert(module, to="sync")
+        new = name_layers(protocol.swap(copy.deepcopy(module), converts, from_batchnorm))
         for m in new.modules():
             if isinstance(m, _SyncBase):
                 m.process_group = process_group
@@ -502,6 +340,33 @@ class SyncBatchNormAct(_OurBatchNormAct, _SyncBase):
         self.process_group = process_group
 
 
+def converts(module: nn.Module) -> bool:
+    """True for the BN that :func:`from_batchnorm` turns into a sync layer: PyTorch's
+    ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, and ours (BatchNormAct too), exact classes."""
+    return protocol.family_of(module) in ("torch", "ours", "ours_act")
+
+
+def from_batchnorm(bn: nn.Module) -> nn.Module:
+    """A SyncBatchNorm (SyncBatchNormAct for our BatchNormAct) holding ``bn``'s parameters and
+    buffers (moved, not copied), remembering its input ranks for converting back."""
+    if isinstance(bn, _OurBatchNormAct):
+        new = SyncBatchNormAct(bn.num_features, act=bn.act, negative_slope=bn.negative_slope,
+                               alpha=bn.alpha, inplace=bn.inplace, **protocol.bn_args(bn),
+                               nonfinite=bn.nonfinite)
+    else:
+        new = SyncBatchNorm(bn.num_features, **protocol.bn_args(bn),
+                            nonfinite=getattr(bn, "nonfinite", "skip"))
+    key = protocol.rank_key(bn)
+    new.source_ranks = None if key == "xd" else key
+    protocol.move_state(bn, new)
+    return new
+
+
+def is_sync_layer(module: nn.Module) -> bool:
+    """True for SyncBatchNorm and SyncBatchNormAct (ours)."""
+    return isinstance(module, _SyncBase)
+
+
 def name_layers(model: nn.Module) -> nn.Module:
     """Name every sync layer of ``model`` after its path in it, for error messages; returns model."""
     for path, m in model.named_modules():
@@ -511,15 +376,15 @@ def name_layers(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed recalibration: what batchnorm.recalibrate calls with a process group
+# Building sync layers from BN, and running them locally
 
 
 @contextlib.contextmanager
 def local_only(model: nn.Module):
     """Within the block, the sync layers of ``model`` normalise with their own rank's batch only.
 
-    Recalibration runs each rank's batches locally (ranks may hold different numbers of
-    batches) and merges the statistics once at the end with :func:`merge_running_stats`.
+    Distributed recalibration runs each rank's batches locally this way (ranks may hold
+    different numbers of batches) and merges the statistics once at the end.
     """
     layers = [m for m in model.modules() if isinstance(m, _SyncBase)]
     before = [m._local_only for m in layers]
@@ -530,53 +395,3 @@ def local_only(model: nn.Module):
     finally:
         for m, flag in zip(layers, before):
             m._local_only = flag
-
-
-@torch.no_grad()
-def merge_running_stats(layers: list[nn.Module], process_group) -> None:
-    """Average each layer's running statistics over ranks, weighted by ``num_batches_tracked``.
-
-    After a recalibration pass with ``momentum=None``, rank r's ``running_mean`` is the average of
-    its B_r per-batch means (likewise ``running_var``). The average over every rank's batches is
-
-        running = sum_r B_r * running_r / sum_r B_r,      num_batches_tracked = sum_r B_r
-
-    which is what one process recalibrating on all the batches computes. All layers travel in
-    ONE all-reduce, with a check header, so every rank ends with identical statistics. Layers
-    that no rank saw a batch for keep their values. Raises BatchNormError when the ranks hold
-    different layers, or when no rank saw any batch.
-    """
-    group, world = _group_world(process_group)
-    if world == 1:
-        return
-    if not layers:
-        dev = torch.device("cpu")
-    else:
-        dev = layers[0].running_mean.device
-    parts = []
-    for m in layers:
-        b = _batches_seen(m)
-        parts += [m.running_mean.to(torch.float64) * b, m.running_var.to(torch.float64) * b,
-                  torch.tensor([b], dtype=torch.float64, device=dev)]
-    payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
-    link = _Link(group, world, "recalibrate", _layer_key("recalibrate"))
-    channels = sum(m.num_features for m in layers)
-    total = link.all_reduce(payload, _RECALIBRATE, len(layers), channels)
-    i, seen = 0, 0.0
-    for m in layers:
-        c = m.num_features
-        mean_sum, var_sum, b = total[i:i + c], total[i + c:i + 2 * c], float(total[i + 2 * c])
-        i += 2 * c + 1
-        seen = max(seen, b)
-        if b > 0:
-            m.running_mean.copy_(mean_sum / b)
-            m.running_var.copy_(var_sum / b)
-            if getattr(m, "num_batches_tracked", None) is not None:
-                m.num_batches_tracked.fill_(int(b))
-    if layers and seen == 0:
-        raise expected("at least one batch on some rank", "no batches on any rank")
-
-
-def _batches_seen(m: nn.Module) -> float:
-    nbt = getattr(m, "num_batches_tracked", None)
-    return 0.0 if nbt is None else float(nbt)

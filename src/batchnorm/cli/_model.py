@@ -222,18 +222,16 @@ def save_model(model, target: Path) -> None:
     write_atomically(target, lambda tmp: torch.save(model, tmp))
 
 
-def rewrite_model(args, transform, report_attr: str) -> int:
+def rewrite_model(args, transform) -> int:
     """The body of the commands that write a rewritten copy of MODEL (fold, strip-bias):
-    load, ``transform(model, example_input)``, save atomically without its report attribute,
-    then print that report (or its JSON)."""
+    load, ``transform(model, example_input, report=True)``, save the model atomically, then
+    print the report (or its JSON)."""
     from ._output import emit, note
 
     target = check_output(args.output, [args.model])
     model = load_model(args.model)
     require_python_module(model, args.model)
-    new = transform(model, example_input(args))
-    report = getattr(new, report_attr)
-    delattr(new, report_attr)  # the saved model carries no report object
+    new, report = transform(model, example_input(args), report=True)
     save_model(new, target)
     emit(args, {"output": str(target), **report.to_dict()}, report)
     note(args, f"wrote {target}")

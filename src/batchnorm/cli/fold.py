@@ -32,4 +32,4 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..folding import fold
 
-    return rewrite_model(args, fold, "fold_report")
+    return rewrite_model(args, fold)

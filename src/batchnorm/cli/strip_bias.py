@@ -30,4 +30,4 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..folding import strip_bias
 
-    return rewrite_model(args, strip_bias, "strip_report")
+    return rewrite_model(args, strip_bias)

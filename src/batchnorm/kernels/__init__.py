@@ -27,7 +27,7 @@ import sys
 import numba
 import numpy as np
 
-from ._activation import CODES, consts
+from ._activation import consts
 from .backward import (
     eval_backward_mc,
     eval_backward_ncs,
@@ -40,14 +40,6 @@ from .backward import (
     write_dx_mc,
     write_dx_ncs,
 )
-
-# (layout, inplace) -> (reduce kernel, write-dx kernel)
-_BACKWARD = {
-    (3, False): (reduce_ncs, write_dx_ncs),
-    (2, False): (reduce_mc, write_dx_mc),
-    (3, True): (reduce_from_output_ncs, write_dx_from_output_ncs),
-    (2, True): (reduce_from_output_mc, write_dx_from_output_mc),
-}
 from .normalize import normalize_mc, normalize_ncs
 from .statistics import (
     BLOCK,
@@ -59,7 +51,6 @@ from .statistics import (
 )
 
 __all__ = [
-    "CODES",
     "train_forward",
     "eval_forward",
     "train_backward",
@@ -88,6 +79,15 @@ def _start_pool() -> None:
 
 _start_pool()
 
+# (inplace, channels-last) -> (reduce kernel, write-dx kernel) of the training backward; the
+# layout is the array's rank: (N, C, S) or channels-last (M, C)
+_TRAIN_BACKWARD = {
+    (False, False): (reduce_ncs, write_dx_ncs),
+    (False, True): (reduce_mc, write_dx_mc),
+    (True, False): (reduce_from_output_ncs, write_dx_from_output_ncs),
+    (True, True): (reduce_from_output_mc, write_dx_from_output_mc),
+}
+
 
 def set_threads(n: int) -> None:
     """Run the kernels on ``n`` threads (clipped to numba's pool size, at least 1)."""
@@ -102,16 +102,17 @@ def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     float32 data is summed in float32 blocks (two passes over each chunk while it is in cache),
     except short NCS planes; float64 data in float64 (see :mod:`.statistics`).
     """
-    if x.ndim == 3:
-        return moments_ncs_blocked(x) if _blocked_planes(x, BLOCKED_PLANE_FROM) else moments_ncs(x)
-    return moments_mc_blocked(x) if x.dtype == np.float32 else moments_mc(x)
+    if _channels_last(x):
+        return moments_mc_blocked(x) if x.dtype == np.float32 else moments_mc(x)
+    return moments_ncs_blocked(x) if _blocked_planes(x, BLOCKED_PLANE_FROM) else moments_ncs(x)
 
 
 def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
     """Normalise x with its batch statistics, affine, activation, into y; return (mean, var).
 
     ``mean`` and the biased ``var`` are float64 arrays of shape (C,). ``weight`` / ``bias`` are
-    (C,) arrays or None; ``act`` a name from ``CODES``. x must be non-empty.
+    (C,) arrays or None; ``act`` an activation's kernel code
+    (``batchnorm.activations.REGISTRY[name].code``). x must be non-empty.
     """
     mean, m2 = moments(x)
     var = m2 / _count(x)
@@ -136,11 +137,10 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     invstd = _invstd(var, eps)
     gamma = _gamma(weight, src)
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
-    code = CODES[act]
     k = consts(dtype, negative_slope, alpha)
-    reduce, write_dx = _BACKWARD[src.ndim, bool(inplace)]
-    blocked = (_blocked_planes(src, BLOCK),) if src.ndim == 3 else ()
-    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, code, k, *blocked)
+    reduce, write_dx = _TRAIN_BACKWARD[bool(inplace), _channels_last(src)]
+    blocked = () if _channels_last(src) else (_blocked_planes(src, BLOCK),)
+    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, act, k, *blocked)
     m = _count(src)
     k1 = gamma * invstd
     if inplace:
@@ -152,7 +152,7 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
         k2 = -k1 * invstd * sum_gxhat / m
     k0 = -k1 * sum_g / m
     write_dx(dy, src, dx, mean_hi, mean_lo, scale, shift,
-             k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), code, k)
+             k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), act, k)
     return sum_gxhat, sum_g
 
 
@@ -165,11 +165,11 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
         np.asarray(mean, np.float64), invstd, gamma, bias, dtype
     )
     k = consts(dtype, negative_slope, alpha)
-    if x.ndim == 3:
-        sum_g, sum_ge = eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, CODES[act], k,
-                                          _blocked_planes(x, BLOCK))
+    if _channels_last(x):
+        sum_g, sum_ge = eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k)
     else:
-        sum_g, sum_ge = eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, CODES[act], k)
+        sum_g, sum_ge = eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k,
+                                          _blocked_planes(x, BLOCK))
     return sum_ge * invstd, sum_g
 
 
@@ -179,8 +179,13 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
 def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
     invstd = _invstd(var, eps)
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, _gamma(weight, x), bias, x.dtype)
-    kernel = normalize_ncs if x.ndim == 3 else normalize_mc
-    kernel(x, y, mean_hi, mean_lo, scale, shift, CODES[act], consts(x.dtype, negative_slope, alpha))
+    kernel = normalize_mc if _channels_last(x) else normalize_ncs
+    kernel(x, y, mean_hi, mean_lo, scale, shift, act, consts(x.dtype, negative_slope, alpha))
+
+
+def _channels_last(x: np.ndarray) -> bool:
+    """(M, C) channels-last rows, not (N, C, S) planes."""
+    return x.ndim == 2
 
 
 def _blocked_planes(x: np.ndarray, least: int) -> bool:

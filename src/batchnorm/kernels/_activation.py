@@ -1,6 +1,7 @@
 """Element-wise activation helpers shared by the kernels: forward, derivative, inverse.
 
-The activation is chosen by an integer code (one compiled kernel serves all five) and evaluated
+The activation is chosen by an integer code (one compiled kernel serves all five): the code
+:mod:`batchnorm.activations` gives it (a test checks that the two agree). It is evaluated
 in the input's precision: ``k`` is a tuple of typed constants (kernels build it with
 :func:`unpack` from the array ``consts`` returns), since a bare literal such as ``0.0`` would be a
 float64 in numba and promote float32 arithmetic. A tuple, not an array: values in registers
@@ -16,8 +17,9 @@ import math
 import numpy as np
 from numba import njit
 
+# the codes of batchnorm.activations.REGISTRY
 IDENTITY, RELU, LEAKY_RELU, ELU, SILU = 0, 1, 2, 3, 4
-CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU, "silu": SILU}
+CODES = (IDENTITY, RELU, LEAKY_RELU, ELU, SILU)
 
 # indices into the constants array k
 ZERO, ONE, SLOPE, ALPHA, FLOOR = 0, 1, 2, 3, 4

@@ -13,7 +13,7 @@ in evaluation ``k0 = k2 = 0`` and one pass does both.
 The sums are float64 across blocks and in the data's dtype within a block (as the statistics
 are, see ``statistics.py``): ``BLOCK`` values of a long (N, C, S) plane, when the caller passes
 ``blocked`` (float32 data, planes of at least one BLOCK; shorter planes are summed value by
-value in float64, which was faster there), or ``ROW_BLOCK`` channels-last rows. For
+value in float64, which was faster there), or ``GRAD_ROW_BLOCK`` channels-last rows. For
 float32 that halves the arithmetic of the reduction; g * e is already centred, so there is no
 cancellation for the float32 rounding to grow in.
 
@@ -40,7 +40,7 @@ from ._activation import (
 from .statistics import BLOCK, REASSOC, rows_per_chunk
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
-ROW_BLOCK = 16
+GRAD_ROW_BLOCK = 16
 
 # Each kernel dispatches on the activation outside its inner loop and calls an inlined row
 # function with constants, so that every inner loop is branch-free and vectorises (see
@@ -219,12 +219,12 @@ def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
         # row accumulators in the data's dtype, added into the float64 partials every
-        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        # GRAD_ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
         a = np.zeros(c, dy.dtype)
         b = np.zeros(c, dy.dtype)
         r0 = q * rows
         for r in range(r0, min(m, r0 + rows)):
-            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+            if r > r0 and (r - r0) % GRAD_ROW_BLOCK == 0:
                 _flush(a, b, part_g[q], part_ge[q])
             xr, gr = src[r], dy[r]
             if act == RELU:
@@ -320,12 +320,12 @@ def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
         # row accumulators in the data's dtype, added into the float64 partials every
-        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        # GRAD_ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
         a = np.zeros(c, dy.dtype)
         b = np.zeros(c, dy.dtype)
         r0 = q * rows
         for r in range(r0, min(m, r0 + rows)):
-            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+            if r > r0 and (r - r0) % GRAD_ROW_BLOCK == 0:
                 _flush(a, b, part_g[q], part_ge[q])
             xr, gr = src[r], dy[r]
             if act == LEAKY_RELU:
@@ -414,12 +414,12 @@ def eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
     mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
     for q in prange(chunks):
         # row accumulators in the data's dtype, added into the float64 partials every
-        # ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
+        # GRAD_ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
         a = np.zeros(c, dy.dtype)
         b = np.zeros(c, dy.dtype)
         r0 = q * rows
         for r in range(r0, min(m, r0 + rows)):
-            if r > r0 and (r - r0) % ROW_BLOCK == 0:
+            if r > r0 and (r - r0) % GRAD_ROW_BLOCK == 0:
                 _flush(a, b, part_g[q], part_ge[q])
             xr, gr, out = x[r], dy[r], dx[r]
             if act == RELU:

@@ -16,7 +16,7 @@ Two ways to get a chunk's partial:
 - **float32 blocks, two passes in cache** (other float32 data): the chunk is read twice while it
   sits in L1/L2 (a plane is at most ~50 KB, a channels-last chunk 1 MB), so memory is still read
   once. Pass 1 takes the chunk's mean as a rough centre ``k`` (rounded to float32); pass 2 sums
-  ``d = x - k`` and ``d * d``. Both passes add up to ``BLOCK`` values (or ``ROW_BLOCK`` rows) in
+  ``d = x - k`` and ``d * d``. Both passes add up to ``BLOCK`` values (or ``STATS_ROW_BLOCK`` rows) in
   float32, then add each block's sum into float64. Centring on the chunk's own mean, not on one
   sample, leaves no cancellation to amplify the float32 rounding: the partial's M2 is within a
   few 1e-8 of the float64 one (relative; measured on N(3, 2) data, largest over 10^4 chunks
@@ -44,8 +44,8 @@ BLOCK = 256
 # NCS planes of at least this many values take the float32 blocks; shorter planes are mostly
 # loop remainders there, and float64 sums were as fast (measured at 28x28, 14x14, 7x7)
 BLOCKED_PLANE_FROM = 2048
-# channels-last: rows summed four at a time, ROW_BLOCK rows per float64 add
-ROW_BLOCK = 32
+# channels-last: rows summed four at a time, STATS_ROW_BLOCK rows per float64 add
+STATS_ROW_BLOCK = 32
 
 
 @njit(cache=True)
@@ -152,7 +152,7 @@ def _plane_blocked(row, shift):
 @njit(inline="always", cache=True, fastmath=REASSOC)
 def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
     """part_mean[j] = mean - shift[j], part_m2[j] = M2 over rows r0:r1 (channels-last), two
-    passes in float32 blocks of ROW_BLOCK rows."""
+    passes in float32 blocks of STATS_ROW_BLOCK rows."""
     c = x.shape[1]
     z = x.dtype.type(0.0)
     # accumulators allocated here, not passed in: LLVM then knows they do not alias x and
@@ -173,7 +173,7 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
         x0, x1, x2, x3 = x[r], x[r + q4], x[r + 2 * q4], x[r + 3 * q4]
         for j in range(c):
             a32[j] += (x0[j] + x1[j]) + (x2[j] + x3[j])
-        if (r - r0 + 1) % (ROW_BLOCK // 4) == 0:
+        if (r - r0 + 1) % (STATS_ROW_BLOCK // 4) == 0:
             for j in range(c):
                 out_mean[j] += np.float64(a32[j])
                 a32[j] = z
@@ -198,7 +198,7 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
             d3 = x3[j] - kj
             a32[j] += (d0 + d1) + (d2 + d3)
             b32[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        if (r - r0 + 1) % (ROW_BLOCK // 4) == 0:
+        if (r - r0 + 1) % (STATS_ROW_BLOCK // 4) == 0:
             for j in range(c):
                 out_mean[j] += np.float64(a32[j])
                 out_m2[j] += np.float64(b32[j])

@@ -16,6 +16,7 @@ from torch import nn
 
 import batchnorm
 
+from ..protocol import is_batchnorm
 from . import report as R
 from .context import Context
 from .nets import count_parameters
@@ -102,26 +103,24 @@ def run(ctx: Context) -> R.Section:
         eval_shift = _max(copy.deepcopy(trained).eval()(x), biased(x))
 
     # (d) strip_bias moves the bias into running_mean
-    stripped = batchnorm.strip_bias(biased, x)
+    stripped, strip_report = batchnorm.strip_bias(biased, x, report=True)
     stripped.eval()
     with torch.no_grad():
         strip_eval = _max(biased(x), stripped(x))
         strip_train = _max(copy.deepcopy(biased).train()(x), copy.deepcopy(stripped).train()(x))
-    strip = {"report": stripped.strip_report.to_dict(),
-             "parameters_saved": stripped.strip_report.parameters_saved,
+    strip = {"report": strip_report.to_dict(),
+             "parameters_saved": strip_report.parameters_saved,
              "parameters_before": count_parameters(biased),
              "parameters_after": count_parameters(stripped),
              "eval_output_max_diff": strip_eval, "train_output_max_diff": strip_train}
 
     # (e) fold every BN into its conv, on the test images
     x_test = torch.from_numpy(ctx.data.x_test)
-    folded = batchnorm.fold(stripped, x_test)
-    report = folded.fold_report
+    folded, report = batchnorm.fold(stripped, x_test, report=True)
     with torch.no_grad():
         want, got = stripped(x_test), folded(x_test)
-    n_bn = sum(1 for m in stripped.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    bn_like = (nn.modules.batchnorm._BatchNorm, batchnorm.FrozenBatchNorm2d)
-    n_bn_after = sum(1 for m in folded.modules() if isinstance(m, bn_like))
+    n_bn = sum(1 for m in stripped.modules() if is_batchnorm(m))
+    n_bn_after = sum(1 for m in folded.modules() if is_batchnorm(m))
     xl = x_test[:LATENCY_BATCH]
     before, after = latencies_ms([stripped, folded], xl, s.latency_repeats)
     fold_result = {

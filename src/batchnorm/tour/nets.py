@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import expected
+
 PLACEMENTS = ("conv-bn-relu", "conv-relu-bn", "none")
 
 
@@ -24,7 +26,7 @@ def _block(cin: int, cout: int, placement: str, norm) -> tuple[list[nn.Module], 
     if placement == "none":
         conv = nn.Conv2d(cin, cout, 3, padding=1)
         return [conv, nn.ReLU()], conv
-    raise ValueError(f"expected a placement in {PLACEMENTS} (got {placement!r})")
+    raise expected(f"a placement in {PLACEMENTS}", repr(placement))
 
 
 class SmallCNN(nn.Sequential):

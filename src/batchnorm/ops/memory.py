@@ -1,15 +1,26 @@
-"""An opt-in cache of output memory for the CPU kernels: freed outputs are reused, not refaulted.
+"""Where the CPU kernels' outputs come from: huge pages for large ones, and an opt-in cache.
 
-Every batch-norm layer returns a fresh output, and its backward a fresh gradient. glibc hands
-large freed blocks back to the operating system, so the next training step faults every page of
-them in again, and the kernel zeroes each page: at batch 32 that costs about as much as the batch
-norm itself (for PyTorch's layers as for ours). With the cache on, the memory of an output of
-ours that is no longer referenced anywhere goes back to the cache instead, and the next output
-of the same size reuses it.
+Every batch-norm layer returns a fresh output, and its backward a fresh gradient
+(:func:`output_like` makes both). Two policies apply, both advice only (contents, strides and
+ownership are a plain tensor's):
 
-Off by default: it keeps memory resident after the tensors that used it are gone (at most
-``max_bytes`` of free blocks), which a process that watches its RSS would not expect. Turn it on
-with :func:`set_output_cache`; :func:`empty_output_cache` gives the free blocks back.
+**Huge pages.** Outputs of 32 MB or more come from a fresh mmap (glibc's largest mmap
+threshold): every 4 KB page faults at its first write, and on the ResNet shapes those faults (and
+the kernel zeroing each page) took as long as the kernel itself. Asking for transparent huge pages
+on such an output (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for its own allocations) makes
+that 512x fewer faults. Measured here (2 threads, fwd+bwd, 30 calls each): medians 30% lower at
+51-103 MB, means lower in 5 of 6 cases, but a heavier tail (p90 up to 2x the plain one: some
+huge-page faults stall). Below 32 MB the blocks are reused heap memory that does not fault: no
+gain there, only the stalls, hence the threshold.
+
+**The output cache** (off by default). glibc hands large freed blocks back to the operating
+system, so the next training step faults every page of them in again, and the kernel zeroes each
+page: at batch 32 that costs about as much as the batch norm itself (for PyTorch's layers as for
+ours). With the cache on, the memory of an output of ours that is no longer referenced anywhere
+goes back to the cache instead, and the next output of the same size reuses it. It keeps memory
+resident after the tensors that used it are gone (at most ``max_bytes`` of free blocks), which a
+process that watches its RSS would not expect. Turn it on with :func:`set_output_cache`;
+:func:`empty_output_cache` gives the free blocks back.
 
 How a block comes back: the output tensor is a view of a NumPy array over the block
 (``torch.from_numpy``), and a ``weakref.finalize`` on that array returns the block when the last
@@ -27,9 +38,9 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from .errors import expected
+from ..errors import expected
 
-__all__ = ["set_output_cache", "empty_output_cache", "output_cache_info"]
+__all__ = ["set_output_cache", "empty_output_cache", "output_cache_info", "output_like"]
 
 # below this, glibc serves blocks from its heap without faulting them in again
 MIN_BYTES = 1 << 20
@@ -106,11 +117,10 @@ def output_cache_info() -> dict[str, int]:
                 "misses": _CACHE.misses}
 
 
-def empty_like_cached(x: torch.Tensor, advise=None) -> torch.Tensor | None:
+def _empty_like_cached(x: torch.Tensor) -> torch.Tensor | None:
     """An uninitialised tensor with x's shape, strides and dtype from the cache, or None when
     the cache is off, x is small, or not float32/float64. x must be dense (contiguous or
-    channels-last). ``advise(address, nbytes)`` is called once on each new block (the ops ask
-    for huge pages there)."""
+    channels-last). Each new block gets the huge-page advice."""
     if _CACHE.limit == 0 or x.dtype not in _NUMPY_DTYPE:
         return None
     nbytes = x.numel() * x.element_size()
@@ -120,9 +130,54 @@ def empty_like_cached(x: torch.Tensor, advise=None) -> torch.Tensor | None:
     block = _CACHE.take(size)
     if block is None:
         block = np.empty(size, np.uint8)
-        if advise is not None:
-            advise(block.ctypes.data, block.nbytes)
+        _advise_huge_pages(block.ctypes.data, block.nbytes)
     offset = -block.ctypes.data % _ALIGN
     flat = block[offset:offset + nbytes].view(_NUMPY_DTYPE[x.dtype])
     weakref.finalize(flat, _CACHE.give, block)
     return torch.from_numpy(flat).as_strided(x.shape, x.stride())
+
+
+# ---------------------------------------------------------------------------------------------
+# huge pages (see the module docstring)
+
+_HUGE_PAGES_FROM = 32 << 20
+_PAGE_2M = 1 << 21
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _libc_madvise():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _libc_madvise()
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    """Ask for transparent huge pages on the whole 2 MB pages of a block of 32 MB or more."""
+    if _madvise is not None and nbytes >= _HUGE_PAGES_FROM:
+        start = -(-address // _PAGE_2M) * _PAGE_2M  # whole 2 MB pages inside it
+        end = (address + nbytes) // _PAGE_2M * _PAGE_2M
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # a failure only loses the speed-up
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(x) (x dense), from the output cache when it is on, else with huge pages
+    asked for when it is large."""
+    cached = _empty_like_cached(x)
+    if cached is not None:
+        return cached
+    out = torch.empty_like(x)
+    _advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
+    return out

@@ -1,0 +1,212 @@
+"""Batch norm + activation as PyTorch functions: the front over the backends.
+
+Two entry points, used by the layers in ``layers.py``:
+
+- :func:`bn_act_train` normalises with the batch statistics (gradients flow through them) and
+  returns them, so the caller can update its running buffers. It never touches buffers itself.
+- :func:`bn_act_eval` normalises with given statistics (constants for autograd).
+
+Both apply an optional affine transform and then an activation of the registry
+(:data:`batchnorm.activations.FUSED`). Each checks its arguments, then :func:`_backend` chooses,
+in this one place, the backend that runs:
+
+==========================  ======================================================================
+``numba_cpu.py``            CPU, float32 or float64 (parameters alike), ``(N, C, *)`` contiguous or
+                            channels-last: the fused numba kernels of :mod:`batchnorm.kernels`,
+                            run as the custom ops of ``custom_ops.py`` (one op each for autograd,
+                            ``torch.compile`` and ``torch.export``; plain eager calls skip the
+                            dispatcher, same bits)
+``torch_fallback.py``       everything else: CUDA and other devices, bfloat16 / float16 (statistics
+                            in float32, as PyTorch), non-contiguous strides: ``F.batch_norm`` then
+                            the activation, the InPlace-ABN mode in PyTorch ops
+==========================  ======================================================================
+
+So a CUDA bfloat16 tensor runs ``torch_fallback.py``. ``layout.py`` says which memory layouts the
+kernels view; ``memory.py`` where their outputs come from (huge pages, the opt-in output cache).
+The output always has the memory format of the input.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..activations import FUSED, INVERTIBLE
+from ..errors import check_act, check_eps, expected
+from . import custom_ops, numba_cpu, torch_fallback
+
+__all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval"]
+
+ACTIVATIONS = FUSED  # the act names the ops take
+
+
+def _backend(x: Tensor, *per_channel: Tensor | None) -> str:
+    """The backend for these tensors: "numba" (the fused CPU kernels) or "torch" (the fallback)."""
+    return "numba" if numba_cpu.takes(x, *per_channel) else "torch"
+
+
+def bn_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Batch-normalise ``x`` with its own statistics, apply the affine map, then the activation.
+
+    .. math::
+        \mu_c = \frac{1}{m}\sum x_c, \quad \sigma^2_c = \frac{1}{m}\sum (x_c - \mu_c)^2, \quad
+        y = \mathrm{act}\Big(\gamma_c \frac{x - \mu_c}{\sqrt{\sigma^2_c + \epsilon}} + \beta_c\Big)
+
+    over every axis but the channel axis 1 (m values per channel). The variance is the *biased*
+    one, the one used to normalise; the caller turns it into the unbiased ``var * m / (m - 1)``
+    for its running buffer. Running statistics are never read or written here.
+
+    Autograd: gradients to ``x``, ``weight`` and ``bias`` flow through the batch statistics (the
+    training formula). ``mean`` and ``var`` are returned detached. On the kernel path the
+    backward is itself an op without a derivative: first-order gradients only (a backward with
+    ``create_graph=True`` works, differentiating its gradients again raises RuntimeError).
+
+    Paths: on CPU with float32/float64 input that is contiguous or channels-last, the fused numba
+    kernels run (one pass for the statistics, one for normalise + affine + activation; backward
+    one reduction pass and one pass writing ``dx``). Other devices (CUDA...), dtypes (bfloat16,
+    float16) and strides take PyTorch's own path (``F.batch_norm`` then the activation).
+
+    Args:
+        x: input of shape ``(N, C, *)``, rank 2 to 5, floating point.
+        weight: gamma, shape ``(C,)``, or None (no scaling).
+        bias: beta, shape ``(C,)``, or None (no shift).
+        eps: added to the variance before the square root; must be > 0.
+        act: one of ``ACTIVATIONS`` (:data:`batchnorm.activations.FUSED`): "identity", "relu", "leaky_relu", "elu", "silu".
+            Default: "identity"
+        negative_slope: slope of "leaky_relu" for negative inputs. Default: 0.01
+        alpha: the "elu" scale, ``alpha * (exp(z) - 1)`` for z <= 0. Default: 1.0
+        inplace: save only the output ``y`` for backward and recover the normalised input from it,
+            ``x_hat = (act^-1(y) - beta) / gamma`` (the InPlace-ABN method), instead of saving
+            ``x``. Needs an invertible activation (``INVERTIBLE``: identity, leaky_relu with
+            ``negative_slope > 0``, elu with ``alpha > 0``). ``x`` itself is not overwritten: the
+            memory saved is the input the backward no longer keeps alive. Where
+            ``|gamma| < eps`` the division uses ``sign(gamma) * eps`` instead, so the recovered
+            ``x_hat`` (and ``dweight``) are inexact for such near-zero scales; an ELU output that
+            saturated at ``-alpha`` in the input's precision recovers a clamped pre-activation.
+            Default: False
+
+    Returns:
+        ``(y, mean, var)``: ``y`` of the shape, dtype and memory format of ``x``; ``mean`` and the
+        biased ``var`` of shape ``(C,)`` in the dtype of ``x`` (float32 for float16 / bfloat16
+        input: computed in float32, as PyTorch's own batch norm does), detached. For an empty batch
+        (``N * prod(spatial) == 0``) ``y`` is empty, ``mean`` is 0 and ``var`` is NaN (the
+        variance of nothing is undefined; :func:`batchnorm.reference.variance` says the same).
+
+    Raises:
+        BatchNormError: bad rank, dtype, parameter shape, eps, activation, or ``inplace`` with an
+            activation that cannot be inverted.
+
+    Shape:
+        - x: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``
+        - y: same as x; mean, var: ``(C,)``
+
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> y, mean, var = bn_act_train(x, torch.ones(3), torch.zeros(3), 1e-5, act="relu")
+    >>> y.shape, mean.shape, bool((y >= 0).all())
+    (torch.Size([8, 3, 4, 4]), torch.Size([3]), True)
+    """
+    eps = check_eps(eps, training=True)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    negative_slope, alpha = check_act(act, negative_slope, alpha, inplace)
+    args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
+    if _backend(x, weight, bias) == "numba":
+        y, mean, var = custom_ops.train(*args)
+        # the op returns float64 statistics; the contract is the input's dtype, detached
+        return y, mean.detach().to(x.dtype), var.detach().to(x.dtype)
+    return torch_fallback.train(*args)
+
+
+def bn_act_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> Tensor:
+    r"""Normalise ``x`` with given statistics, apply the affine map, then the activation.
+
+    .. math::
+        y = \mathrm{act}\Big(\gamma_c \frac{x - \mathrm{mean}_c}{\sqrt{\mathrm{var}_c + \epsilon}}
+        + \beta_c\Big)
+
+    ``running_mean`` / ``running_var`` are constants for autograd (no gradient flows into them);
+    gradients flow to ``x``, ``weight`` and ``bias``: ``dx = act'(z) * dy * gamma / sigma``.
+
+    Paths: on CPU with float32/float64 input that is contiguous or channels-last, one fused
+    numba pass (per-channel scale and shift precomputed); other devices, dtypes and strides take
+    PyTorch's own path (``F.batch_norm`` then the activation).
+
+    Args:
+        x: input of shape ``(N, C, *)``, rank 2 to 5, floating point.
+        weight: gamma, shape ``(C,)``, or None.
+        bias: beta, shape ``(C,)``, or None.
+        running_mean: the mean to subtract, shape ``(C,)``.
+        running_var: the variance to divide by (after adding eps), shape ``(C,)``.
+        eps: added to the variance; must be >= 0.
+        act: one of ``ACTIVATIONS``. Default: "identity"
+        negative_slope: slope of "leaky_relu" for negative inputs. Default: 0.01
+        alpha: the "elu" scale. Default: 1.0
+
+    Returns:
+        ``y`` with the shape, dtype and memory format of ``x``.
+
+    Shape:
+        - x, y: ``(N, C, *)``; weight, bias, running_mean, running_var: ``(C,)``
+
+    >>> x = torch.randn(2, 3, 4)
+    >>> y = bn_act_eval(x, None, None, torch.zeros(3), torch.ones(3), 0.0)
+    >>> torch.equal(y, x)
+    True
+    """
+    eps = check_eps(eps, training=False)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    _check_param("running_mean", running_mean, x, c, required=True)
+    _check_param("running_var", running_var, x, c, required=True)
+    negative_slope, alpha = check_act(act, negative_slope, alpha, inplace=False)
+    if _backend(x, weight, bias, running_mean, running_var) == "numba":
+        return custom_ops.eval_(x, weight, bias, running_mean.detach(), running_var.detach(), eps,
+                                act, negative_slope, alpha)
+    return torch_fallback.eval_(x, weight, bias, running_mean, running_var, eps, act,
+                                negative_slope, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks of the entry points
+
+
+def _check_input(x: object) -> int:
+    if not isinstance(x, Tensor):
+        raise expected("x to be a torch.Tensor", type(x).__name__)
+    if not 2 <= x.dim() <= 5:
+        raise expected("2D to 5D input (N, C, *)", f"{x.dim()}D input")
+    if not x.is_floating_point():
+        raise expected("floating-point input", f"dtype {x.dtype}")
+    return x.shape[1]
+
+
+def _check_param(name: str, value: object, x: Tensor, c: int, required: bool = False) -> None:
+    if value is None:
+        if required:
+            raise expected(f"{name} to be a tensor", "None")
+        return
+    if not isinstance(value, Tensor):
+        raise expected(f"{name} to be a torch.Tensor or None", type(value).__name__)
+    if value.shape != (c,):
+        raise expected(f"{name} of shape ({c},) for {c} channels", f"shape {tuple(value.shape)}")
+    if value.device != x.device:
+        raise expected(f"{name} on {x.device}, the input's device", f"device {value.device}")

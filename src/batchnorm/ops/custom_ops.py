@@ -1,0 +1,219 @@
+"""The backends' implementations as PyTorch custom ops, and the eager route around them.
+
+Four ops in the ``batchnorm`` namespace: two forwards (``bn_act_train``, ``bn_act_eval``), each
+with its backward as an op of its own, tied together with ``register_autograd``. Fake
+implementations give shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op
+as one node. The ops run the numba CPU backend (:mod:`.numba_cpu`).
+
+In plain eager mode the same implementations run without the op's dispatcher round trip
+(:func:`train` / :func:`eval_`): directly when no gradient is recorded, through a
+``torch.autograd.Function`` with the op's own autograd formula when one is. Same kernels, same
+bits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import numba_cpu
+
+__all__ = ["train", "eval_"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the eager route: which calls need the op
+
+
+def _plain_eager(x: Tensor, *params: Tensor | None) -> bool:
+    """True when nothing needs the custom op: eager, plain tensors, no mode or transform active.
+
+    The op's dispatcher round trip costs about 0.1 ms a call forward and again backward (as much
+    as the whole kernel on a (8, 512, 14, 14) input), and buys nothing without a compiler, a
+    tracer, a tensor subclass or a mode that wants to see the op; then the op's implementation is
+    called directly (under autograd through ``_EagerTrain`` / ``_EagerEval``, which carry the
+    op's own autograd formula). Same kernels, same bits. Anything else (torch.compile,
+    torch.export, jit or fx tracing, FakeTensor, subclasses, torch function or dispatch modes,
+    functorch transforms) gets the op, which they know how to trace.
+    """
+    # is_compiling first: under dynamo the other checks are never traced
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor:
+        return False
+    if any(t is not None and type(t) not in _PLAIN_TYPES for t in params):
+        return False
+    # modes: a dispatch mode (FakeTensorMode, export's proxy mode included) or a torch function
+    # mode (torch.device as a context manager among them) must see the op
+    return not (torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active())
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _records_grad(*tensors: Tensor | None) -> bool:
+    """True when autograd records a graph for an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
+    """The training op, or its implementation when nothing needs the op: ``(y, mean, var)``,
+    statistics in float64."""
+    args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
+    if not _plain_eager(x, weight, bias):
+        return torch.ops.batchnorm.bn_act_train(*args)
+    if _records_grad(x, weight, bias):
+        return _EagerTrain.apply(*args)
+    return numba_cpu.train_impl(*args)
+
+
+def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    """The eval op, or its implementation when nothing needs the op (the statistics detached)."""
+    args = (x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha)
+    if not _plain_eager(x, weight, bias, running_mean, running_var):
+        return torch.ops.batchnorm.bn_act_eval(*args)
+    if _records_grad(x, weight, bias):
+        return _EagerEval.apply(*args)
+    return numba_cpu.eval_impl(*args)
+
+
+def _first_order(impl, op):
+    """The backward op's implementation in a plain backward; the op itself under
+    ``create_graph=True`` (grad mode on inside backward).
+
+    The op records an autograd node on its inputs that raises "no autograd formula was registered"
+    when differentiated again: the error the op route gives. ``@once_differentiable`` would not
+    do: its error node is not connected to the inputs, so ``torch.autograd.grad(dx.sum(), x)``
+    reports "appears to not have been used in the graph" instead of the reason.
+    """
+    return op if torch.is_grad_enabled() else impl
+
+
+# ---------------------------------------------------------------------------------------------
+# training: forward op, backward op, autograd
+
+_train_op = torch.library.custom_op(
+    "batchnorm::bn_act_train", numba_cpu.train_impl, mutates_args=())
+
+
+@_train_op.register_fake
+def _(x, weight, bias, eps, act, negative_slope, alpha, inplace):
+    c = x.shape[1]
+    return torch.empty_like(x), x.new_empty(c, dtype=torch.float64), x.new_empty(
+        c, dtype=torch.float64)
+
+
+_train_backward_op = torch.library.custom_op(
+    "batchnorm::bn_act_train_backward", numba_cpu.train_backward_impl, mutates_args=())
+
+
+@_train_backward_op.register_fake
+def _(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace):
+    return _grads_like(src, weight)
+
+
+def _grads_like(src: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    c = src.shape[1]
+    pdtype = src.dtype if weight is None else weight.dtype
+    return torch.empty_like(src), src.new_empty(c, dtype=pdtype), src.new_empty(c, dtype=pdtype)
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, act, negative_slope, alpha, inplace = inputs
+    y, mean, var = output
+    # InPlace-ABN: keep the output (which the next layer keeps anyway), not the input
+    ctx.save_for_backward(y if inplace else x, weight, bias, mean, var)
+    ctx.params = (eps, act, negative_slope, alpha, inplace)
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _train_grads(ctx, dy: Tensor, backward) -> tuple:
+    """The gradients of the training forward's inputs, ``backward`` computing (dx, dw, db)."""
+    src, weight, bias, mean, var = ctx.saved_tensors
+    dx, dweight, dbias = backward(dy, src, weight, bias, mean, var, *ctx.params)
+    return (dx, None if weight is None else dweight, None if bias is None else dbias,
+            None, None, None, None, None)
+
+
+def _train_backward(ctx, dy, _dmean, _dvar):
+    return _train_grads(ctx, dy, torch.ops.batchnorm.bn_act_train_backward)
+
+
+_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+class _EagerTrain(torch.autograd.Function):
+    """bn_act_train's op and autograd formula without the dispatcher, for plain eager calls.
+
+    The same forward, setup_context (inplace saves y, not x) and backward as the op; first-order
+    only, like the op (see ``_first_order``).
+    """
+
+    # forward with ctx, not a separate setup_context: apply() would bind the arguments to
+    # forward's signature with inspect on every call (measured 40 us a call here)
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = numba_cpu.train_impl(*inputs)
+        _train_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        return _train_grads(ctx, dy, _first_order(numba_cpu.train_backward_impl,
+                                                  torch.ops.batchnorm.bn_act_train_backward))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation: forward op, backward op, autograd
+
+_eval_op = torch.library.custom_op("batchnorm::bn_act_eval", numba_cpu.eval_impl, mutates_args=())
+
+
+@_eval_op.register_fake
+def _(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    return torch.empty_like(x)
+
+
+_eval_backward_op = torch.library.custom_op(
+    "batchnorm::bn_act_eval_backward", numba_cpu.eval_backward_impl, mutates_args=())
+
+
+@_eval_backward_op.register_fake
+def _(dy, x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    return _grads_like(x, weight)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha = inputs
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+    ctx.params = (eps, act, negative_slope, alpha)
+
+
+def _eval_grads(ctx, dy: Tensor, backward) -> tuple:
+    """The gradients of the eval forward's inputs, ``backward`` computing (dx, dw, db)."""
+    x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    dx, dweight, dbias = backward(dy, x, weight, bias, running_mean, running_var, *ctx.params)
+    # the statistics are constants in evaluation: no gradient flows into them
+    return (dx, None if weight is None else dweight, None if bias is None else dbias,
+            None, None, None, None, None, None)
+
+
+def _eval_backward(ctx, dy):
+    return _eval_grads(ctx, dy, torch.ops.batchnorm.bn_act_eval_backward)
+
+
+_eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+
+
+class _EagerEval(torch.autograd.Function):
+    """bn_act_eval's op and autograd formula without the dispatcher, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = numba_cpu.eval_impl(*inputs)
+        _eval_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _eval_grads(ctx, dy, _first_order(numba_cpu.eval_backward_impl,
+                                                 torch.ops.batchnorm.bn_act_eval_backward))

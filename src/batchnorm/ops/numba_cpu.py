@@ -1,0 +1,167 @@
+"""The numba CPU backend: the fused kernels of :mod:`batchnorm.kernels` on torch tensors.
+
+Takes CPU tensors of float32 or float64 (parameters in the same dtype), dense as ``(N, C, *)``
+contiguous or channels-last (:mod:`.layout`). The four implementations here are what the custom
+ops of :mod:`.custom_ops` run: the training forward (statistics + normalise + affine +
+activation), the eval forward, and the backward of each. Statistics leave the training forward
+in float64: the backward recomputes x - mean from them, and a float32 mean would cost float32
+data far from zero (mean 1e4, std 1e-2) most of its precision.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import kernels
+from ..activations import REGISTRY
+from .layout import as_layout_of, dense, layout
+from .memory import output_like
+
+__all__ = ["takes", "train_impl", "eval_impl", "train_backward_impl", "eval_backward_impl"]
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
+    """True when the fused kernels handle x: CPU, float32/float64, contiguous or channels-last."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
+        return False
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in per_channel):
+        return False
+    return layout(x) is not None
+
+
+def _kernel_array(t: Tensor, kind: str) -> np.ndarray:
+    """A NumPy view of t's memory as (N, C, S) or (M, C), sharing storage."""
+    n, c = t.shape[0], t.shape[1]
+    if kind == "ncs":
+        return t.detach().numpy().reshape(n, c, -1)  # (N, C, S)
+    return t.detach().permute(0, *range(2, t.dim()), 1).numpy().reshape(-1, c)  # (M, C)
+
+
+def _np(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().numpy()
+
+
+# Below this many elements one thread is faster: waking the others costs more than the work.
+# Results do not depend on it (the kernels' chunks do not depend on the thread count).
+_SERIAL_BELOW = 1 << 16
+
+
+def _run(kernel, x: Tensor, outs: list[Tensor], inputs: list[Tensor], *args):
+    """Call kernel(*inputs, *args, *outs) on kernel views; inputs/outs share x's layout."""
+    kernels.set_threads(1 if x.numel() < _SERIAL_BELOW else torch.get_num_threads())
+    kind = layout(x)
+    return kernel(*[_kernel_array(t, kind) for t in inputs], *args,
+                  *[_kernel_array(t, kind) for t in outs])
+
+
+def train_impl(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = x.shape[1]
+    if x.numel() == 0:
+        return torch.empty_like(x), x.new_zeros(c, dtype=torch.float64), x.new_full(
+            (c,), math.nan, dtype=torch.float64)
+    x = dense(x)
+    y = output_like(x)
+    code = REGISTRY[act].code
+    mean, var = _run(
+        lambda xv, yv: kernels.train_forward(xv, _np(weight), _np(bias), eps, code,
+                                             negative_slope, alpha, yv),
+        x, [y], [x],
+    )
+    return y, torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def eval_impl(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    x = dense(x)
+    y = output_like(x)
+    code = REGISTRY[act].code
+    _run(
+        lambda xv, yv: kernels.eval_forward(xv, _np(weight), _np(bias), _np(running_mean),
+                                            _np(running_var), eps, code, negative_slope, alpha,
+                                            yv),
+        x, [y], [x],
+    )
+    return y
+
+
+def _backward(dy: Tensor, src: Tensor, weight: Tensor | None, kernel) -> tuple[Tensor, Tensor, Tensor]:
+    """What both backward impls share: ``kernel(dy, src, dx) -> (dweight, dbias)`` on kernel
+    views of ``dy`` (in src's strides), ``src`` and a fresh ``dx``; an empty batch gives zeros."""
+    c = src.shape[1]
+    pdtype = src.dtype if weight is None else weight.dtype
+    if src.numel() == 0:
+        return torch.empty_like(src), src.new_zeros(c, dtype=pdtype), src.new_zeros(c, dtype=pdtype)
+    src = dense(src)
+    dy = as_layout_of(dy, src)
+    dx = output_like(src)
+    dweight, dbias = _run(kernel, src, [dx], [dy, src])
+    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
+
+
+def train_backward_impl(
+    dy: Tensor,
+    src: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+    inplace: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    code = REGISTRY[act].code
+    return _backward(
+        dy, src, weight,
+        lambda dyv, sv, dxv: kernels.train_backward(
+            dyv, sv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, code,
+            negative_slope, alpha, inplace, dxv),
+    )
+
+
+def eval_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    code = REGISTRY[act].code
+    return _backward(
+        dy, x, weight,
+        lambda dyv, xv, dxv: kernels.eval_backward(
+            dyv, xv, _np(weight), _np(bias), _np(running_mean), _np(running_var), eps, code,
+            negative_slope, alpha, dxv),
+    )

@@ -1,0 +1,150 @@
+"""The PyTorch backend: ``F.batch_norm`` and the registry's activation, for everything else.
+
+Runs what the numba backend does not take: other devices (CUDA...), bfloat16 / float16 input,
+non-contiguous strides, parameters of another dtype. The InPlace-ABN mode is written in PyTorch
+ops here (:class:`_InplaceTrain`): it saves only the output and recovers x_hat from it.
+
+:func:`shifted_moments` is the one torch statement of the batch statistics, the reference's
+definition (:func:`batchnorm.reference.moments`): shift by one sample of each channel, then two
+passes in float64 sums. This backend's statistics and SyncBatchNorm's local partials both come
+from it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..activations import REGISTRY
+from .layout import same_format
+
+__all__ = ["train", "eval_", "shifted_moments", "working", "channel_view"]
+
+
+def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
+    """``(y, mean, var)``: F.batch_norm with batch statistics, then the activation; the
+    statistics (detached) from :func:`shifted_moments`."""
+    if inplace:
+        return _InplaceTrain.apply(x, weight, bias, eps, act, negative_slope, alpha)
+    z = F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+    y = REGISTRY[act].apply(z, negative_slope, alpha)
+    mean, var = _moments(x)
+    return same_format(y, x), mean, var
+
+
+def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    # F.batch_norm never writes running stats in eval; detach makes them constants for autograd
+    z = F.batch_norm(
+        x, running_mean.detach(), running_var.detach(), weight, bias, training=False, eps=eps
+    )
+    return same_format(REGISTRY[act].apply(z, negative_slope, alpha), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def shifted_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+    """``(n, shift, d, mean, M2)`` per channel of x ``(N, C, *)``: n values per channel,
+    ``d = x - shift`` (shift one sample of each channel, so d is centred near 0 however large
+    the offset of x), and the float64 ``mean`` and ``M2`` (sum of squared deviations).
+
+    Two passes over d: its mean, then the squared deviations from it. Sums accumulate in float64
+    while the element-wise work stays in x's dtype (no float64 copy of the batch); the rounding
+    of the pass-two centre to x's dtype is corrected exactly (``sum (d - a)^2 = M2 + n (mean_d -
+    a)^2``). An empty batch gives n 0, mean 0, M2 0. Pass float32 for half types
+    (:func:`working`).
+    """
+    c = x.shape[1]
+    n = x.numel() // c if c else 0
+    if n == 0:
+        zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
+        return 0, torch.zeros(c, dtype=x.dtype, device=x.device), x, zeros, zeros.clone()
+    shift = x[0].reshape(c, -1)[:, 0]  # (C,)
+    d = x - shift.view(channel_view(x))
+    dims = [i for i in range(d.dim()) if i != 1]
+    d_mean = d.sum(dim=dims, dtype=torch.float64) / n
+    centre = d_mean.to(d.dtype)
+    e = (d - centre.view(channel_view(d))).square_()
+    m2 = e.sum(dim=dims, dtype=torch.float64) - n * (d_mean - centre.to(torch.float64)).square()
+    return n, shift, d, shift.to(torch.float64) + d_mean, m2.clamp_(min=0.0)
+
+
+def working(x: Tensor) -> Tensor:
+    """float16/bfloat16 are worked on in float32 (as F.batch_norm accumulates them)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def channel_view(x: Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a (C,) vector over x (N, C, *)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+@torch.no_grad()
+def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, *), detached: x's dtype, or float32
+    for float16 / bfloat16 (the precision of the running buffers PyTorch keeps for them).
+
+    An empty batch gives mean 0 and variance NaN.
+    """
+    xs = working(x.detach())
+    n, _, _, mean, m2 = shifted_moments(xs)
+    var = m2 / n if n > 0 else torch.full_like(m2, math.nan)
+    return mean.to(xs.dtype), var.to(xs.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# InPlace-ABN in PyTorch ops
+
+
+class _InplaceTrain(torch.autograd.Function):
+    """InPlace-ABN in PyTorch ops: forward saves only y; backward recovers x_hat from it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, negative_slope, alpha):
+        with torch.no_grad():
+            mean, var = _moments(x)
+            z = F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+            y = same_format(REGISTRY[act].apply(z, negative_slope, alpha), x)
+            invstd = torch.rsqrt(var + eps)  # float32 at least
+        ctx.save_for_backward(y, weight, bias, invstd)
+        ctx.params = (eps, act, negative_slope, alpha)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        y_saved, weight, bias, invstd = ctx.saved_tensors
+        eps, act, negative_slope, alpha = ctx.params
+        y = y_saved
+        c = y.shape[1]
+        shape = channel_view(y)
+        # work in float32 at least, as PyTorch's half-precision batch norm does
+        wdtype = torch.promote_types(y.dtype, torch.float32)
+        y, dy = y.to(wdtype), dy.to(wdtype)
+        z, dz_dy = REGISTRY[act].inverse(y, negative_slope, alpha)
+        g = dy * dz_dy  # dL/dz
+        gamma = y.new_ones(c) if weight is None else weight.detach().to(wdtype)
+        beta = y.new_zeros(c) if bias is None else bias.detach().to(wdtype)
+        x_hat = (z - beta.view(shape)) / _safe_gamma(gamma, eps).view(shape)
+        dims = [0, *range(2, y.dim())]
+        n = y.numel() // c if c else 0
+        sum_g = g.sum(dims)
+        sum_gx = (g * x_hat).sum(dims)
+        scale = (gamma * invstd.to(wdtype)).view(shape)
+        if n > 0:
+            dx = scale * (g - (sum_g / n).view(shape) - x_hat * (sum_gx / n).view(shape))
+        else:
+            dx = g
+        dx = same_format(dx.to(y_saved.dtype), y_saved)
+        dw = None if weight is None else sum_gx.to(weight.dtype)
+        db = None if bias is None else sum_g.to(bias.dtype)
+        return dx, dw, db, None, None, None, None
+
+
+def _safe_gamma(gamma: Tensor, eps: float) -> Tensor:
+    """gamma, moved away from 0 to sign(gamma) * eps where |gamma| < eps, so x_hat is recoverable."""
+    sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
+    return torch.where(gamma.abs() < eps, sign * eps, gamma)

@@ -1,0 +1,109 @@
+"""What the model tools share when they run a model: example inputs, per-module capture, the
+error when the model fails, the error measure, and training flags put back afterwards."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .errors import BatchNormError, expected
+
+__all__ = ["as_args", "capture", "failed_on", "max_error", "tensor_leaves", "training_flags_kept"]
+
+
+def as_args(example_input) -> tuple | None:
+    """``example_input`` (a tensor, or a tuple/list of tensors) as a tuple of positional
+    arguments; None stays None."""
+    if example_input is None:
+        return None
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and all(
+        isinstance(t, torch.Tensor) for t in example_input
+    ):
+        return tuple(example_input)
+    raise expected(
+        "example_input to be a tensor or a tuple of tensors", type(example_input).__name__
+    )
+
+
+def failed_on(args, exc: Exception) -> BatchNormError:
+    """The error a tool raises when the model fails on the example input: "expected a model
+    that runs on example_input of shape ... (got TypeError: ...)"."""
+    shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+    reason = str(exc).splitlines()[0] if str(exc) else ""
+    return expected(
+        f"a model that runs on example_input of shape {shapes}", f"{type(exc).__name__}: {reason}"
+    )
+
+
+def capture(
+    model: nn.Module,
+    args: tuple,
+    select: Callable[[nn.Module], bool],
+    keep: Callable[[tuple, object], object] | None = None,
+) -> tuple[dict[str, object], list]:
+    """Run ``model(*args)`` once under no_grad and record, for every module ``select`` takes,
+    ``keep(inputs, output)`` of its first call (default: detached copies of both).
+
+    Returns ``(records by module name, the model output's leaves)``. A model that raises gives
+    :func:`failed_on`'s error. Hooks are removed whatever happens.
+    """
+    keep = keep or _copies
+    records: dict[str, object] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if select(m):
+
+            def hook(mod, inputs, output, name=name):
+                if name not in records:  # first call only
+                    records[name] = keep(inputs, output)
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    except Exception as exc:
+        raise failed_on(args, exc) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return records, tree_leaves(out)
+
+
+def _copies(inputs: tuple, output) -> tuple[tuple, object]:
+    return (tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs),
+            output.detach().clone())
+
+
+def tensor_leaves(out) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or any nesting of tuples, lists and dicts)."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def max_error(got, want) -> tuple[float, float]:
+    """(largest absolute difference, that divided by the largest absolute value of ``want``)
+    over the paired tensors of two outputs, measured in float64."""
+    got = tensor_leaves(got)
+    want = tensor_leaves(want)
+    err = scale = 0.0
+    for g, w in zip(got, want):
+        if g.numel():
+            err = max(err, (g.double() - w.double()).abs().max().item())
+            scale = max(scale, w.double().abs().max().item())
+    return err, (err / scale if scale > 0 else err)
+
+
+@contextlib.contextmanager
+def training_flags_kept(model: nn.Module):
+    """Within the block the model's modules may change mode; every training flag is put back
+    as it was afterwards, whatever happens."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
