@@ -284,3 +284,58 @@ def test_help_has_examples(capsys):
         out = capsys.readouterr().out
         assert exit_info.value.code == 0 and "Examples:" in out and f"batchnorm {command}" in out
         assert "trust" in out
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    yield 0o640
+    os.umask(previous)
+
+
+def test_written_files_follow_the_umask(files, capsys, umask_027):
+    from batchnorm.tour.report import write_html, write_json
+
+    d, _, _ = files
+    assert run(capsys, "fold", d / "model.pt", "-o", d / "f.pt")[0] == 0
+    assert run(capsys, "strip-bias", d / "model.pt", "-o", d / "s.pt")[0] == 0
+    assert run(capsys, "export", d / "model.pt", "-o", d / "m.onnx", "--input-shape",
+               "1,3,16,16")[0] == 0
+    write_html(d, "t", "", [], "")
+    write_json(d, {"a": 1})
+    for name in ("f.pt", "s.pt", "m.onnx", "index.html", "results.json"):
+        assert os.stat(d / name).st_mode & 0o777 == umask_027, name
+
+
+def test_unwritable_output_folder_names_the_output(files, capsys, monkeypatch):
+    import tempfile
+
+    d, _, _ = files
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, ".x.pt.abc.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    status, _, err = run(capsys, "fold", d / "model.pt", "-o", d / "x.pt")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"{str(d / 'x.pt')!r}" in err and "Permission denied" in err and ".tmp" not in err
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_export_honours_the_opset(files, capsys, opset):
+    import onnx
+
+    d, _, _ = files
+    status, out, _ = run(capsys, "export", d / "model.pt", "-o", d / "m.onnx", "--input-shape",
+                         "1,3,16,16", "--opset", opset, "--json")
+    assert status == 0 and json.loads(out)["opset"] == opset
+    model = onnx.load(d / "m.onnx")
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+
+
+def test_export_refuses_an_opset_it_cannot_write(files, capsys):
+    d, _, _ = files
+    status, out, err = run(capsys, "export", d / "model.pt", "-o", d / "m.onnx", "--input-shape",
+                           "1,3,16,16", "--opset", 99)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "--opset 99" in err
+    assert out == "" and not (d / "m.onnx").exists()

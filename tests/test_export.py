@@ -56,3 +56,18 @@ def test_bad_example_input(tmp_path):
     with pytest.raises(BatchNormError, match="runs on example_input"):
         export_onnx(model, torch.randn(1, 5, 1, 1), tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_torchscript_exporter_takes_over_when_dynamo_fails(tmp_path, monkeypatch):
+    real = torch.onnx.export
+
+    def dynamo_fails(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("dynamo exporter failed on purpose")
+        return real(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    model, x = build("dcgan")
+    result = export_onnx(model, x, tmp_path / "m.onnx")
+    assert result.exporter == "torchscript" and result.max_error < 1e-4
+    assert result.to_dict()["opset"] == result.opset > 0

@@ -18,7 +18,7 @@ PACKAGE = Path(batchnorm.__file__).parent
 # ops/, cli/, tour/) is one level for the modules inside it.
 LEVELS = [
     ["activations"],
-    ["errors"],
+    ["errors", "files"],
     ["reference"],
     ["kernels"],
     ["ops"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import BatchNormError, expected
+from .files import write_atomically
 from .probe import as_args, max_error, tensor_leaves, training_flags_kept
 
 __all__ = ["export_onnx", "ExportResult"]
@@ -27,6 +27,7 @@ class ExportResult:
 
     path: str
     exporter: str  # "dynamo" or "torchscript"
+    opset: int  # the ONNX opset of the file written
     max_error: float
     rel_error: float
     folded: int
@@ -37,8 +38,8 @@ class ExportResult:
 
     def __str__(self) -> str:
         return (
-            f"wrote {self.path} ({self.exporter} exporter; {self.folded} BN folded, {self.frozen} "
-            f"frozen); onnxruntime vs PyTorch max error {self.max_error:.2e} "
+            f"wrote {self.path} ({self.exporter} exporter, opset {self.opset}; {self.folded} BN "
+            f"folded, {self.frozen} frozen); onnxruntime vs PyTorch max error {self.max_error:.2e} "
             f"(relative {self.rel_error:.2e})"
         )
 
@@ -53,20 +54,24 @@ def export_onnx(
     same folder, then renamed), and then run with onnxruntime on ``example_input``; the largest
     absolute difference from the original model in eval mode is returned.
 
-    Uses PyTorch's ``torch.export``-based exporter, and the TorchScript-based one if that fails.
+    Uses PyTorch's ``torch.export``-based exporter, and the TorchScript-based one if that fails
+    or cannot write the opset asked for. The file is written with the permissions any new file
+    gets (the umask's).
 
     Args:
         model: the model; not changed.
         example_input: a tensor or tuple of tensors (fixed shapes in the file).
         path: where to write the ``.onnx`` file.
-        opset: ONNX opset version. Default: None (the exporter's default)
+        opset: ONNX opset version of the file; an opset neither exporter writes raises
+            BatchNormError. Default: None (the exporter's default)
         verbose: let the exporter print its progress. Default: False
 
     Returns:
-        :class:`ExportResult` with ``path``, ``max_error`` and ``rel_error``.
+        :class:`ExportResult` with ``path``, ``exporter``, ``opset``, ``max_error`` and
+        ``rel_error``.
 
     Raises:
-        BatchNormError: onnx or onnxruntime missing, or the export fails.
+        BatchNormError: onnx or onnxruntime missing, a bad opset, or the export fails.
 
     >>> result = batchnorm.export_onnx(model, torch.randn(1, 3, 224, 224), "model.onnx")
     >>> print(result)
@@ -84,31 +89,31 @@ def export_onnx(
     args = as_args(example_input)
     if args is None:
         raise expected("an example_input tensor", "None")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
+        raise expected("opset to be a positive integer or None", repr(opset))
     path = os.fspath(path)
     folded, report = fold(model, args, report=True)
     with torch.no_grad():
         reference = _reference_output(model, args)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
-        exporter = _export(folded, args, tmp, opset, verbose)
+    done = {}
+
+    def export_and_check(tmp: str) -> None:
+        done["exporter"], done["opset"] = _export(folded, args, tmp, opset, verbose)
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-        got = [torch.from_numpy(o) for o in session.run(None, feeds)]
-        os.replace(tmp, path)
+        done["got"] = [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+    try:
+        write_atomically(path, export_and_check, suffix=".onnx")
     except BatchNormError:
         raise
     except Exception as exc:
         raise BatchNormError(f"ONNX export or check failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    got, exporter = done["got"], done["exporter"]
     max_err, rel_error = max_error(got, reference)
-    return ExportResult(
-        path, exporter, max_err, rel_error, report.count("folded"), report.count("frozen")
-    )
+    return ExportResult(path, exporter, done["opset"], max_err, rel_error,
+                        report.count("folded"), report.count("frozen"))
 
 
 def _reference_output(model: nn.Module, args: tuple) -> list[torch.Tensor]:
@@ -118,12 +123,20 @@ def _reference_output(model: nn.Module, args: tuple) -> list[torch.Tensor]:
         return [t.detach() for t in tensor_leaves(model(*args))]
 
 
-def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose: bool) -> str:
-    quiet = contextlib.nullcontext() if verbose else _quiet()
+def _export(model: nn.Module, args: tuple, path: str, opset: int | None,
+            verbose: bool) -> tuple[str, int]:
+    """Write ``path`` with the dynamo exporter, else the TorchScript one: ``(exporter, opset)``.
+
+    An exporter that fails, or writes another opset than the one asked for (the dynamo exporter
+    writes 18 and up whatever it is asked), hands over to the next; when none can, the error
+    says what each did.
+    """
     errors = []
     for dynamo in (True, False):
+        name = "dynamo" if dynamo else "torchscript"
         try:
-            with quiet, warnings.catch_warnings():
+            # a fresh context each attempt: one context manager cannot be entered twice
+            with (contextlib.nullcontext() if verbose else _quiet()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     model,
@@ -134,23 +147,51 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose
                     verbose=verbose,
                     external_data=False,
                 )
-            return "dynamo" if dynamo else "torchscript"
         except Exception as exc:  # try the other exporter, report both if both fail
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        written = _opset_of(path)
+        if opset is None or written == opset:
+            return name, written
+        errors.append(f"{name}: wrote opset {written}, not {opset}")
+    if opset is not None:
+        raise expected(f"an opset the ONNX exporters write (--opset {opset})",
+                       " | ".join(e.splitlines()[0] for e in errors))
     raise BatchNormError(
         "ONNX export failed (" + " | ".join(e.splitlines()[0] for e in errors) + ")"
     )
 
 
+def _opset_of(path: str) -> int:
+    """The default-domain opset of an ONNX file."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 @contextlib.contextmanager
 def _quiet():
+    """Silence the exporters: torch.onnx's logger, Python's stdout/stderr, and the file
+    descriptors 1 and 2 that the TorchScript exporter's C++ side prints to."""
     import logging
+    import sys
 
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
         logger.setLevel(level)

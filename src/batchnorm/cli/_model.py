@@ -12,7 +12,6 @@ import importlib
 import os
 import re
 import sys
-import tempfile
 import textwrap
 import warnings
 import zipfile
@@ -203,21 +202,10 @@ def check_output(out: str, inputs: list[str]) -> Path:
     return target
 
 
-def write_atomically(target: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``target``: readers never see half a file."""
-    folder = target.resolve().parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_model(model, target: Path) -> None:
     import torch
+
+    from ..files import write_atomically
 
     write_atomically(target, lambda tmp: torch.save(model, tmp))
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..files import write_text_atomically
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:62rem;margin:2rem auto;
@@ -129,12 +129,12 @@ def write_html(out: Path, title: str, intro: str, sections: list[Section], meta:
         f"</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
         f"<p class=\"meta\">{meta}</p>{intro}<nav><ol>{nav}</ol></nav>{body}</body></html>"
     )
-    return _atomic_write(out / "index.html", page)
+    return write_text_atomically(out / "index.html", page)
 
 
 def write_json(out: Path, results: dict) -> Path:
     text = json.dumps(jsonable(results), indent=1, sort_keys=False, allow_nan=False)
-    return _atomic_write(out / "results.json", text + "\n")
+    return write_text_atomically(out / "results.json", text + "\n")
 
 
 def jsonable(value):
@@ -164,15 +164,3 @@ def strip_timing(value):
     if isinstance(value, list):
         return [strip_timing(v) for v in value]
     return value
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
