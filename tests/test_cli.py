@@ -140,6 +140,7 @@ def test_recalibrate_equals_update_bn(files, capsys, source, extra):
         "output": str(d / "recal.pt"),
         "batches": 3,
         "samples": 10,
+        "skipped_samples": 0,
     }
     want = copy.deepcopy(model)
     update_bn(list(torch.load(d / "data.pt").split(4)), want)
@@ -339,3 +340,38 @@ def test_export_refuses_an_opset_it_cannot_write(files, capsys):
                            "1,3,16,16", "--opset", 99)
     assert status == 2 and len(err.strip().splitlines()) == 1 and "--opset 99" in err
     assert out == "" and not (d / "m.onnx").exists()
+
+
+def test_recalibrate_errors_are_one_line_and_a_last_single_sample_is_skipped(files, capsys):
+    d, _, _ = files
+    torch.save(torch.randn(9, 3, 16, 16), d / "nine.pt")  # batches of 4: 4 + 4 + 1
+    torch.save(torch.randn(8, 5, 16, 16), d / "five.pt")  # the model takes 3 channels
+    torch.save(torch.randn(8, 3, 16), d / "rank3.pt")
+    status, out, err = run(capsys, "recalibrate", d / "model.pt", "--data", d / "nine.pt", "-o",
+                           d / "r.pt", "--batch-size", 4)
+    assert status == 0 and err == ""
+    assert not out.startswith("\n") and " ".join(out.split()) == (
+        f"wrote {d / 'r.pt'}: running statistics from 2 batches, 8 samples; skipped a last batch "
+        "of 1 sample (BN in train mode needs more than one value per channel)")
+    for name in ("five.pt", "rank3.pt"):
+        status, out, err = run(capsys, "recalibrate", d / "model.pt", "--data", d / name, "-o",
+                               d / "r2.pt")
+        assert status == 2 and len(err.strip().splitlines()) == 1, err
+        assert "expected a model that runs on batch 1 of data" in err
+        assert not (d / "r2.pt").exists()
+
+
+def test_input_shape_values_that_look_like_options_and_shapes_too_big(files, capsys):
+    d, _, _ = files
+    status, out, err = run(capsys, "inspect", d / "model.pt", "--input-shape", "-1,3,16,16")
+    assert status == 2 and "positive integers" in err and "'-1,3,16,16'" in err
+    status, out, err = run(capsys, "fold", d / "model.pt", "-o", d / "f.pt", "--input-shape",
+                           "100000,3,1000,1000")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "fits in memory" in err and "1.2 TB" in err and not (d / "f.pt").exists()
+
+
+def test_python_dash_m_batchnorm_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "batchnorm", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("batchnorm ")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import batchnorm
 from batchnorm.errors import BatchNormError
 from batchnorm.frozen import FrozenBatchNorm2d
 from batchnorm.inspection import inspect
@@ -55,7 +56,8 @@ def test_good_model_has_only_the_ok_finding():
             ),
             ["2"],
         ),
-        ("pre-activation", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), ["0"]),
+        # BN -> conv with no activation between is not the pre-activation pattern (issue 11)
+        ("no-producer", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), ["0"]),
         (
             "no-producer",
             nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(8)),
@@ -280,3 +282,69 @@ def test_inspect_torchscript_model():
     assert report.approximate  # fx cannot trace TorchScript: module order, which is exact here
     assert [r.cls for r in report.layers] == ["BatchNorm2d", "BatchNorm2d"]
     assert report.finding("conv-bn-act").layers == ["1", "4"]
+
+
+class _Untraceable(nn.Module):
+    """conv -> BN -> relu, but data-dependent control flow defeats torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.relu(self.bn(self.conv(x)))
+
+
+def test_untraceable_model_does_not_claim_a_shared_output():
+    report = inspect(_Untraceable())
+    assert report.approximate
+    assert "shared-output" not in report.codes() and "unverified-pair" in report.codes()
+    assert report.finding("unverified-pair").layers == ["bn"]
+
+
+def test_bn_feeding_a_linear_or_conv_directly_is_no_producer_not_pre_activation():
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(64),
+                         nn.Linear(64, 2))
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1)
+            self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+
+    for model, name in ((head, "3"), (Cat(), "bn")):
+        report = inspect(model)
+        assert "pre-activation" not in report.codes(), report.codes()
+        assert name in report.finding("no-producer").layers
+    pre = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    plain = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1))
+    assert inspect(plain).finding("pre-activation").layers == ["1"]
+    assert "pre-activation" not in inspect(pre).codes()  # both BN follow a conv
+
+
+def test_inspect_and_fold_agree_on_bn_without_running_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    report = inspect(model)
+    assert report.finding("no-running-stats").layers == ["1"]
+    assert report.finding("conv-bn-act").layers == ["3"] and report.totals["foldable"] == 1
+    _, folds = batchnorm.fold(model, report=True)
+    assert [r.name for r in folds.layers if r.action == "folded"] == ["3"]
+
+
+def test_traced_torchscript_says_its_bn_layers_keep_no_attributes():
+    import warnings
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.randn(1, 3, 8, 8))
+    report = inspect(traced)
+    assert report.layers == [] and "2 BN layers (1, 4) come from torch.jit.trace" in report.warning

@@ -496,3 +496,11 @@ def test_inplace_stack_saves_at_most_0_6x_the_activation_bytes():
     result = _bench_memory().measure(blocks=10, batch=2, channels=8, size=12)
     assert result["ratio"] <= 0.6, result
     assert result["diff64"] <= 1e-10, result  # the same computation (float32: see bench_memory)
+
+
+def test_inplace_with_the_default_relu_says_which_activations_work():
+    with pytest.raises(BatchNormError) as err:
+        batchnorm.BatchNormAct2d(64, inplace=True)  # act defaults to relu
+    message = str(err.value)
+    assert "act='leaky_relu'" in message and "act='elu'" in message and "'identity'" in message
+    assert "act='relu'" in message

@@ -114,7 +114,7 @@ def test_failure_restores_statistics_momentum_and_mode():
         model.bn.running_mean.fill_(0.5)
         model.bn.num_batches_tracked.fill_(7)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(BatchNormError, match=r"a model that runs on batch 3 of data .*boom"):
         recalibrate(model, batches((2, 3, 4, 4), n=4), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.bn.momentum == 0.2 and not model.training and not model.bn.training
@@ -154,3 +154,32 @@ def test_bad_arguments_change_nothing():
     with pytest.raises(BatchNormError, match="expected an nn.Module"):
         recalibrate("model", [])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_last_batch_of_one_sample_is_skipped_and_counted():
+    # BN after global pooling: a batch of one sample has one value per channel
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.BatchNorm1d(4))
+    data = list(torch.randn(9, 3, 6, 6).split(4))  # 4 + 4 + 1
+    want = copy.deepcopy(model)
+    update_bn(data[:2], want)
+    got, report = recalibrate(model, data, progress=False, report=True)
+    assert (report.batches, report.samples, report.skipped_samples) == (2, 8, 1)
+    torch.testing.assert_close(got[3].running_mean, want[3].running_mean)
+    torch.testing.assert_close(got[3].running_var, want[3].running_var)
+    # without drop_last the one-sample batch reaches BN, which refuses it: one clear error
+    with pytest.raises(BatchNormError, match=r"runs on batch 3 of data of shape \(1, 3, 6, 6\)"):
+        recalibrate(model, data, progress=False, drop_last=False)
+    # only a last one-sample batch is skipped; and data of one sample only has no batch left
+    with pytest.raises(BatchNormError, match=r"at least one batch in data \(got no batches "
+                                             r"\(1 skipped\)\)"):
+        recalibrate(model, [torch.randn(1, 3, 6, 6)], progress=False)
+
+
+def test_a_model_that_fails_on_the_data_is_one_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for data in ([torch.randn(4, 5, 6, 6)], [torch.randn(4, 3, 6)]):  # channels, rank
+        with pytest.raises(BatchNormError, match="expected a model that runs on batch 1 of data"):
+            recalibrate(model, data, progress=False)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

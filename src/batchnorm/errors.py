@@ -56,7 +56,10 @@ def check_act(act: object, negative_slope: object, alpha: object, inplace: bool)
             raise expected(f"{name} to be a finite number", repr(value))
     if inplace:
         if act not in INVERTIBLE:
-            raise expected(f"an invertible act {INVERTIBLE} with inplace=True", repr(act))
+            # the default act of BatchNormAct is relu: say what to pass instead
+            choices = " or ".join(f"act={name!r}" for name in INVERTIBLE if name != "identity")
+            raise expected(f"an invertible act with inplace=True: {choices} (or 'identity')",
+                           f"act={act!r}, which cannot be recovered from its output")
         values = {"negative_slope": negative_slope, "alpha": alpha}
         for name in REGISTRY[act].positive:
             if values[name] <= 0:

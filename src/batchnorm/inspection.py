@@ -29,7 +29,9 @@ SEVERITY = {
     "train-mode": "warning",
     "eps-zero": "warning",
     "one-value-per-channel": "warning",
+    "no-running-stats": "warning",
     "shared-output": "info",
+    "unverified-pair": "info",
     "pre-activation": "info",
     "no-producer": "info",
     "conv-bn-act": "ok",
@@ -159,10 +161,17 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     Findings (``Report.findings``, each with layer names and a one-line fix):
     ``conv-bn-act`` (fine), ``act-before-bn`` (Conv → act → BN), ``pre-activation``
     (BN → act → Conv: fine, but folds only as a frozen affine), ``no-producer`` (input is not a
-    conv/linear), ``shared-output`` (the conv output has other users, so BN cannot fold),
-    ``redundant-bias`` (a conv/linear bias feeding BN, with the parameters wasted),
-    ``train-mode``, ``eps-zero``, ``channel-mismatch`` and, with ``example_input``,
+    conv/linear: the model's input, a concatenation, a Flatten...), ``shared-output`` (the conv
+    output has other users, so BN cannot fold), ``unverified-pair`` (conv then BN in module
+    order on a graph fx could not trace), ``no-running-stats`` (batch statistics in eval too:
+    nothing folds), ``redundant-bias`` (a conv/linear bias feeding BN, with the parameters
+    wasted), ``train-mode``, ``eps-zero``, ``channel-mismatch`` and, with ``example_input``,
     ``one-value-per-channel`` (the batch size at which training breaks).
+
+    A traced TorchScript module (``torch.jit.trace``) keeps the BN tensors but none of their
+    attributes (``num_features``, ``eps``, ``momentum``): such layers cannot be listed, and
+    ``Report.warning`` says how many there are. Scripted modules (``torch.jit.script``) keep
+    them and are listed.
 
     BN in train mode at inference: with ``mode="auto"`` a BN is flagged when it is in train
     mode while the model itself is in eval mode (someone called ``.train()`` on a part);
@@ -186,7 +195,8 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
         raise expected('mode "auto", "inference" or "training"', repr(mode))
     graph = trace(model)
     shapes = _input_shapes(model, example_input) if example_input is not None else {}
-    report = Report(approximate=graph.approximate, warning=graph.warning)
+    report = Report(approximate=graph.approximate, warning=_join(graph.warning,
+                                                                 _traced_bn_warning(model)))
     found: dict[str, list[str]] = {code: [] for code in SEVERITY}
     extra: dict[str, list[str]] = {code: [] for code in SEVERITY}  # details for the message
     wasted = 0
@@ -199,9 +209,14 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
         producer = site.producer if site is not None else None
         report.layers.append(_row(name, bn, producer))
 
+        no_stats = getattr(bn, "running_mean", None) is None or getattr(
+            bn, "running_var", None) is None
+        if no_stats:  # batch statistics in eval too: nothing to fold, whatever sits before it
+            found["no-running-stats"].append(name)
         if site is not None:
             placement = _placement(graph, site)
-            found[placement].append(name)
+            if not (no_stats and placement == "conv-bn-act"):
+                found[placement].append(name)
             if (
                 producer is not None
                 and producer.module is not None
@@ -248,6 +263,24 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     return report
 
 
+def _join(*warnings: str | None) -> str | None:
+    return "; ".join(w for w in warnings if w) or None
+
+
+def _traced_bn_warning(model: nn.Module) -> str | None:
+    """The warning for BN layers of a traced TorchScript module, which keep no attributes."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return None
+    traced = [name for name, m in model.named_modules() if not is_batchnorm(m)
+              and "BatchNorm" in class_name(m) and hasattr(m, "running_mean")]
+    if not traced:
+        return None
+    return (f"{len(traced)} BN layers ({', '.join(traced[:3])}{', ...' if len(traced) > 3 else ''}) "
+            "come from torch.jit.trace, which keeps their tensors but not num_features, eps or "
+            "momentum, so they are not listed; inspect the Python model, or a torch.jit.script "
+            "one")
+
+
 def _row(name: str, bn: nn.Module, producer: Site | None) -> LayerRow:
     params = sum(p.numel() for p in bn.parameters(recurse=False) if p.requires_grad)
     buffers = sum(b.numel() for b in bn.buffers(recurse=False))
@@ -281,7 +314,10 @@ def _placement(graph: ModelGraph, site: Site) -> str:
         and producer.module is not None
         and is_foldable_producer(producer.module)
     ):
-        return "conv-bn-act" if graph.feeds_only(producer, site) else "shared-output"
+        if graph.feeds_only(producer, site):
+            return "conv-bn-act"
+        # module order is not dataflow: a pair outside one nn.Sequential may well be exclusive
+        return "unverified-pair" if graph.approximate else "shared-output"
     if producer is not None and producer.is_activation:
         before = producer.producer
         if before is not None and before.module is not None and is_foldable_producer(before.module):
@@ -292,10 +328,12 @@ def _placement(graph: ModelGraph, site: Site) -> str:
 
 
 def _reaches_conv(site: Site) -> bool:
-    """BN → (activation →) conv/linear: the BN-ReLU-Conv pre-activation pattern."""
-    frontier = list(site.users)
-    if activation_of(site.module) is None:  # a plain BN may go through one activation first
-        frontier += [u2 for u in site.users if u.is_activation for u2 in u.users]
+    """BN → activation → conv/linear: the BN-ReLU-Conv pre-activation pattern (a BN+act module
+    feeding the conv directly counts; a plain BN feeding it directly does not)."""
+    if activation_of(site.module) is not None:
+        frontier = list(site.users)
+    else:
+        frontier = [u2 for u in site.users if u.is_activation for u2 in u.users]
     return any(u.module is not None and is_foldable_producer(u.module) for u in frontier)
 
 
@@ -326,6 +364,19 @@ def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> F
             f"{n} BN read a conv/linear output that other layers read too, so "
             "they cannot fold into it",
             "let only the BN read the conv output",
+        ),
+        "unverified-pair": (
+            f"{n} BN follow a conv/linear in module order, but torch.fx could not trace the "
+            "model, so whether the conv output goes to the BN alone is not known; fold folds "
+            "only pairs adjacent in one nn.Sequential",
+            "make the model traceable by torch.fx, or put each conv and its BN in one "
+            "nn.Sequential",
+        ),
+        "no-running-stats": (
+            f"{n} BN keep no running statistics (track_running_stats=False): they normalise "
+            "with the batch's statistics in eval too, so outputs depend on the batch and fold "
+            "keeps them",
+            "build them with track_running_stats=True and run batchnorm.recalibrate",
         ),
         "redundant-bias": (
             f"{n} conv/linear biases feed BN, which subtracts them again: "

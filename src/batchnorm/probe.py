@@ -30,13 +30,13 @@ def as_args(example_input) -> tuple | None:
     )
 
 
-def failed_on(args, exc: Exception) -> BatchNormError:
-    """The error a tool raises when the model fails on the example input: "expected a model
-    that runs on example_input of shape ... (got TypeError: ...)"."""
+def failed_on(args, exc: Exception, what: str = "example_input") -> BatchNormError:
+    """The error a tool raises when the model fails on an input: "expected a model that runs on
+    example_input of shape ... (got TypeError: ...)"; ``what`` names the input."""
     shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
     reason = str(exc).splitlines()[0] if str(exc) else ""
     return expected(
-        f"a model that runs on example_input of shape {shapes}", f"{type(exc).__name__}: {reason}"
+        f"a model that runs on {what} of shape {shapes}", f"{type(exc).__name__}: {reason}"
     )
 
 

@@ -8,6 +8,7 @@ the plain average of the per-batch statistics (PyTorch's ``update_bn`` does the 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -16,10 +17,10 @@ from torch import nn
 from . import sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
-from .probe import training_flags_kept
+from .probe import failed_on, training_flags_kept
 from .protocol import bn_kind, is_batchnorm
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "RecalibrationReport"]
 
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 
@@ -32,7 +33,9 @@ def recalibrate(
     progress: bool = True,
     input_fn: Callable | None = None,
     process_group=None,
-) -> nn.Module:
+    drop_last: bool = True,
+    report: bool = False,
+):
     r"""Recompute the running statistics of every BN in ``model`` from ``data``.
 
     Each BN's statistics are reset (mean 0, variance 1, ``num_batches_tracked`` 0), its
@@ -64,9 +67,19 @@ def recalibrate(
             rank ends with identical running statistics, equal to one process recalibrating
             on all the ranks' batches. Every rank of the group must call ``recalibrate``.
             Default: None (this process's data only)
+        drop_last: skip a last batch of a single sample (97 samples in batches of 32 leave one):
+            BN in train mode cannot normalise one value per channel, and one sample has no
+            spread to measure. The report counts the samples skipped. Default: True
+        report: also return a :class:`RecalibrationReport` (batches and samples used, samples
+            skipped). Default: False
 
     Returns:
-        ``model``.
+        ``model``, or ``(model, RecalibrationReport)`` with ``report=True``.
+
+    Raises:
+        BatchNormError: bad arguments, no batches, or a model that fails on a batch ("expected
+            a model that runs on batch 3 of data of shape ..."); the running statistics are
+            then as they were.
 
     >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     >>> batchnorm.recalibrate(swa_model, loader, batches=100)
@@ -81,8 +94,9 @@ def recalibrate(
         raise expected("data to be an iterable of batches", type(data).__name__)
     layers = [m for m in model.modules() if is_batchnorm(m) and bn_kind(m) != "frozen"
               and getattr(m, "running_mean", None) is not None]
+    summary = RecalibrationReport()
     if not layers:
-        return model
+        return (model, summary) if report else model
 
     momenta = [(m, m.momentum) for m in layers]
     saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in layers]
@@ -93,12 +107,14 @@ def recalibrate(
                 m.momentum = None
             model.train()
             if process_group is None:
-                seen = _accumulate(model, data, batches, input_fn, progress)
-                if seen == 0:
-                    raise expected("at least one batch in data", "no batches")
+                _accumulate(model, data, batches, input_fn, progress, drop_last, summary)
+                if summary.batches == 0:
+                    skipped = f" ({summary.skipped_samples} skipped)" if summary.skipped_samples \
+                        else ""
+                    raise expected("at least one batch in data", f"no batches{skipped}")
             else:  # a rank without batches still joins the merge; it raises if no rank had any
                 with sync.local_only(model):
-                    _accumulate(model, data, batches, input_fn, progress)
+                    _accumulate(model, data, batches, input_fn, progress, drop_last, summary)
                 _merge_running_stats(layers, process_group)
         except BaseException:
             with torch.no_grad():
@@ -109,7 +125,19 @@ def recalibrate(
         finally:
             for m, momentum in momenta:
                 m.momentum = momentum
-    return model
+    return (model, summary) if report else model
+
+
+@dataclass
+class RecalibrationReport:
+    """What :func:`recalibrate` ran: batches and samples used, samples skipped (drop_last)."""
+
+    batches: int = 0
+    samples: int = 0
+    skipped_samples: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
 
 
 def _reset(bn: nn.Module) -> None:
@@ -123,11 +151,13 @@ def _reset(bn: nn.Module) -> None:
             bn.num_batches_tracked.zero_()
 
 
-def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn, progress: bool) -> int:
-    """Run every batch through ``model`` (train mode, no grad); return how many ran.
+def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn, progress: bool,
+                drop_last: bool, summary: "RecalibrationReport") -> None:
+    """Run every batch through ``model`` (train mode, no grad), counting them in ``summary``.
 
     With momentum None each BN's own update keeps the cumulative average, so the per-layer
-    accumulation is the forward pass itself.
+    accumulation is the forward pass itself. A batch is run once the next one is known, so that
+    a last batch of one sample can be skipped (``drop_last``).
     """
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     total = batches
@@ -136,14 +166,35 @@ def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn,
     elif total is not None and hasattr(data, "__len__"):
         total = min(total, len(data))
     iterator = iter(data) if batches is None else itertools.islice(data, batches)
-    seen = 0
     with torch.no_grad(), _progress(progress, total) as advance:
-        for batch in iterator:
+        pending = next(iterator, _END)
+        while pending is not _END:
+            batch, pending = pending, next(iterator, _END)
             args, kwargs = _call_args(batch, input_fn, device)
-            model(*args, **kwargs)
-            seen += 1
+            n = _samples(args, kwargs)
+            if drop_last and pending is _END and n == 1:
+                summary.skipped_samples += 1
+                advance()
+                break
+            try:
+                model(*args, **kwargs)
+            except Exception as exc:
+                raise failed_on(tuple(args) + tuple(kwargs.values()), exc,
+                                f"batch {summary.batches + 1} of data") from exc
+            summary.batches += 1
+            summary.samples += n or 0
             advance()
-    return seen
+
+
+_END = object()
+
+
+def _samples(args: tuple, kwargs: dict) -> int | None:
+    """The batch size: dim 0 of the first tensor argument (None without one)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
 
 
 def _call_args(batch, input_fn, device) -> tuple[tuple, dict]:
@@ -172,7 +223,8 @@ def _to(x, device):
 
 
 class _progress:
-    """A rich progress bar when ``enabled``; yields a function that advances it."""
+    """A rich progress bar on stderr when ``enabled`` and stderr is a terminal (a bar in a log
+    file or a pipe is noise); yields a function that advances it."""
 
     def __init__(self, enabled: bool, total: int | None):
         self.enabled, self.total, self.bar = enabled, total, None
@@ -180,10 +232,14 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return lambda: None
         self.bar = Progress(TextColumn("recalibrating BN"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
+                            TimeElapsedColumn(), transient=True, console=console)
         self.bar.start()
         task = self.bar.add_task("recalibrate", total=self.total)
         return lambda: self.bar.advance(task)

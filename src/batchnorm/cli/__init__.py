@@ -27,11 +27,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_values_that_look_like_options(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
     return run_guarded(args.run, args)
+
+
+# options whose value may start with "-" (argparse would take "--input-shape -1,3,8,8" as two
+# options and say "expected one argument"); the value is then checked like any other
+_TAKE_ANY_VALUE = ("--input-shape",)
+
+
+def _values_that_look_like_options(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _TAKE_ANY_VALUE and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

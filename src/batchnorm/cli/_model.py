@@ -170,13 +170,43 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def example_input(args):
-    """A seeded random tensor of --input-shape, or None."""
+    """A seeded random float32 tensor of --input-shape, or None; refused when it would not fit
+    in half of this machine's memory (or its allocation fails)."""
+    import math
+
     import torch
 
     shape = parse_shape(getattr(args, "input_shape", None))
     if shape is None:
         return None
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    nbytes = 4 * math.prod(shape)
+    limit = _memory_bytes() // 2
+    too_big = CLIError(
+        f"expected an --input-shape that fits in memory (got {args.input_shape}: "
+        f"{_size(nbytes)} of float32, this machine has {_size(2 * limit)})",
+        "give a smaller batch or spatial size",
+    )
+    if nbytes > limit:
+        raise too_big
+    try:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    except (RuntimeError, MemoryError):
+        raise too_big from None
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: let the allocation decide
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.3g} TB"
 
 
 def check_output(out: str, inputs: list[str]) -> Path:

@@ -56,18 +56,19 @@ def run(args) -> int:
     batches = load_batches(args.data, args.key, args.batch_size)
     model = load_model(args.model)
     require_python_module(model, args.model)
-    recalibrate(model, batches, batches=args.batches, progress=not args.json)
+    _, report = recalibrate(model, batches, batches=args.batches, progress=not args.json,
+                            report=True)
     save_model(model, target)
-    used = len(batches) if args.batches is None else min(args.batches, len(batches))
-    emit(
-        args,
-        {
-            "output": str(target),
-            "batches": used,
-            "samples": sum(int(b.shape[0]) for b in batches[:used]),
-        },
-    )
-    note(args, f"wrote {target}")
+    data = {"output": str(target), **report.to_dict()}
+    if args.json:
+        emit(args, data)
+        return 0
+    text = f"wrote {target}: running statistics from {report.batches} batches, " \
+           f"{report.samples} samples"
+    if report.skipped_samples:
+        text += (f"; skipped a last batch of {report.skipped_samples} sample (BN in train mode "
+                 "needs more than one value per channel)")
+    note(args, text)
     return 0
 
 
