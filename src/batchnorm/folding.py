@@ -24,7 +24,14 @@ from torch.nn.modules.conv import _ConvTransposeNd
 from .errors import expected
 from .graph import ModelGraph, is_foldable_producer, out_channels, trace
 from .probe import as_args, capture, max_error, training_flags_kept
-from .protocol import UNKNOWN_ACTIVATION, activation_of, bn_kind, frozen_class, is_batchnorm
+from .protocol import (
+    FAMILIES,
+    UNKNOWN_ACTIVATION,
+    activation_of,
+    bn_kind,
+    is_batchnorm,
+    rank_key,
+)
 
 __all__ = ["fold_weights", "fold", "strip_bias", "FoldReport", "LayerFold", "StripReport"]
 
@@ -244,10 +251,15 @@ def fold(model: nn.Module, example_input=None, *, report: bool = False):
 
     A BN folds when its producer is a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear (subclasses
     included), that output goes to the BN alone, both modules are called once, and the channel
-    counts agree. Every other BN with running statistics becomes a frozen per-channel affine
-    (:class:`batchnorm.FrozenBatchNorm2d` and friends: ``y = x * s + t``); a BN without running
-    statistics normalises with batch statistics even in eval and is kept as it is. A BN+act
-    layer (``batchnorm.BatchNormAct2d``) leaves its activation in its place.
+    counts agree. Every other BN with running statistics becomes a fixed per-channel affine
+    ``y = x * s + t``: PyTorch's own ``BatchNorm1d/2d/3d`` (``SyncBatchNorm`` where the input
+    rank is unknown) in eval mode on the same statistics, bit-identical to the BN it replaces in
+    eval, with ``requires_grad=False`` and ``momentum=0``. So the folded model holds PyTorch
+    modules only (unless the input held other classes) and ``torch.save`` gives a file that
+    loads without this package. Keep it in eval mode: ``.train()`` would make those layers
+    normalise with batch statistics, as any BN does. A BN without running statistics
+    normalises with batch statistics even in eval and is kept as it is. A BN+act layer
+    (``batchnorm.BatchNormAct2d``) leaves its activation (a PyTorch module) in its place.
 
     The input model is never changed (its state_dict stays byte-identical). The graph comes
     from ``torch.fx`` (residual adds, concatenations and branches all work); if tracing fails,
@@ -303,7 +315,7 @@ def fold(model: nn.Module, example_input=None, *, report: bool = False):
                 replacement = plan.act if plan.act is not None else nn.Identity()
                 folded.set_submodule(plan.name, replacement)
             elif plan.action == "frozen":
-                affine = plan.frozen_cls.from_batchnorm(bn)
+                affine = _torch_affine(bn, plan.rank)
                 replacement = affine if plan.act is None else nn.Sequential(affine, plan.act)
                 folded.set_submodule(plan.name, replacement)
             record = LayerFold(plan.name, plan.action, plan.into, plan.reason)
@@ -328,7 +340,7 @@ class _Plan:
     into: str | None = None
     reason: str = ""
     act: nn.Module | None = None
-    frozen_cls: type | None = None
+    rank: object = None  # the rank key of the affine a frozen BN becomes
 
 
 def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
@@ -362,7 +374,7 @@ def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
                 "frozen",
                 reason=why_not,
                 act=act,
-                frozen_cls=frozen_class(bn, _seen_rank(captured.get(name))),
+                rank=rank_key(bn, _seen_rank(captured.get(name))),
             )
         )
     return plans
@@ -405,6 +417,22 @@ def _foldable_producer(model, graph: ModelGraph, name: str, bn: nn.Module, captu
     if not prod.module.weight.is_floating_point():
         return None, f"{prod.name} weight is not floating point"
     return prod.name, None
+
+
+def _torch_affine(bn: nn.Module, rank: object) -> nn.Module:
+    """PyTorch's BN of this rank in eval mode on bn's statistics and affine parameters, frozen
+    (requires_grad off, momentum 0): the same F.batch_norm call a frozen BN makes."""
+    stats = bn.running_mean
+    new = FAMILIES["torch"][rank](bn.num_features, eps=bn.eps, momentum=0.0,
+                                  device=stats.device, dtype=stats.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            value = getattr(bn, name, None)
+            if value is not None:
+                getattr(new, name).copy_(value)
+    new.weight.requires_grad_(False)
+    new.bias.requires_grad_(False)
+    return new.eval()
 
 
 def _seen_rank(seen) -> int | None:
