@@ -71,3 +71,23 @@ def test_torchscript_exporter_takes_over_when_dynamo_fails(tmp_path, monkeypatch
     result = export_onnx(model, x, tmp_path / "m.onnx")
     assert result.exporter == "torchscript" and result.max_error < 1e-4
     assert result.to_dict()["opset"] == result.opset > 0
+
+
+def test_dynamic_batch_runs_at_other_batch_sizes(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    model, x = build("dcgan")
+    x1 = x[:1]
+    fixed = export_onnx(model, x1, tmp_path / "fixed.onnx")
+    free = export_onnx(model, x1, tmp_path / "free.onnx", dynamic_batch=True)
+    assert free.max_error < 1e-4 and fixed.max_error < 1e-4
+    batch = np.random.default_rng(0).standard_normal((8, *x.shape[1:])).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "free.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    with torch.no_grad():
+        want = copy.deepcopy(model).eval()(torch.from_numpy(batch))
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-4)
+    session = ort.InferenceSession(str(tmp_path / "fixed.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception):  # the fixed file holds batch 1 only
+        session.run(None, {session.get_inputs()[0].name: batch})

@@ -125,6 +125,8 @@ class _OurBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
+        if torch.onnx.is_in_onnx_export():
+            return self._onnx_forward(x)
         # PyTorch's rules: batch statistics in training, and in eval when there are no buffers;
         # buffers (and num_batches_tracked) change only in training with tracking on.
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -140,6 +142,14 @@ class _OurBatchNorm(_BatchNorm):
         if update:
             self._update_running_stats(mean, var, x.numel() // x.shape[1])
         return y
+
+    def _onnx_forward(self, x: Tensor) -> Tensor:
+        """Under ``torch.onnx.export``: PyTorch's own BN forward, then the activation, so both
+        exporters write the standard BatchNormalization node (training mode included, exactly
+        as they do for ``torch.nn.BatchNorm2d``) and the activation's own node; the custom ops
+        have no ONNX form."""
+        act, negative_slope, alpha, _ = self._act()
+        return REGISTRY[act].apply(_BatchNorm.forward(self, x), negative_slope, alpha)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:

@@ -45,14 +45,17 @@ class ExportResult:
 
 
 def export_onnx(
-    model: nn.Module, example_input, path, *, opset: int | None = None, verbose: bool = False
+    model: nn.Module, example_input, path, *, opset: int | None = None,
+    dynamic_batch: bool = False, verbose: bool = False
 ) -> ExportResult:
     r"""Fold BN (:func:`batchnorm.fold`), export to ONNX, and verify with onnxruntime.
 
     The exported graph has no node for the BN that fold; each BN that cannot fold is one
-    inference-mode ``BatchNormalization`` node on its fixed statistics (a per-channel affine). The file is written atomically (a temporary file in the
-    same folder, then renamed), and then run with onnxruntime on ``example_input``; the largest
-    absolute difference from the original model in eval mode is returned.
+    inference-mode ``BatchNormalization`` node on its fixed statistics (a per-channel affine).
+    The file is written atomically (a temporary file in the same folder, then renamed), after
+    onnxruntime ran it on ``example_input``; the largest absolute difference from the original
+    model in eval mode is returned. With ``dynamic_batch`` dim 0 of every input is free in the
+    file, and onnxruntime also runs it at a second batch size (checked the same way).
 
     Uses PyTorch's ``torch.export``-based exporter, and the TorchScript-based one if that fails
     or cannot write the opset asked for. The file is written with the permissions any new file
@@ -60,10 +63,12 @@ def export_onnx(
 
     Args:
         model: the model; not changed.
-        example_input: a tensor or tuple of tensors (fixed shapes in the file).
+        example_input: a tensor or tuple of tensors (their shapes are fixed in the file, but for
+            dim 0 with ``dynamic_batch``).
         path: where to write the ``.onnx`` file.
         opset: ONNX opset version of the file; an opset neither exporter writes raises
             BatchNormError. Default: None (the exporter's default)
+        dynamic_batch: leave the batch size (dim 0 of each input) free. Default: False
         verbose: let the exporter print its progress. Default: False
 
     Returns:
@@ -93,16 +98,25 @@ def export_onnx(
         raise expected("opset to be a positive integer or None", repr(opset))
     path = os.fspath(path)
     folded, report = fold(model, args, report=True)
+    checks = [args]
+    if dynamic_batch:  # a second batch size, one that no exporter specialises on (0 or 1)
+        n = args[0].shape[0] if args[0].dim() else 1
+        generator = torch.Generator().manual_seed(0)
+        checks.append(tuple(torch.randn((n + 2, *a.shape[1:]), generator=generator,
+                                        dtype=a.dtype) for a in args))
     with torch.no_grad():
-        reference = _reference_output(model, args)
+        references = [_reference_output(model, batch) for batch in checks]
 
     done = {}
 
     def export_and_check(tmp: str) -> None:
-        done["exporter"], done["opset"] = _export(folded, args, tmp, opset, verbose)
+        done["exporter"], done["opset"] = _export(folded, checks[-1], tmp, opset, verbose,
+                                                  dynamic_batch)
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-        done["got"] = [torch.from_numpy(o) for o in session.run(None, feeds)]
+        done["got"] = []
+        for batch in checks:
+            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), batch)}
+            done["got"].append([torch.from_numpy(o) for o in session.run(None, feeds)])
 
     try:
         write_atomically(path, export_and_check, suffix=".onnx")
@@ -110,8 +124,9 @@ def export_onnx(
         raise
     except Exception as exc:
         raise BatchNormError(f"ONNX export or check failed: {type(exc).__name__}: {exc}") from exc
-    got, exporter = done["got"], done["exporter"]
-    max_err, rel_error = max_error(got, reference)
+    exporter = done["exporter"]
+    errors = [max_error(got, want) for got, want in zip(done["got"], references)]
+    max_err, rel_error = max(e[0] for e in errors), max(e[1] for e in errors)
     return ExportResult(path, exporter, done["opset"], max_err, rel_error,
                         report.count("folded"), report.count("frozen"))
 
@@ -123,8 +138,8 @@ def _reference_output(model: nn.Module, args: tuple) -> list[torch.Tensor]:
         return [t.detach() for t in tensor_leaves(model(*args))]
 
 
-def _export(model: nn.Module, args: tuple, path: str, opset: int | None,
-            verbose: bool) -> tuple[str, int]:
+def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose: bool,
+            dynamic_batch: bool = False) -> tuple[str, int]:
     """Write ``path`` with the dynamo exporter, else the TorchScript one: ``(exporter, opset)``.
 
     An exporter that fails, or writes another opset than the one asked for (the dynamo exporter
@@ -146,6 +161,7 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None,
                     opset_version=opset,
                     verbose=verbose,
                     external_data=False,
+                    **_dynamic_batch_args(args, dynamic_batch),
                 )
         except Exception as exc:  # try the other exporter, report both if both fail
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -160,6 +176,14 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None,
     raise BatchNormError(
         "ONNX export failed (" + " | ".join(e.splitlines()[0] for e in errors) + ")"
     )
+
+
+def _dynamic_batch_args(args: tuple, dynamic_batch: bool) -> dict:
+    """The exporters' arguments that free dim 0 of every input (both read dynamic_axes)."""
+    if not dynamic_batch:
+        return {}
+    names = [f"input_{i}" for i in range(len(args))]
+    return {"input_names": names, "dynamic_axes": {name: {0: "batch"} for name in names}}
 
 
 def _opset_of(path: str) -> int:

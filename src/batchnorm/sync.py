@@ -171,6 +171,8 @@ class _SyncBase(_OurBatchNorm):
     _local_only = False  # set by local_only() during recalibration
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # an ONNX file is one process: plain BN
+            return self._onnx_forward(input)
         group, world = group_world(self.process_group)
         if not (self.training and world > 1) or self._local_only:  # eval never syncs (PyTorch)
             return super().forward(input)

@@ -26,6 +26,7 @@ def register(sub) -> None:
             " difference from PyTorch. Needs the onnx extra: pip install 'batchnorm[onnx]'.",
             "batchnorm export model.pt -o model.onnx --input-shape 1,3,224,224",
             "batchnorm export mymodels:build -o m.onnx --input-shape 8,3,32,32 --opset 18 --json",
+            "batchnorm export model.pt -o model.onnx --input-shape 1,3,224,224 --dynamic-batch",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -35,6 +36,10 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)"
+    )
+    p.add_argument(
+        "--dynamic-batch", action="store_true",
+        help="leave the batch size free in the file (checked at two batch sizes)",
     )
     p.set_defaults(run=run)
 
@@ -47,6 +52,7 @@ def run(args) -> int:
         raise CLIError(f"expected an output file ending in .onnx (got {args.output!r})")
     model = load_model(args.model)
     require_python_module(model, args.model)
-    result = export_onnx(model, example_input(args), target, opset=args.opset)
+    result = export_onnx(model, example_input(args), target, opset=args.opset,
+                         dynamic_batch=args.dynamic_batch)
     emit(args, result.to_dict(), str(result))
     return 0
