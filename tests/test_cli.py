@@ -375,3 +375,12 @@ def test_python_dash_m_batchnorm_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "batchnorm", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("batchnorm ")
+
+
+def test_piped_tables_keep_every_full_layer_name(files, capsys):
+    d, model, _ = files
+    status, out, _ = run(capsys, "inspect", d / "model.pt")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert status == 0 and len(names) == 8 and "more)" not in out
+    findings = out[out.index("findings"):]
+    assert all(name in findings for name in names), findings

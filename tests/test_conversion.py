@@ -378,9 +378,10 @@ def test_untraceable_model_warns_and_is_converted_unfused():
     torch.testing.assert_close(out(x), model(x))
 
 
-def test_nothing_to_fuse_keeps_the_class():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = batchnorm.convert(model, fuse_act=True)
-    assert type(out) is nn.Sequential and type(out[1]) is batchnorm.BatchNorm2d
+def test_nothing_to_fuse_keeps_the_class_and_says_so():
+    # no activation, or one the kernels do not fuse: converted, not fused, and a warning says so
+    for model in (nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)),
+                  nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Sigmoid())):
+        with pytest.warns(UserWarning, match="none fused"):
+            out = batchnorm.convert(model, fuse_act=True)
+        assert type(out) is nn.Sequential and type(out[1]) is batchnorm.BatchNorm2d

@@ -289,6 +289,10 @@ def _fuse_activations(model: nn.Module) -> nn.Module:
         traced.erase_node(user)
         fused += 1
     if not fused:
+        names = ", ".join(activations.FUSED[1:])
+        warnings.warn(f"convert(fuse_act=True): no BN of {type(model).__name__} is followed by an "
+                      f"activation it can fuse ({names}) and nothing else; BN layers converted, "
+                      "none fused", stacklevel=3)
         return model
     traced.lint()
     gm.recompile()

@@ -133,9 +133,7 @@ class Report:
             findings.add_column(col, overflow="fold")
         colour = {"error": "red", "warning": "yellow", "info": "cyan", "ok": "green"}
         for f in self.findings:
-            names = ", ".join(f.layers[:4]) + (
-                f" (+{len(f.layers) - 4} more)" if len(f.layers) > 4 else ""
-            )
+            names = ", ".join(f.layers)  # every name: a table is no place to hide one
             findings.add_row(f"[{colour[f.severity]}]{f.severity}[/]", f.message, names, f.fix)
         parts = [table, summary, findings]
         if self.warning:

@@ -15,7 +15,8 @@ def emit(args, data: dict, renderable=None) -> None:
         return
     from rich.console import Console
 
-    console = Console()
+    # piped or redirected: wide enough that layer names are not folded into pieces
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if renderable is not None:
         console.print(renderable)
     else:
@@ -28,7 +29,7 @@ def note(args, message: str) -> None:
     if not getattr(args, "json", False):
         from rich.console import Console
 
-        Console().print(message)
+        (Console() if sys.stdout.isatty() else Console(width=200)).print(message)
 
 
 def _plain(value):
