@@ -1,12 +1,14 @@
 # make demo  - set up .venv from nothing and run the tour on the bundled data
 # make test  - set up .venv from nothing and run the test suite
+# make test-fast - the quick subset for the inner loop (under a minute once the kernels are cached)
+# make lint  - ruff over the sources, tests, benchmarks and examples (CI runs it)
 # make bench - run the benchmarks (ratios against PyTorch in the same run, noisy on a busy machine)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# no process groups, no tour, no ONNX: the modules that run in seconds
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests/test_reference.py tests/test_activations.py \
+		tests/test_structure.py tests/test_frozen.py tests/test_graph.py tests/test_conversion.py \
+		tests/test_fold.py tests/test_inspect.py tests/test_opcheck.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layers.py

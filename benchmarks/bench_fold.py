@@ -23,9 +23,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from tests import replicas  # noqa: E402
+
 import batchnorm  # noqa: E402
 from batchnorm.protocol import is_batchnorm  # noqa: E402
-from tests import replicas  # noqa: E402
 
 with warnings.catch_warnings():  # torch's module warns about its own jit use on import
     warnings.simplefilter("ignore")
@@ -142,15 +143,16 @@ def main() -> None:
         f"images {s}x{s}, fastest of {args.rounds} interleaved rounds"
     )
     header = (
-        f"{'model':34s} {'BN':>4s} {'left:fuse':>9s} {'left:fold':>9s} {'eval ms':>8s} {'fuse ms':>8s} "
-        f"{'fold ms':>8s} {'fold/fuse':>9s} {'fold/eval':>9s} {'err fold':>9s}"
+        f"{'model':34s} {'BN':>4s} {'left:fuse':>9s} {'left:fold':>9s} {'eval ms':>8s} "
+        f"{'fuse ms':>8s} {'fold ms':>8s} {'fold/fuse':>9s} {'fold/eval':>9s} {'err fold':>9s}"
     )
     print(header)
     print("-" * len(header))
     for label, model, x in cases:
         r = compare(label, model, x, args.rounds)
         print(
-            f"{r['model']:34s} {r['bn']:4d} {r['fuse_left']:9d} {r['fold_left']:5d}+{r['fold_frozen']:<3d} "
+            f"{r['model']:34s} {r['bn']:4d} {r['fuse_left']:9d} "
+            f"{r['fold_left']:5d}+{r['fold_frozen']:<3d} "
             f"{r['eval_ms']:8.1f} {r['fuse_ms']:8.1f} {r['fold_ms']:8.1f} {r['fold/fuse']:9.3f} "
             f"{r['fold/eval']:9.3f} {r['err_fold']:9.1e}"
         )

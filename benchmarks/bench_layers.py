@@ -24,7 +24,8 @@ reading and writing with ``y.copy_(x)``, two reads and a write with ``torch.add(
 - eval fwd       : copy
 
 ``max x`` = PyTorch's time / that bound: the speed-up a kernel with no arithmetic, no Python and
-no allocation cost would reach. Where it is below a target, no kernel meets that target there. Also: first-call time in a fresh process, with an empty numba cache
+no allocation cost would reach. Where it is below a target, no kernel meets that target there.
+Also: first-call time in a fresh process, with an empty numba cache
 (compilation) and with the cache on disk. The geometric means are compared with the targets of
 issue 3. Numbers are noisy when other processes share the CPU; rerun before trusting one.
 
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--thp", action="store_true",
                         help="THP_MEM_ALLOC_ENABLE=1: huge pages for large tensors (both sides)")
     parser.add_argument("--output-cache", type=int, default=0, metavar="MB",
-                        help="batchnorm.set_output_cache(MB * 2**20) for our layers (default 0: off)")
+                        help="batchnorm.set_output_cache(MB * 2**20) for our layers "
+                             "(default 0: off)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile-time", action="store_true",

@@ -116,8 +116,9 @@ def layer_compute(c: int, size: int, repeats: int = 20) -> dict[str, float]:
 
 
 def _rank(rank: int, init: str, args, out) -> None:
-    import batchnorm
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import batchnorm
 
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the hostname says
@@ -236,8 +237,9 @@ def main() -> int:
     print(f"  for scale: DDP's gradient all-reduce sends {grads:,.0f} B per step")
     one = layer_compute(c, args.size)
     print()
-    print(f"one BN layer, forward + backward, single process, 1 thread, ({BATCH}, {c}, {args.size}, "
-          f"{args.size}), fastest of 20: PyTorch BatchNorm2d {one['torch'] * 1e3:.2f} ms, "
+    print("one BN layer, forward + backward, single process, 1 thread, "
+          f"({BATCH}, {c}, {args.size}, {args.size}), fastest of 20: "
+          f"PyTorch BatchNorm2d {one['torch'] * 1e3:.2f} ms, "
           f"SyncBatchNorm's compute without messages {one['sync'] * 1e3:.2f} ms "
           f"({one['sync'] / one['torch']:.2f}x)")
     return 0

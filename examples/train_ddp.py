@@ -45,7 +45,8 @@ def make_model() -> nn.Module:
 
 def load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.get_default_dtype()).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    # x: (N, 1, 8, 8)
+    x = torch.tensor(digits.images, dtype=torch.get_default_dtype()).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     test, train = order[:297], order[297:]
@@ -85,7 +86,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--without-sync", action="store_true",
-                        help="keep plain BatchNorm (statistics of each rank's slice): the check fails")
+                        help="keep plain BatchNorm (statistics of each rank's slice): "
+                             "the check fails")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
 

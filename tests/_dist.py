@@ -3,9 +3,10 @@
 ``run_ranks(fn, world, *args, pg_timeout=..., deadline=...)`` starts W processes (spawn), each
 initialises ``torch.distributed`` with gloo over a file store in a fresh temporary directory
 (no fixed port) and a short collective timeout, calls ``fn(rank, world, *args)`` and sends back
-its return value (tensors travel as NumPy arrays and come back as tensors), or the exception it raised as :class:`RankError`. The parent returns the list
-of results by rank. Children always end: each exits with ``os._exit`` after reporting, and any
-still alive at the deadline is killed (the test then fails).
+its return value (tensors travel as NumPy arrays and come back as tensors), or the exception it
+raised as :class:`RankError`. The parent returns the list of results by rank. Children always end:
+each exits with ``os._exit`` after reporting, and any still alive at the deadline is killed (the
+test then fails).
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def run_ranks(fn, world: int, *args, pg_timeout: float = 10.0, deadline: float =
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_child, args=(fn, r, world, init_file, pg_timeout, results, args),
+        procs = [ctx.Process(target=_child,
+                             args=(fn, r, world, init_file, pg_timeout, results, args),
                              daemon=True) for r in range(world)]
         for p in procs:
             p.start()
@@ -122,5 +124,6 @@ def unwrap(results: list) -> list:
     """The results, raising AssertionError with the rank's traceback if any rank failed."""
     for rank, value in enumerate(results):
         if isinstance(value, RankError):
-            raise AssertionError(f"rank {rank} raised {value.type}: {value.message}\n{value.traceback}")
+            raise AssertionError(f"rank {rank} raised {value.type}: {value.message}\n"
+                                 f"{value.traceback}")
     return results

@@ -47,7 +47,8 @@ class Case:
     def id(self) -> str:
         shape = "x".join(map(str, self.shape))
         return (f"{shape}-ax{self.axis}-{'affine' if self.affine else 'noaffine'}-"
-                f"{'track' if self.track else 'notrack'}-m{self.momentum}-eps{self.eps}-{self.dtype}")
+                f"{'track' if self.track else 'notrack'}-m{self.momentum}-eps{self.eps}-"
+                f"{self.dtype}")
 
     @property
     def channels(self) -> int:
@@ -80,7 +81,8 @@ class Case:
         }
         steps = []
         for _ in STEPS:
-            x = rng.normal(0.0, 1.0, self.shape) * rng.uniform(0.5, 2.0, (1, c) + (1,) * (len(self.shape) - 2))
+            x = rng.normal(0.0, 1.0, self.shape) * rng.uniform(
+                0.5, 2.0, (1, c) + (1,) * (len(self.shape) - 2))
             x = x + rng.normal(0.0, 1.0, (1, c) + (1,) * (len(self.shape) - 2))
             dy = rng.normal(0.0, 1.0, self.shape)
             steps.append((self.to_layout(x.astype(dt)), self.to_layout(dy.astype(dt))))
@@ -180,8 +182,10 @@ def assert_steps_close(case: Case, got: list[Step], want: list[Step]) -> float:
             assert (a is None) == (b is None), f"step {i} {field}: {a is None=} {b is None=}"
             if a is None:
                 continue
-            assert a.dtype == b.dtype and a.shape == b.shape, f"step {i} {field}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
-            np.testing.assert_allclose(a, b, rtol=case.tol, atol=case.tol, err_msg=f"step {i} {field}")
+            assert a.dtype == b.dtype and a.shape == b.shape, (
+                f"step {i} {field}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
+            np.testing.assert_allclose(a, b, rtol=case.tol, atol=case.tol,
+                                       err_msg=f"step {i} {field}")
             if a.size:
                 worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b))))
         assert g.num_batches_tracked == w.num_batches_tracked, f"step {i} num_batches_tracked"

@@ -384,3 +384,14 @@ def test_piped_tables_keep_every_full_layer_name(files, capsys):
     assert status == 0 and len(names) == 8 and "more)" not in out
     findings = out[out.index("findings"):]
     assert all(name in findings for name in names), findings
+
+
+def test_the_tour_without_its_extra_is_one_clear_line(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    for argv in (("demo", "--quick"), ("experiment", "figure1")):
+        status, out, err = run(capsys, *argv)
+        assert status == 2 and "batchnorm[tour]" in err and "no matplotlib" in err

@@ -232,7 +232,8 @@ def test_fold_handles_sync_duck_ours_frozen_and_act():
 def test_fold_without_example_input_and_unknown_rank_bn():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.SyncBatchNorm(4))
     randomize_bn(model)
-    folded, report = fold(model, report=True)  # no shapes: the SyncBatchNorm becomes an any-rank affine
+    # no shapes: the SyncBatchNorm becomes an any-rank affine
+    folded, report = fold(model, report=True)
     x = torch.randn(2, 3, 5, 5)
     assert report.max_error is None
     with torch.no_grad():
@@ -547,7 +548,8 @@ def test_a_folded_model_loads_where_batchnorm_cannot_be_imported(tmp_path):
         "import sys; sys.modules['batchnorm'] = None\n"  # any import of batchnorm now fails
         "import torch\n"
         f"m = torch.load({str(tmp_path / 'folded.pt')!r}, weights_only=False)\n"
-        f"x, want = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'want.pt')!r})\n"
+        f"x, want = torch.load({str(tmp_path / 'x.pt')!r}), "
+        f"torch.load({str(tmp_path / 'want.pt')!r})\n"
         "with torch.no_grad():\n    assert torch.equal(m(x), want)\n"
         "print('ok')\n"
     )

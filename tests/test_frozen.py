@@ -7,7 +7,8 @@ import torch
 from batchnorm import BatchNormError, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from batchnorm.frozen import _FrozenBatchNormXd
 
-CASES = [(FrozenBatchNorm1d, torch.nn.BatchNorm1d, (4, 5)), (FrozenBatchNorm1d, torch.nn.BatchNorm1d, (4, 5, 3)),
+CASES = [(FrozenBatchNorm1d, torch.nn.BatchNorm1d, (4, 5)),
+         (FrozenBatchNorm1d, torch.nn.BatchNorm1d, (4, 5, 3)),
          (FrozenBatchNorm2d, torch.nn.BatchNorm2d, (4, 5, 3, 2)),
          (FrozenBatchNorm3d, torch.nn.BatchNorm3d, (2, 5, 3, 2, 2))]
 

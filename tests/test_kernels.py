@@ -124,7 +124,8 @@ def test_moments_match_reference_over_many_chunks(layout, dtype):
 @pytest.mark.parametrize("scale", (1e20, 3e37))
 def test_float32_blocks_fall_back_to_float64_where_squares_overflow(layout, scale):
     # (x - k)^2 overflows float32 above ~1e19: those chunks are summed in float64 instead
-    x = (scale * np.random.default_rng(4).normal(size=(3, 4, BLOCKED_PLANE_FROM))).astype(np.float32)
+    x = (scale * np.random.default_rng(4).normal(size=(3, 4, BLOCKED_PLANE_FROM))).astype(
+        np.float32)
     want = reference.moments(x, axis=1)
     mean, m2 = kernels.moments(to_kernel(x, layout))
     np.testing.assert_allclose(mean, want.mean, rtol=1e-12, atol=1e-12 * scale)
@@ -144,7 +145,8 @@ def test_nan_in_a_channel_reaches_its_statistics(layout):
     x, w, b, _ = data(SHAPE, np.float32)
     x[2, 1, 0, 3] = np.nan
     y = np.empty_like(to_kernel(x, layout))
-    mean, var = kernels.train_forward(to_kernel(x, layout), w, b, EPS, code("relu"), SLOPE, ALPHA, y)
+    mean, var = kernels.train_forward(to_kernel(x, layout), w, b, EPS, code("relu"), SLOPE, ALPHA,
+                                      y)
     assert np.isnan(mean[1]) and np.isnan(var[1])
     assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(var[[0, 2]]).all()
 
@@ -187,7 +189,8 @@ def test_train_forward_and_backward(act, layout, dtype, shape):
     g = dy.astype(np.float64) * act_grad_np(z_ref, act)  # dL/dz
     dx_ref, dw_ref, db_ref = reference.backward(g, state)
     dx = np.empty_like(xk)
-    dw, db = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, False, dx)
+    dw, db = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, False,
+                                    dx)
     np.testing.assert_allclose(from_kernel(dx, x.shape, layout), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
     np.testing.assert_allclose(db, db_ref, **TOL[dtype])
@@ -204,8 +207,10 @@ def test_inplace_backward_from_output_equals_backward_from_input(act, layout, dt
     y = np.empty_like(xk)
     mean, var = kernels.train_forward(xk, w, b, EPS, code(act), SLOPE, ALPHA, y)
     dx_in, dx_out = np.empty_like(xk), np.empty_like(xk)
-    want = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, False, dx_in)
-    got = kernels.train_backward(dyk, y, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, True, dx_out)
+    want = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, False,
+                                  dx_in)
+    got = kernels.train_backward(dyk, y, w, b, mean, var, EPS, code(act), SLOPE, ALPHA, True,
+                                 dx_out)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dx_out, dx_in, **tol)
     np.testing.assert_allclose(got[0], want[0], **tol)
@@ -245,8 +250,10 @@ def test_without_weight_and_bias_is_gamma_one_beta_zero():
     s1 = kernels.train_forward(xk, None, None, EPS, code("elu"), SLOPE, ALPHA, y1)
     kernels.train_forward(xk, ones, zeros, EPS, code("elu"), SLOPE, ALPHA, y2)
     np.testing.assert_array_equal(y1, y2)
-    g1 = kernels.train_backward(dyk, xk, None, None, *s1, EPS, code("elu"), SLOPE, ALPHA, False, dx1)
-    g2 = kernels.train_backward(dyk, xk, ones, zeros, *s1, EPS, code("elu"), SLOPE, ALPHA, False, dx2)
+    g1 = kernels.train_backward(dyk, xk, None, None, *s1, EPS, code("elu"), SLOPE, ALPHA, False,
+                                dx1)
+    g2 = kernels.train_backward(dyk, xk, ones, zeros, *s1, EPS, code("elu"), SLOPE, ALPHA, False,
+                                dx2)
     np.testing.assert_array_equal(dx1, dx2)
     np.testing.assert_array_equal(g1[0], g2[0])
 
@@ -271,8 +278,8 @@ def test_one_and_two_threads_give_identical_bits(layout, shape):
         mean, var = kernels.train_forward(xk, w, b, EPS, code("silu"), SLOPE, ALPHA, y)
         grads = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code("silu"), SLOPE, ALPHA,
                                        False, dx)
-        eval_grads = kernels.eval_backward(dyk, xk, w, b, mean, var, EPS, code("silu"), SLOPE, ALPHA,
-                                           dx_eval)
+        eval_grads = kernels.eval_backward(dyk, xk, w, b, mean, var, EPS, code("silu"), SLOPE,
+                                           ALPHA, dx_eval)
         results.append((mean, var, y, dx, *grads, dx_eval, *eval_grads))
     kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
     for one, two in zip(*results):
@@ -309,7 +316,8 @@ def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
                                       training=False)
     dx_ref, dw_ref, db_ref = reference.backward(g, state_eval)
     dx = np.empty_like(xk)
-    dw, db = kernels.eval_backward(dyk, xk, w, b, state.mean, state.var, EPS, code(act), SLOPE, ALPHA, dx)
+    dw, db = kernels.eval_backward(dyk, xk, w, b, state.mean, state.var, EPS, code(act), SLOPE,
+                                   ALPHA, dx)
     np.testing.assert_allclose(from_kernel(dx, shape, "mc"), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
     np.testing.assert_allclose(db, db_ref, **TOL[dtype])

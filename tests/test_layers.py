@@ -12,8 +12,15 @@ from torch import nn
 
 import batchnorm
 from batchnorm import BatchNormError
-from tests.cases import (CASES, Case, assert_steps_close, make_module, module_trajectory,
-                         torch_module, torch_trajectory)
+from tests.cases import (
+    CASES,
+    Case,
+    assert_steps_close,
+    make_module,
+    module_trajectory,
+    torch_module,
+    torch_trajectory,
+)
 
 OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d,
         5: batchnorm.BatchNorm3d}

@@ -156,7 +156,8 @@ def test_kernels_run_for_cpu_float_dense_input(monkeypatch):
 @pytest.mark.parametrize("memory_format", (None, torch.channels_last))
 def test_gradcheck_train_and_eval(act, memory_format):
     x, w, b, _ = make((2, 2, 3, 3), torch.float64, memory_format)
-    rm, rv = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([0.7, 1.4], dtype=torch.float64)
+    rm, rv = (torch.tensor([0.3, -0.2], dtype=torch.float64),
+              torch.tensor([0.7, 1.4], dtype=torch.float64))
     inputs = tuple(t.clone().requires_grad_() for t in (x, w, b))
     assert torch.autograd.gradcheck(
         lambda x, w, b: ops.bn_act_train(x, w, b, EPS, act, SLOPE, ALPHA)[0], inputs)
@@ -311,7 +312,8 @@ def test_empty_batch(memory_format):
     y, mean, var = ops.bn_act_train(x, w, b, EPS, "relu")
     assert y.shape == x.shape and torch.equal(mean, torch.zeros(3)) and var.isnan().all()
     dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
-    assert dx.shape == x.shape and torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))
+    assert (dx.shape == x.shape and torch.equal(dw, torch.zeros(3))
+            and torch.equal(db, torch.zeros(3)))
 
 
 @pytest.mark.parametrize(

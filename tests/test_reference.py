@@ -160,8 +160,10 @@ def test_merge_with_empty_is_neutral():
 
 
 @settings(max_examples=30, deadline=None)
-@given(hnp.arrays(np.float32, st.tuples(st.integers(2, 4), st.integers(1, 3), st.integers(1, 3),
-                                        st.integers(1, 3)), elements=st.floats(-100, 100, width=32)))
+@given(hnp.arrays(np.float32,
+                  st.tuples(st.integers(2, 4), st.integers(1, 3), st.integers(1, 3),
+                            st.integers(1, 3)),
+                  elements=st.floats(-100, 100, width=32)))
 def test_axis_equivalence(x):
     """Channels last with axis=-1 equals channels first with axis=1, transposed."""
     rm, rv = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
@@ -262,7 +264,8 @@ def test_inputs_are_never_mutated():
     copies = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
     y, state = reference.forward(args.pop("x"), args.pop("weight"), args.pop("bias"),
                                  args["running_mean"], args["running_var"],
-                                 **{k: v for k, v in args.items() if k not in ("running_mean", "running_var")})
+                                 **{k: v for k, v in args.items()
+                                    if k not in ("running_mean", "running_var")})
     reference.backward(np.ones_like(y), state)
     np.testing.assert_array_equal(args["running_mean"], copies["running_mean"])
     np.testing.assert_array_equal(args["running_var"], copies["running_var"])

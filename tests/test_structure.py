@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import batchnorm
 
 PACKAGE = Path(batchnorm.__file__).parent

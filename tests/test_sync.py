@@ -181,7 +181,8 @@ def _compare(sizes, got_by_rank, want):
             assert g.keys() == w.keys()
             for k in g:
                 wk = w[k][lo:hi] if k in ("y", "dx") else w[k]
-                torch.testing.assert_close(g[k], wk, **TOL, msg=lambda m: f"rank {rank} step {step} {k}: {m}")
+                torch.testing.assert_close(g[k], wk, **TOL,
+                                           msg=lambda m: f"rank {rank} step {step} {k}: {m}")
 
 
 def _configs(rank, world, sizes):
@@ -376,8 +377,9 @@ def _train(model, sizes, rank, world, steps=3):
 
 
 def _ddp_run(rank, world, sizes, broadcast_buffers):
-    import batchnorm
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import batchnorm
 
     model = batchnorm.convert(_net(), to="sync")
     ddp = DDP(model, broadcast_buffers=broadcast_buffers)

@@ -294,3 +294,12 @@ def test_figure1_on_idx_files(tmp_path):
     assert results["data"]["image_shape"] == [1, 28, 28]
     assert results["data"]["train"] == 120 and results["data"]["test"] == 40
     assert results["data"]["source"].startswith("MNIST IDX files")
+
+
+def test_quick_demo_says_it_is_too_short_instead_of_never(demo):
+    out, results = demo
+    html = (out / "index.html").read_text()
+    assert "Quick run (--quick)" in html and "quick (too short to show the training claims)" in html
+    section1 = html.split('<section id="s1_purpose">')[1].split("</section>")[0]
+    assert "never" not in section1 and "(quick run)" in section1
+    assert results["settings"]["quick"] is True

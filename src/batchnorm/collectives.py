@@ -79,9 +79,11 @@ class Link:
             raise self._fail(phase, call, f"rank {r} in {_describe(heads[r])}")
         return rows[:, :-HEADER].to(home)
 
-    def all_reduce(self, payload: torch.Tensor, phase: float, call: int, channels: int) -> torch.Tensor:
+    def all_reduce(self, payload: torch.Tensor, phase: float, call: int,
+                   channels: int) -> torch.Tensor:
         """Sum a float64 vector over ranks, checked: the header and its square both sum to W times
-        this rank's, which holds only if every rank sent the same header (sum of (h_r - h)^2 = 0)."""
+        this rank's, which holds only if every rank sent the same header
+        (sum of (h_r - h)^2 = 0)."""
         dev, home = self._device(payload), payload.device
         header = self._header(phase, call, channels, dev)
         sent = torch.cat([payload.to(dev), header, header.square()])

@@ -59,8 +59,8 @@ def fold_weights(
 
     per output channel. The per-channel factor and the bias are computed in float64; the
     weight is multiplied by the factor once, in its own dtype (one rounding per element). The
-    output channel is dim 0 of a conv or linear weight; for a transposed conv it is dim 1 within each
-    of the ``groups`` blocks of dim 0 (output channel ``o = g * C_out/groups + j``).
+    output channel is dim 0 of a conv or linear weight; for a transposed conv it is dim 1 within
+    each of the ``groups`` blocks of dim 0 (output channel ``o = g * C_out/groups + j``).
 
     Args:
         weight: conv weight ``(C_out, C_in/groups, *k)``, linear weight ``(C_out, C_in)``, or

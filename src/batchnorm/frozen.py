@@ -83,7 +83,8 @@ def _dtype_of(m: nn.Module):
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
-    """BatchNorm1d with fixed statistics and affine parameters, all buffers. Input (N, C) or (N, C, L).
+    """BatchNorm1d with fixed statistics and affine parameters, all buffers. Input (N, C) or
+    (N, C, L).
 
     Args:
         num_features: C. eps: added to running_var. Default: 1e-5

@@ -273,7 +273,8 @@ def _traced_bn_warning(model: nn.Module) -> str | None:
               and "BatchNorm" in class_name(m) and hasattr(m, "running_mean")]
     if not traced:
         return None
-    return (f"{len(traced)} BN layers ({', '.join(traced[:3])}{', ...' if len(traced) > 3 else ''}) "
+    return (f"{len(traced)} BN layers ({', '.join(traced[:3])}"
+            f"{', ...' if len(traced) > 3 else ''}) "
             "come from torch.jit.trace, which keeps their tensors but not num_features, eps or "
             "momentum, so they are not listed; inspect the Python model, or a torch.jit.script "
             "one")

@@ -273,7 +273,8 @@ def _bn_doc(name: str, ranks: tuple[int, ...], shapes: str, example: str) -> str
 
 class BatchNorm1d(_OurBatchNorm):
     input_ranks = (2, 3)
-    __doc__ = _bn_doc("BatchNorm1d", input_ranks, ":math:`(N, C)` or :math:`(N, C, L)`", "8, 16, 10")
+    __doc__ = _bn_doc("BatchNorm1d", input_ranks, ":math:`(N, C)` or :math:`(N, C, L)`",
+                      "8, 16, 10")
 
 
 class BatchNorm2d(_OurBatchNorm):

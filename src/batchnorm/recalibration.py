@@ -86,7 +86,8 @@ def recalibrate(
     """
     if not isinstance(model, nn.Module):
         raise expected("an nn.Module", type(model).__name__)
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
+                                or batches < 1):
         raise expected("batches to be None or a positive integer", repr(batches))
     if input_fn is not None and not callable(input_fn):
         raise expected("input_fn to be callable", type(input_fn).__name__)
@@ -215,7 +216,8 @@ def _call_args(batch, input_fn, device) -> tuple[tuple, dict]:
                 return (_to(batch[key], device),), {}
         raise expected(f"a dict batch with one of the keys {_INPUT_KEYS}, or an input_fn",
                        f"keys {sorted(map(str, batch))}")
-    raise expected("batches that are tensors, tuples, lists or dicts (or an input_fn)", type(batch).__name__)
+    raise expected("batches that are tensors, tuples, lists or dicts (or an input_fn)",
+                   type(batch).__name__)
 
 
 def _to(x, device):
@@ -233,7 +235,13 @@ class _progress:
         if not self.enabled:
             return lambda: None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         console = Console(stderr=True)
         if not console.is_terminal:

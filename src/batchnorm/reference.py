@@ -45,7 +45,8 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 @dataclass(frozen=True)
 class Moments:
-    """Per-channel partial statistics: ``count`` values, their ``mean`` and ``M2 = sum((x-mean)^2)``.
+    """Per-channel partial statistics: ``count`` values, their ``mean`` and
+    ``M2 = sum((x-mean)^2)``.
 
     All three are float64 arrays of shape (C,). An empty partial has count 0, mean 0, M2 0.
     """
@@ -55,7 +56,8 @@ class Moments:
     m2: np.ndarray
 
     def var(self, unbiased: bool = False) -> np.ndarray:
-        """Per-channel variance: biased ``M2 / n`` or unbiased ``M2 / (n - 1)``; NaN where undefined."""
+        """Per-channel variance: biased ``M2 / n`` or unbiased ``M2 / (n - 1)``; NaN where
+        undefined."""
         return variance(self, unbiased=unbiased)
 
 
@@ -350,7 +352,8 @@ def _check_running(mean: np.ndarray | None, var: np.ndarray | None) -> bool:
     for name, value in (("running_mean", mean), ("running_var", var)):
         bad = ~np.isfinite(value)
         if bad.any():
-            raise expected(f"finite {name}", f"{int(bad.sum())} non-finite values, e.g. {value[bad][0]}")
+            raise expected(f"finite {name}",
+                           f"{int(bad.sum())} non-finite values, e.g. {value[bad][0]}")
     if (var < 0).any():
         raise expected("running_var >= 0", f"min {var.min()}")
     return True

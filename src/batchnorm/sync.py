@@ -150,7 +150,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dx = torch.addcmul(dx, d, k1.to(d.dtype).view(view), value=-1.0)
             dx = dx.sub_(k0.to(d.dtype).view(view))
         dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
+            else None
         dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
             else None
         return dx, dweight, dbias, None, None, None
@@ -370,7 +371,8 @@ def is_sync_layer(module: nn.Module) -> bool:
 
 
 def name_layers(model: nn.Module) -> nn.Module:
-    """Name every sync layer of ``model`` after its path in it, for error messages; returns model."""
+    """Name every sync layer of ``model`` after its path in it, for error messages; returns
+    model."""
     for path, m in model.named_modules():
         if isinstance(m, _SyncBase):
             m.sync_name = path or type(m).__name__

@@ -29,3 +29,14 @@ def run_guarded(func: Callable, args) -> int:
         print("batchnorm: interrupted", file=sys.stderr)
         return 130
     return 0 if status is None else int(status)
+
+
+def require_tour_extra() -> None:
+    """The tour's plots and data need the [tour] extra (matplotlib, scikit-learn)."""
+    import importlib.util
+
+    missing = [name for module, name in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise CLIError(f"expected the tour extra to be installed (got no {', '.join(missing)})",
+                       "pip install 'batchnorm[tour]'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from ._errors import CLIError
+from ._errors import CLIError, require_tour_extra
 
 
 def register(sub) -> None:
@@ -33,6 +33,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    require_tour_extra()
     from pathlib import Path
 
     from ..tour.demo import run_demo

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from ._errors import CLIError
+from ._errors import CLIError, require_tour_extra
 
 EXPERIMENTS = ("figure1",)
 
@@ -37,6 +37,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    require_tour_extra()
     from pathlib import Path
 
     from ..tour.figure1 import run_figure1

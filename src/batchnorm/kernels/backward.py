@@ -19,7 +19,8 @@ cancellation for the float32 rounding to grow in.
 
 In the inplace (InPlace-ABN) mode the source is the output y: z = act^-1(y), g uses act' written
 with y, and e = z - beta stands for gamma * x_hat, so x_hat = e / gamma: the caller builds the
-coefficients with that. Partials are summed in a fixed order, so results do not depend on the thread count.
+coefficients with that. Partials are summed in a fixed order, so results do not depend on the
+thread count.
 """
 from __future__ import annotations
 
@@ -353,7 +354,8 @@ def reduce_from_output_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k, bloc
 
 @njit(parallel=True, cache=True, fastmath=REASSOC)
 def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
-    """Per-channel float64 (sum g, sum g*e) over channels-last (M, C). Inplace mode: src is the output y."""
+    """Per-channel float64 (sum g, sum g*e) over channels-last (M, C). Inplace mode: src is the
+    output y."""
     return _mc_sums(_reduce_rows_from_output_mc, dy, src, src, mean_hi, mean_lo, scale, shift, act,
                     k)
 

@@ -16,8 +16,8 @@ Two ways to get a chunk's partial:
 - **float32 blocks, two passes in cache** (other float32 data): the chunk is read twice while it
   sits in L1/L2 (a plane is at most ~50 KB, a channels-last chunk 1 MB), so memory is still read
   once. Pass 1 takes the chunk's mean as a rough centre ``k`` (rounded to float32); pass 2 sums
-  ``d = x - k`` and ``d * d``. Both passes add up to ``BLOCK`` values (or ``STATS_ROW_BLOCK`` rows) in
-  float32, then add each block's sum into float64. Centring on the chunk's own mean, not on one
+  ``d = x - k`` and ``d * d``. Both passes add up to ``BLOCK`` values (or ``STATS_ROW_BLOCK`` rows)
+  in float32, then add each block's sum into float64. Centring on the chunk's own mean, not on one
   sample, leaves no cancellation to amplify the float32 rounding: the partial's M2 is within a
   few 1e-8 of the float64 one (relative; measured on N(3, 2) data, largest over 10^4 chunks
   ~3e-7), and merged over chunks the errors average out. Half the arithmetic of float64, which
@@ -50,7 +50,8 @@ STATS_ROW_BLOCK = 32
 
 @njit(cache=True)
 def rows_per_chunk(c):
-    """Rows of a channels-last chunk: about 256k values, at least 128 rows (fixed, not per thread)."""
+    """Rows of a channels-last chunk: about 256k values, at least 128 rows (fixed, not per
+    thread)."""
     return max(128, 262144 // max(c, 1))
 
 

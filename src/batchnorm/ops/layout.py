@@ -35,7 +35,8 @@ def as_layout_of(t: Tensor, like: Tensor) -> Tensor:
 
 
 def same_format(y: Tensor, like: Tensor) -> Tensor:
-    """y with the strides of ``like`` when ``like`` is dense (channels-last in, channels-last out)."""
+    """y with the strides of ``like`` when ``like`` is dense (channels-last in, channels-last
+    out)."""
     if y.stride() == like.stride() or not _is_dense(like):
         return y
     perm = sorted(range(like.dim()), key=lambda d: (-like.stride(d), -d))

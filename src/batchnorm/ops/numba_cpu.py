@@ -110,7 +110,8 @@ def eval_impl(
     return y
 
 
-def _backward(dy: Tensor, src: Tensor, weight: Tensor | None, kernel) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(dy: Tensor, src: Tensor, weight: Tensor | None,
+              kernel) -> tuple[Tensor, Tensor, Tensor]:
     """What both backward impls share: ``kernel(dy, src, dx) -> (dweight, dbias)`` on kernel
     views of ``dy`` (in src's strides), ``src`` and a fresh ``dx``; an empty batch gives zeros."""
     c = src.shape[1]

@@ -145,6 +145,7 @@ class _InplaceTrain(torch.autograd.Function):
 
 
 def _safe_gamma(gamma: Tensor, eps: float) -> Tensor:
-    """gamma, moved away from 0 to sign(gamma) * eps where |gamma| < eps, so x_hat is recoverable."""
+    """gamma, moved away from 0 to sign(gamma) * eps where |gamma| < eps, so x_hat is
+    recoverable."""
     sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
     return torch.where(gamma.abs() < eps, sign * eps, gamma)

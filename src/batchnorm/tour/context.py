@@ -31,6 +31,18 @@ class Settings:
                        sweep_steps=20, latency_repeats=5)
         return cls(seed=seed)
 
+    def not_reached(self) -> str:
+        """A target no run reached: "never", or in a quick run, that the run was too short."""
+        return f"not within {self.steps} steps (quick run)" if self.quick else "never"
+
+    def none_worked(self) -> str:
+        """No learning rate worked: "none", or in a quick run, that the runs were too short."""
+        return f"none within {self.sweep_steps} steps (quick run)" if self.quick else "none"
+
+    QUICK_NOTE = ("Quick run (--quick): every training run is a few dozen steps, too short to "
+                  "show what BN does to training speed and usable learning rates; run without "
+                  "--quick for the full tour.")
+
     def to_dict(self) -> dict:
         return {
             "seed": self.seed, "quick": self.quick, "steps": self.steps, "lr": self.lr,

@@ -63,18 +63,20 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     }
     pooled = (f", average-pooled from {dataset.pooled_from[0]}×{dataset.pooled_from[1]} to "
               f"{dataset.image_shape[1]}×{dataset.image_shape[2]}" if dataset.pooled_from else "")
-    meta = (f"seed {seed} · {'quick' if quick else 'full'} run · "
+    kind = "quick (too short to show the training claims)" if quick else "full"
+    meta = (f"seed {seed} · {kind} run · "
             f"data: {R.esc(dataset.source)}{pooled} "
             f"({dataset.describe()['train']} train / {dataset.describe()['test']} test images) · "
             f"torch {R.esc(torch.__version__)} · {elapsed:.1f} s")
     R.write_html(out, "Batch Normalization, run for real", INTRO, sections, meta)
     R.write_json(out, results)
 
-    _print_summary(console, sections, proof, out, elapsed, render)
+    _print_summary(console, sections, proof, out, elapsed, render, quick)
     return results
 
 
-def _print_summary(console, sections, proof, out: Path, elapsed: float, render) -> None:
+def _print_summary(console, sections, proof, out: Path, elapsed: float, render,
+                   quick: bool = False) -> None:
     from rich.table import Table
 
     console.rule("§4 the lesson's proof")
@@ -87,5 +89,7 @@ def _print_summary(console, sections, proof, out: Path, elapsed: float, render) 
         for i, (label, value) in enumerate(s.summary):
             table.add_row(s.title if i == 0 else "", label, value)
     console.print(table)
+    if quick:
+        console.print(f"[yellow]{Settings.QUICK_NOTE}[/]")
     console.print(f"Report: [bold]{out / 'index.html'}[/]  ·  numbers: {out / 'results.json'}  ·  "
                   f"{elapsed:.1f} s")

@@ -49,7 +49,8 @@ def run(ctx: Context) -> R.Section:
         t = r["inspect"]["totals"]
         codes = [f["code"] for f in r["inspect"]["findings"]]
         rows.append([LABELS[p], R.fmt(r["final_test_acc"]), R.fmt(r["final_loss"]),
-                     r["steps_to_90pct"] or "never", t["bn_layers"], t["bn_params"],
+                     r["steps_to_90pct"] or ctx.settings.not_reached(), t["bn_layers"],
+                     t["bn_params"],
                      t["foldable"], ", ".join(codes) or "none"])
     sec.html.append(R.table(["order", "final test accuracy", "final training loss",
                              "first step ≥ 90%", "BN layers", "BN parameters",

@@ -88,7 +88,8 @@ def prove(seed: int = 0, extra: dict | None = None) -> Proof:
     Args:
         seed: seeds the (2, 2, 2, 2) standard-normal input. Default: 0
         extra: more implementations to add as columns, ``name -> factory``; a factory returns a
-            fresh module with BatchNorm2d's interface (e.g. ``batchnorm.BatchNorm2d``). Default: None
+            fresh module with BatchNorm2d's interface (e.g. ``batchnorm.BatchNorm2d``).
+            Default: None
 
     All values are compared in float32, as the lesson's tensor is float32.
     """
@@ -126,7 +127,8 @@ def prove(seed: int = 0, extra: dict | None = None) -> Proof:
             evaluation[name] = bn(torch.from_numpy(x.copy())).numpy()
 
     def row(mode, quantity, values):
-        flat = {k: np.asarray(v, dtype=np.float32).astype(np.float64).ravel() for k, v in values.items()}
+        flat = {k: np.asarray(v, dtype=np.float32).astype(np.float64).ravel()
+                for k, v in values.items()}
         return ProofRow(mode, quantity, flat)
 
     for quantity, values in train.items():

@@ -123,6 +123,8 @@ def plot_sweep(ctx: Context, sweep: dict, name: str) -> str:
 def run(ctx: Context) -> R.Section:
     s = ctx.settings
     sec = R.Section("s1_purpose", "1 · What BN is for")
+    if s.quick:
+        sec.p(f"<strong>{R.esc(s.QUICK_NOTE)}</strong>")
     runs = {}
     for placement in ("conv-bn-relu", "none"):
         ctx.models[placement], runs[placement] = train_placement(ctx, placement)
@@ -141,7 +143,8 @@ def run(ctx: Context) -> R.Section:
           + ("after every step." if ctx.eval_every == 1 else f"every {ctx.eval_every} steps."))
     sec.fig(plot_curves(ctx, runs, "s1_curves.png", "With vs without BN"),
             "Training loss at every step (left) and test accuracy (right), same seed and batches.")
-    rows = [[LABELS[k], r["final_loss"], R.fmt(r["final_test_acc"]), r["steps_to_90pct"] or "never"]
+    rows = [[LABELS[k], r["final_loss"], R.fmt(r["final_test_acc"]),
+             r["steps_to_90pct"] or s.not_reached()]
             for k, r in (("conv-bn-relu", bn), ("none", plain))]
     sec.html.append(R.table(["network", "final training loss", "final test accuracy",
                              f"first step with ≥ {ACC_TARGET:.0%} test accuracy"],
@@ -180,13 +183,14 @@ def run(ctx: Context) -> R.Section:
          for i, lr in enumerate(s.sweep_rates)]))
     works = {k: [r["lr"] for r in rows if r["works"]] for k, rows in sweep.items()}
     sec.results["rates_that_work"] = works
-    listed = {k: ", ".join(f"{lr:g}" for lr in v) or "none" for k, v in works.items()}
+    listed = {k: ", ".join(f"{lr:g}" for lr in v) or s.none_worked() for k, v in works.items()}
     sec.p(f"Rates that work — with BN: {listed['conv-bn-relu']}; without BN: {listed['none']}.")
     sec.summary = [
         ("final test accuracy, with / without BN",
          f"{R.fmt(bn['final_test_acc'])} / {R.fmt(plain['final_test_acc'])}"),
         (f"steps to {ACC_TARGET:.0%}, with / without BN",
-         f"{bn['steps_to_90pct'] or 'never'} / {plain['steps_to_90pct'] or 'never'}"),
+         f"{bn['steps_to_90pct'] or s.not_reached()} / "
+         f"{plain['steps_to_90pct'] or s.not_reached()}"),
         ("median pre-activation moved by, with / without BN",
          f"{R.fmt(bn['percentile_drift']['p50'])} / {R.fmt(plain['percentile_drift']['p50'])}"),
         ("learning rates that work, with BN", listed["conv-bn-relu"]),
