@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 import re
 import warnings
@@ -511,3 +512,32 @@ def test_inplace_with_the_default_relu_says_which_activations_work():
     message = str(err.value)
     assert "act='leaky_relu'" in message and "act='elu'" in message and "'identity'" in message
     assert "act='relu'" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward: gradgradcheck in float64 over the case table's shapes, train and eval
+
+
+@pytest.mark.parametrize("shape", sorted({c.shape for c in CASES}))
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "elu", "silu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradgradcheck_every_layer_and_activation(shape, act, training):
+    torch.manual_seed(0)
+    rank = len(shape)
+    cls = {2: batchnorm.BatchNormAct1d, 3: batchnorm.BatchNormAct1d,
+           4: batchnorm.BatchNormAct2d, 5: batchnorm.BatchNormAct3d}[rank]
+    m = cls(shape[1], act=act, negative_slope=0.2, alpha=1.3, dtype=torch.float64)
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    m.train(training)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+
+    if training and math.prod(shape) // shape[1] == 1:
+        pytest.skip("one value per channel: no training")
+    assert torch.autograd.gradgradcheck(f, (x, w, b))

@@ -525,9 +525,9 @@ def test_gradcheck_through_the_eager_route(act, inplace, memory_format):
 
 @pytest.mark.parametrize("train", (True, False))
 @pytest.mark.parametrize("route", ("eager", "op"))
-def test_double_backward_raises_on_both_routes(train, route):
-    """create_graph=True gives the first-order gradients (the same bits as without it);
-    differentiating them again raises: the backward has no derivative on either route."""
+def test_double_backward_on_both_routes(train, route):
+    """create_graph=True gives the first-order gradients (the same bits as without it), and
+    differentiating them again gives PyTorch's second derivatives, on either route."""
     x, w, b, dy = make((4, 3, 5, 5), torch.float64)
     fn = dict(zip(("eager", "op"), eager_and_op(train, x, w, b)))[route]
     x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
@@ -536,9 +536,26 @@ def test_double_backward_raises_on_both_routes(train, route):
     first = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
     plain = torch.autograd.grad(fn(x, w, b)[0] if train else fn(x, w, b), (x, w, b), dy)
     assert all(torch.equal(f, p) for f, p in zip(first, plain, strict=True))
-    backward_op = "bn_act_train_backward" if train else "bn_act_eval_backward"
-    with pytest.raises(RuntimeError, match=f"batchnorm.{backward_op}.*no autograd formula"):
-        torch.autograd.grad(first[0].square().sum(), (x, w))
+    second = torch.autograd.grad(first[0].square().sum() + first[1].sum(), (x, w, b))
+
+    # PyTorch's BN + LeakyReLU (what eager_and_op runs), the same statistics in eval
+    xt, wt, bt = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    rm, rv = torch.tensor(RM, dtype=torch.float64), torch.tensor(RV, dtype=torch.float64)
+    yt = F.leaky_relu(F.batch_norm(xt, None if train else rm, None if train else rv, wt, bt,
+                                   training=train, eps=EPS), SLOPE)
+    first_t = torch.autograd.grad(yt, (xt, wt, bt), dy, create_graph=True)
+    second_t = torch.autograd.grad(first_t[0].square().sum() + first_t[1].sum(), (xt, wt, bt))
+    for got, want in zip(second, second_t, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_double_backward_of_the_inplace_mode_is_a_clear_error():
+    x, w, b, dy = make((4, 3, 5, 5), torch.float64)
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = ops.bn_act_train(x, w, b, EPS, "leaky_relu", SLOPE, ALPHA, inplace=True)[0]
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    with pytest.raises(BatchNormError, match="expected inplace=False to differentiate"):
+        torch.autograd.grad(dx.square().sum(), x)
 
 
 class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import numba_cpu
+from ..errors import expected
+from . import numba_cpu, torch_fallback
 
 __all__ = ["train", "eval_"]
 
@@ -78,14 +79,66 @@ def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, 
 
 def _first_order(impl, op):
     """The backward op's implementation in a plain backward; the op itself under
-    ``create_graph=True`` (grad mode on inside backward).
-
-    The op records an autograd node on its inputs that raises "no autograd formula was registered"
-    when differentiated again: the error the op route gives. ``@once_differentiable`` would not
-    do: its error node is not connected to the inputs, so ``torch.autograd.grad(dx.sum(), x)``
-    reports "appears to not have been used in the graph" instead of the reason.
-    """
+    ``create_graph=True`` (grad mode on inside backward), so that its own autograd formula
+    (:func:`_derivative_of_backward`) records the graph a second derivative needs."""
     return op if torch.is_grad_enabled() else impl
+
+
+# ---------------------------------------------------------------------------------------------
+# double backward: the backward ops' own derivative
+#
+# The kernels give the first-order gradients (the same bits with or without create_graph). Their
+# derivative, for gradient penalties, Hessian-vector products or MAML-style meta-learning with
+# BN, is PyTorch's: the forward recomputed with PyTorch's own differentiable ops
+# (torch_fallback) at the saved inputs, its gradients taken with create_graph=True, and those
+# differentiated once more. It costs a forward and two backward passes of PyTorch's BN.
+
+
+def _derivative_of_backward(forward, dy, x, weight, bias, grads):
+    """Gradients of sum(grads * backward(dy, x, weight, bias)) with respect to
+    (dy, x, weight, bias), where backward gives (dx, dweight, dbias) of ``forward(x, w, b)``."""
+    with torch.enable_grad():
+        dy_ = dy.detach().requires_grad_()
+        leaves = [None if t is None else t.detach().requires_grad_() for t in (x, weight, bias)]
+        present = [t for t in leaves if t is not None]
+        firsts = torch.autograd.grad(forward(*leaves), present, dy_, create_graph=True)
+        incoming = [g for t, g in zip(leaves, grads) if t is not None]
+        pairs = [(f, g) for f, g in zip(firsts, incoming) if g is not None]
+        if not pairs:
+            return None, None, None, None
+        seconds = torch.autograd.grad([f for f, _ in pairs], [dy_, *present],
+                                      [g for _, g in pairs], allow_unused=True)
+    it = iter(seconds[1:])
+    return (seconds[0], *(None if t is None else next(it) for t in leaves))
+
+
+def _save_backward_inputs(ctx, inputs, output):
+    dy, src, weight, bias, stat_a, stat_b, *params = inputs
+    ctx.save_for_backward(dy, src, weight, bias, stat_a, stat_b)
+    ctx.params = tuple(params)
+
+
+def _train_backward_derivative(ctx, gdx, gdw, gdb):
+    dy, x, weight, bias, _mean, _var = ctx.saved_tensors
+    eps, act, negative_slope, alpha, inplace = ctx.params
+    if inplace:
+        raise expected("inplace=False to differentiate the gradients again (double backward)",
+                       "inplace=True: the backward keeps the output, not the input")
+    # the batch statistics are recomputed from x: they are functions of x, not constants
+    d = _derivative_of_backward(
+        lambda x, w, b: torch_fallback.train(x, w, b, eps, act, negative_slope, alpha, False)[0],
+        dy, x, weight, bias, (gdx, gdw, gdb))
+    return (*d, None, None, None, None, None, None, None)
+
+
+def _eval_backward_derivative(ctx, gdx, gdw, gdb):
+    dy, x, weight, bias, running_mean, running_var = ctx.saved_tensors
+    eps, act, negative_slope, alpha = ctx.params
+    d = _derivative_of_backward(
+        lambda x, w, b: torch_fallback.eval_(x, w, b, running_mean, running_var, eps, act,
+                                             negative_slope, alpha),
+        dy, x, weight, bias, (gdx, gdw, gdb))
+    return (*d, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +192,15 @@ def _train_backward(ctx, dy, _dmean, _dvar):
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+_train_backward_op.register_autograd(_train_backward_derivative,
+                                     setup_context=_save_backward_inputs)
 
 
 class _EagerTrain(torch.autograd.Function):
     """bn_act_train's op and autograd formula without the dispatcher, for plain eager calls.
 
-    The same forward, setup_context (inplace saves y, not x) and backward as the op; first-order
-    only, like the op (see ``_first_order``).
+    The same forward, setup_context (inplace saves y, not x) and backward as the op; under
+    ``create_graph=True`` the backward op, whose own derivative gives double backward.
     """
 
     # forward with ctx, not a separate setup_context: apply() would bind the arguments to
@@ -202,6 +257,8 @@ def _eval_backward(ctx, dy):
 
 
 _eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+_eval_backward_op.register_autograd(_eval_backward_derivative,
+                                    setup_context=_save_backward_inputs)
 
 
 class _EagerEval(torch.autograd.Function):
