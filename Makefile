@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/batchnorm demo
 
+# --dist loadgroup: a module marked xdist_group (the tour) stays on one worker
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # no process groups, no tour, no ONNX: the modules that run in seconds
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests/test_reference.py tests/test_activations.py \
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests/test_reference.py tests/test_activations.py \
 		tests/test_structure.py tests/test_frozen.py tests/test_graph.py tests/test_conversion.py \
 		tests/test_fold.py tests/test_inspect.py tests/test_opcheck.py
 

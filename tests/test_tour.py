@@ -19,6 +19,9 @@ from batchnorm.cli import main
 from batchnorm.tour import data as tour_data
 from batchnorm.tour.report import strip_timing
 
+# one worker runs this module, so the demo fixture (a whole tour run) is built once per session
+pytestmark = pytest.mark.xdist_group("tour")
+
 SECTIONS = {
     "s1_purpose": "1 · What BN is for",
     "s2_compute": "2 · How BN computes",
