@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests import replicas  # noqa: E402
 
 import batchnorm  # noqa: E402
-from batchnorm.protocol import is_batchnorm  # noqa: E402
+from batchnorm.protocol import is_batchnorm, is_fixed_affine  # noqa: E402
 
 with warnings.catch_warnings():  # torch's module warns about its own jit use on import
     warnings.simplefilter("ignore")
@@ -35,11 +35,11 @@ with warnings.catch_warnings():  # torch's module warns about its own jit use on
 
 def bn_left(model: nn.Module) -> int:
     """BN modules still normalising (frozen affines counted apart)."""
-    return sum(1 for m in model.modules() if is_batchnorm(m) and "Frozen" not in type(m).__name__)
+    return sum(1 for m in model.modules() if is_batchnorm(m) and not is_fixed_affine(m))
 
 
 def frozen_left(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if "Frozen" in type(m).__name__)
+    return sum(1 for m in model.modules() if is_fixed_affine(m))
 
 
 def time_variants(variants: dict, x: torch.Tensor, rounds: int) -> dict:

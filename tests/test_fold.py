@@ -115,8 +115,7 @@ def test_fold_weights_rejects_wrong_shapes():
 def is_frozen_affine(m: nn.Module) -> bool:
     """What fold makes of a BN it cannot fold: PyTorch's BN in eval, frozen."""
     return (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-            and not m.training and m.momentum == 0.0
-            and not m.weight.requires_grad and not m.bias.requires_grad)
+            and batchnorm.protocol.is_fixed_affine(m))
 
 
 

@@ -144,3 +144,16 @@ def test_replicas_trace(name):
     graph = trace(model)
     assert not graph.approximate
     assert len(graph.bn_sites()) == sum(is_batchnorm(m) for m in model.modules())
+
+
+def test_is_fixed_affine():
+    from batchnorm.protocol import is_fixed_affine
+
+    assert is_fixed_affine(FrozenBatchNorm2d(3)) and is_fixed_affine(TorchvisionStyleFrozen())
+    bn = nn.BatchNorm2d(3)
+    assert not is_fixed_affine(bn) and not is_fixed_affine(bn.eval())
+    bn.momentum = 0.0
+    bn.weight.requires_grad_(False)
+    bn.bias.requires_grad_(False)
+    assert is_fixed_affine(bn) and not is_fixed_affine(bn.train())
+    assert not is_fixed_affine(nn.Conv2d(3, 3, 1))

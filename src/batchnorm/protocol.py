@@ -4,6 +4,8 @@
   subclass, ours included), frozen BN (ours, torchvision's: the affine tensors are buffers) and
   duck-typed third-party BN (``num_features``, ``eps``, ``running_mean``, ``running_var``).
   Decided by classes and attributes, not by class names.
+- :func:`is_fixed_affine`: a frozen BN, or the eval-mode PyTorch BN ``fold`` leaves in place
+  of one it cannot fold.
 - :func:`bn_input_ranks`: the input ranks a BN class takes: PyTorch's ``BatchNorm1d/2d/3d``, and
   ours by their public ``input_ranks`` class attribute; a third-party class by the ``1d/2d/3d``
   suffix of its name (the one thing torchvision's FrozenBatchNorm2d says about its rank); None
@@ -37,6 +39,7 @@ from .frozen import (
 __all__ = [
     "is_batchnorm",
     "bn_kind",
+    "is_fixed_affine",
     "bn_input_ranks",
     "rank_key",
     "FAMILIES",
@@ -78,6 +81,16 @@ def bn_kind(module: object) -> str | None:
     if "weight" in module._buffers or isinstance(module, _FrozenBatchNorm):
         return "frozen"
     return "duck"
+
+
+def is_fixed_affine(module: object) -> bool:
+    """True for a BN that applies a fixed per-channel affine: frozen BN, or what ``fold`` makes
+    of a BN it cannot fold (PyTorch's BN in eval mode, parameters frozen, momentum 0)."""
+    if bn_kind(module) == "frozen":
+        return True
+    return (isinstance(module, _BatchNorm) and not module.training and module.momentum == 0.0
+            and module.running_mean is not None
+            and not any(p.requires_grad for p in module.parameters(recurse=False)))
 
 
 def bn_input_ranks(module: nn.Module) -> tuple[int, ...] | None:
