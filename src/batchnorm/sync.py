@@ -37,7 +37,7 @@ from . import protocol
 from .activations import REGISTRY
 from .collectives import BACKWARD, FORWARD, Link, group_world, layer_key
 from .errors import check_eps, expected
-from .layers import _OurBatchNorm, _OurBatchNormAct
+from .layers import _OurBatchNorm, _OurBatchNormAct, in_onnx_export
 from .ops.torch_fallback import channel_view, shifted_moments, working
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
@@ -172,7 +172,7 @@ class _SyncBase(_OurBatchNorm):
     _local_only = False  # set by local_only() during recalibration
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():  # an ONNX file is one process: plain BN
+        if in_onnx_export():  # an ONNX file is one process: plain BN
             return self._onnx_forward(input)
         group, world = group_world(self.process_group)
         if not (self.training and world > 1) or self._local_only:  # eval never syncs (PyTorch)
