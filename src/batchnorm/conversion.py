@@ -29,6 +29,7 @@ from .errors import expected
 from .protocol import (
     FAMILIES,
     UNKNOWN_ACTIVATION,
+    act_args,
     activation_of,
     bn_args,
     bn_kind,
@@ -99,14 +100,10 @@ def _to_trainable(frozen: nn.Module) -> nn.Module:
     return new
 
 
-def _act_args(bn: nn.Module) -> dict:
-    return dict(act=bn.act, negative_slope=bn.negative_slope, alpha=bn.alpha, inplace=bn.inplace)
-
-
 def _from_sync(bn: nn.Module) -> nn.Module:
     key = rank_key(bn)
     if _family_of(bn) == "sync_act" and key != "xd":
-        new = _FAMILIES["ours_act"][key](bn.num_features, **_act_args(bn), **bn_args(bn),
+        new = _FAMILIES["ours_act"][key](bn.num_features, **act_args(bn), **bn_args(bn),
                                          nonfinite=bn.nonfinite)
     else:
         new = _FAMILIES["ours"][key](bn.num_features, **bn_args(bn), nonfinite=bn.nonfinite)
@@ -279,8 +276,8 @@ def _fuse_activations(model: nn.Module) -> nn.Module:
         spec = _activation_spec(gm, user, node)
         if spec is None:
             continue
-        act, act_args = spec
-        new = _FAMILIES["ours_act"][rank_key(bn)](bn.num_features, act, **act_args, **bn_args(bn),
+        act, act_kwargs = spec
+        new = _FAMILIES["ours_act"][rank_key(bn)](bn.num_features, act, **act_kwargs, **bn_args(bn),
                                                  nonfinite=bn.nonfinite)
         move_state(bn, new)
         parent, _, name = node.target.rpartition(".")

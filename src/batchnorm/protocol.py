@@ -14,8 +14,8 @@
   each family (PyTorch's, ours, ours with an activation, frozen) by input rank.
   ``batchnorm.conversion`` adds the SyncBatchNorm families.
 - :func:`activation_of`: the activation a BN+act module applies after normalising.
-- :func:`swap`, :func:`move_state`, :func:`bn_args`: replacing BN modules in a model, one
-  recursive walk, parameters and buffers moved (not copied).
+- :func:`swap`, :func:`move_state`, :func:`bn_args`, :func:`act_args`: replacing BN modules in a
+  model, one recursive walk, parameters and buffers moved (not copied).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ __all__ = [
     "swap",
     "move_state",
     "bn_args",
+    "act_args",
 ]
 
 
@@ -207,6 +208,11 @@ def bn_args(bn: nn.Module) -> dict:
     """The constructor arguments of a trainable BN that rebuild ``bn``'s configuration."""
     return dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                 track_running_stats=bn.track_running_stats, bias=bn.bias is not None)
+
+
+def act_args(bn: nn.Module) -> dict:
+    """The activation arguments of one of our BN+act modules (BatchNormAct, SyncBatchNormAct)."""
+    return dict(act=bn.act, negative_slope=bn.negative_slope, alpha=bn.alpha, inplace=bn.inplace)
 
 
 def swap(model: nn.Module, accepts: Callable[[nn.Module], bool],

@@ -41,7 +41,7 @@ from .layers import _OurBatchNorm, _OurBatchNormAct, in_onnx_export
 from .ops.torch_fallback import channel_view, shifted_moments, working
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
-           "local_only", "from_batchnorm", "is_sync_layer"]
+           "local_only", "from_batchnorm"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +353,7 @@ def from_batchnorm(bn: nn.Module) -> nn.Module:
     """A SyncBatchNorm (SyncBatchNormAct for our BatchNormAct) holding ``bn``'s parameters and
     buffers (moved, not copied), remembering its input ranks for converting back."""
     if isinstance(bn, _OurBatchNormAct):
-        new = SyncBatchNormAct(bn.num_features, act=bn.act, negative_slope=bn.negative_slope,
-                               alpha=bn.alpha, inplace=bn.inplace, **protocol.bn_args(bn),
+        new = SyncBatchNormAct(bn.num_features, **protocol.act_args(bn), **protocol.bn_args(bn),
                                nonfinite=bn.nonfinite)
     else:
         new = SyncBatchNorm(bn.num_features, **protocol.bn_args(bn),
@@ -363,11 +362,6 @@ def from_batchnorm(bn: nn.Module) -> nn.Module:
     new.source_ranks = None if key == "xd" else key
     protocol.move_state(bn, new)
     return new
-
-
-def is_sync_layer(module: nn.Module) -> bool:
-    """True for SyncBatchNorm and SyncBatchNormAct (ours)."""
-    return isinstance(module, _SyncBase)
 
 
 def name_layers(model: nn.Module) -> nn.Module:
