@@ -51,11 +51,13 @@ def shifted_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
     ``d = x - shift`` (shift one sample of each channel, so d is centred near 0 however large
     the offset of x), and the float64 ``mean`` and ``M2`` (sum of squared deviations).
 
-    Two passes over d: its mean, then the squared deviations from it. Sums accumulate in float64
-    while the element-wise work stays in x's dtype (no float64 copy of the batch); the rounding
-    of the pass-two centre to x's dtype is corrected exactly (``sum (d - a)^2 = M2 + n (mean_d -
-    a)^2``). An empty batch gives n 0, mean 0, M2 0. Pass float32 for half types
-    (:func:`working`).
+    The moments of d come from ``torch.var_mean`` (Welford, with float64 accumulators on CPU),
+    never from E[d^2] - E[d]^2. Its results are in d's dtype: for float32 data, M2 is then
+    within float32 rounding (6e-8 relative), below what a float32 output can show, and the mean
+    of the small, centred d loses nothing that matters. The mean and M2 leave in float64. Two
+    float64-accumulated ``sum`` passes did the same 4x slower on this machine (93 vs 25 ms at
+    (32, 64, 56, 56) float32, against 22 ms for ``var_mean`` alone). An empty batch gives n 0,
+    mean 0, M2 0. Pass float32 for half types (:func:`working`).
     """
     c = x.shape[1]
     n = x.numel() // c if c else 0
@@ -64,17 +66,19 @@ def shifted_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
         return 0, torch.zeros(c, dtype=x.dtype, device=x.device), x, zeros, zeros.clone()
     shift = x[0].reshape(c, -1)[:, 0]  # (C,)
     d = x - shift.view(channel_view(x))
-    dims = [i for i in range(d.dim()) if i != 1]
-    d_mean = d.sum(dim=dims, dtype=torch.float64) / n
-    centre = d_mean.to(d.dtype)
-    e = (d - centre.view(channel_view(d))).square_()
-    m2 = e.sum(dim=dims, dtype=torch.float64) - n * (d_mean - centre.to(torch.float64)).square()
-    return n, shift, d, shift.to(torch.float64) + d_mean, m2.clamp_(min=0.0)
+    d_var, d_mean = torch.var_mean(d, dim=reduce_dims(d), correction=0)
+    m2 = d_var.to(torch.float64) * n
+    return n, shift, d, shift.to(torch.float64) + d_mean.to(torch.float64), m2
 
 
 def working(x: Tensor) -> Tensor:
     """float16/bfloat16 are worked on in float32 (as F.batch_norm accumulates them)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dim of x (N, C, *) but the channel dim: what the statistics sum over."""
+    return [0, *range(2, x.dim())]
 
 
 def channel_view(x: Tensor) -> tuple[int, ...]:
@@ -129,7 +133,7 @@ class _InplaceTrain(torch.autograd.Function):
         gamma = y.new_ones(c) if weight is None else weight.detach().to(wdtype)
         beta = y.new_zeros(c) if bias is None else bias.detach().to(wdtype)
         x_hat = (z - beta.view(shape)) / _safe_gamma(gamma, eps).view(shape)
-        dims = [0, *range(2, y.dim())]
+        dims = reduce_dims(y)
         n = y.numel() // c if c else 0
         sum_g = g.sum(dims)
         sum_gx = (g * x_hat).sum(dims)
