@@ -18,15 +18,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Compile the CPU kernels once, ahead (numba caches them on disk; a changed kernel source
+# compiles again): the tests then load every kernel instead of each test worker compiling its
+# own copy, and no demo step waits. Cases already cached load in about a second.
+WARM := $(VENV)/.warm
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+$(WARM): $(STAMP) $(wildcard src/batchnorm/kernels/*.py)
+	$(VENV)/bin/batchnorm warmup --dtype all --jobs $(JOBS)
+	touch $(WARM)
+
 demo: $(STAMP)
+	$(VENV)/bin/batchnorm warmup --layout nchw --act identity relu --jobs $(JOBS)
 	$(VENV)/bin/batchnorm demo
 
 # --dist loadgroup: a module marked xdist_group (the tour) stays on one worker
-test: $(STAMP)
+test: $(WARM)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # no process groups, no tour, no ONNX: the modules that run in seconds
-test-fast: $(STAMP)
+test-fast: $(WARM)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests/test_reference.py tests/test_activations.py \
 		tests/test_structure.py tests/test_frozen.py tests/test_graph.py tests/test_conversion.py \
 		tests/test_fold.py tests/test_inspect.py tests/test_opcheck.py

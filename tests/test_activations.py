@@ -23,7 +23,7 @@ def test_kernel_codes_are_the_registrys():
     codes = {name: REGISTRY[name].code for name in FUSED}
     assert codes == {name: getattr(kernel_codes, name.upper()) for name in FUSED}
     assert sorted(codes.values()) == list(kernel_codes.CODES)
-    assert FUSED == ("identity", "relu", "leaky_relu", "elu", "silu")
+    assert FUSED == ("identity", "relu", "leaky_relu", "elu", "silu", "relu6", "hardswish")
     assert INVERTIBLE == ("identity", "leaky_relu", "elu")
     assert ops.ACTIVATIONS == FUSED and ops.INVERTIBLE == INVERTIBLE
 

@@ -13,7 +13,7 @@ from batchnorm import kernels, reference
 from batchnorm.activations import FUSED, REGISTRY
 from batchnorm.kernels.statistics import BLOCK, BLOCKED_PLANE_FROM, rows_per_chunk
 
-ACTS = FUSED  # identity, relu, leaky_relu, elu, silu
+ACTS = FUSED  # identity, relu, leaky_relu, elu, silu, relu6, hardswish
 SLOPE, ALPHA, EPS = 0.1, 1.3, 1e-5
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
 # batch statistics: float32 data is summed in float32 blocks (kernels/statistics.py)
@@ -39,6 +39,10 @@ def act_np(z, act):
         return np.where(z > 0, z, ALPHA * np.expm1(z))
     if act == "silu":
         return z / (1.0 + np.exp(-z))
+    if act == "relu6":
+        return np.clip(z, 0.0, 6.0)
+    if act == "hardswish":
+        return z * np.clip(z + 3.0, 0.0, 6.0) / 6.0
     return z
 
 
@@ -52,6 +56,10 @@ def act_grad_np(z, act):
     if act == "silu":
         s = 1.0 / (1.0 + np.exp(-z))
         return s * (1.0 + z * (1.0 - s))
+    if act == "relu6":
+        return ((z > 0) & (z < 6)).astype(np.float64)
+    if act == "hardswish":
+        return np.where(z <= -3, 0.0, np.where(z >= 3, 1.0, z / 3.0 + 0.5))
     return np.ones_like(z)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import BatchNormError
+from batchnorm.activations import FUSED
 from tests.cases import (
     CASES,
     Case,
@@ -28,7 +29,8 @@ OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNo
 ACTS = {2: batchnorm.BatchNormAct1d, 3: batchnorm.BatchNormAct1d, 4: batchnorm.BatchNormAct2d,
         5: batchnorm.BatchNormAct3d}
 TORCH_ACT = {"identity": nn.Identity(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.1),
-             "elu": nn.ELU(0.7), "silu": nn.SiLU()}
+             "elu": nn.ELU(0.7), "silu": nn.SiLU(), "relu6": nn.ReLU6(),
+             "hardswish": nn.Hardswish()}
 ACT_ARGS = {"negative_slope": 0.1, "alpha": 0.7}
 
 
@@ -519,7 +521,7 @@ def test_inplace_with_the_default_relu_says_which_activations_work():
 
 
 @pytest.mark.parametrize("shape", sorted({c.shape for c in CASES}))
-@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "elu", "silu"])
+@pytest.mark.parametrize("act", FUSED)
 @pytest.mark.parametrize("training", [True, False])
 def test_gradgradcheck_every_layer_and_activation(shape, act, training):
     torch.manual_seed(0)

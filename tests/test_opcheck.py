@@ -15,6 +15,8 @@ CASES = [
     (torch.float64, torch.channels_last, "leaky_relu", True, True),
     (torch.float32, None, "elu", True, False),
     (torch.float64, None, "identity", False, False),
+    (torch.float32, torch.channels_last, "relu6", False, False),
+    (torch.float64, None, "hardswish", False, True),
 ]
 
 

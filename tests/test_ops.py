@@ -23,6 +23,8 @@ def torch_act(z, act):
         "leaky_relu": lambda t: F.leaky_relu(t, SLOPE),
         "elu": lambda t: F.elu(t, ALPHA),
         "silu": F.silu,
+        "relu6": F.relu6,
+        "hardswish": F.hardswish,
     }[act](z)
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(batchnorm.__file__).parent
 # ops/, cli/, tour/) is one level for the modules inside it.
 LEVELS = [
     ["activations"],
-    ["errors", "files"],
+    ["errors", "files", "progress"],
     ["reference"],
     ["kernels"],
     ["ops"],

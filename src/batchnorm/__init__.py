@@ -42,6 +42,7 @@ _LAZY = {
     "set_output_cache": "ops.memory",
     "empty_output_cache": "ops.memory",
     "output_cache_info": "ops.memory",
+    "warmup": "ops.warmup",
 }
 
 __all__ = ["BatchNormError", "__version__", *_LAZY]

@@ -8,7 +8,7 @@ InPlace-ABN mode) and how, and its derivative. The kernels implement the codes (
 helpers and the tools take everything else from here. Adding an activation to the fused layers
 is one entry here plus its branch in the kernels; a test runs every entry through all of them.
 
-Activations without a kernel code (GELU, ReLU6, ...) are here so that the graph helpers recognise
+Activations without a kernel code (GELU, Sigmoid, ...) are here so that the graph helpers recognise
 them (``inspect``'s placement findings) and can rebuild them (a timm-style BN+act module's
 ``act="gelu"``); ``BatchNormAct`` does not take them.
 
@@ -91,6 +91,13 @@ def _silu_derivative(z: Tensor, negative_slope: float, alpha: float) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
+def _hardswish_derivative(z: Tensor, negative_slope: float, alpha: float) -> Tensor:
+    # PyTorch's hardswish_backward: 0 up to -3 (inclusive), z / 3 + 1/2 below 3, 1 from 3 on;
+    # NaN gives NaN, as its vectorised loop does
+    return torch.where(z <= -3, torch.zeros_like(z),
+                       torch.where(z >= 3, torch.ones_like(z), z / 3 + 0.5))
+
+
 _ENTRIES = (
     # the fused ones, in kernel-code order (the order of BatchNormAct's act argument)
     Activation(
@@ -132,12 +139,20 @@ _ENTRIES = (
         derivative=_silu_derivative,
         modules=(nn.SiLU,), functions=(F.silu,), aliases=("swish",),
     ),
+    Activation(
+        "relu6", 5, lambda ns, a: nn.ReLU6(),
+        apply=lambda z, ns, a: F.relu6(z),
+        derivative=lambda z, ns, a: ((z > 0) & (z < 6)).to(z.dtype),
+        modules=(nn.ReLU6,), functions=(F.relu6,),
+    ),
+    Activation(
+        "hardswish", 6, lambda ns, a: nn.Hardswish(),
+        apply=lambda z, ns, a: F.hardswish(z),
+        derivative=_hardswish_derivative,
+        modules=(nn.Hardswish,), functions=(F.hardswish,),
+    ),
     # recognised in graphs and rebuilt from a BN+act module's name, not fused
-    Activation("relu6", None, lambda ns, a: nn.ReLU6(), modules=(nn.ReLU6,),
-               functions=(F.relu6,)),
     Activation("gelu", None, lambda ns, a: nn.GELU(), modules=(nn.GELU,), functions=(F.gelu,)),
-    Activation("hardswish", None, lambda ns, a: nn.Hardswish(), modules=(nn.Hardswish,),
-               functions=(F.hardswish,)),
     Activation("sigmoid", None, lambda ns, a: nn.Sigmoid(), modules=(nn.Sigmoid,),
                functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid", "sigmoid_")),
     Activation("tanh", None, lambda ns, a: nn.Tanh(), modules=(nn.Tanh,),

@@ -367,7 +367,8 @@ _ACT_DOC = r"""{base} then an activation, in the same kernel passes (no extra pa
 
     Args:
         num_features: C, the number of channels.
-        act: "relu", "leaky_relu", "elu", "silu" or "identity". Default: "relu"
+        act: "relu", "leaky_relu", "elu", "silu", "relu6", "hardswish" or "identity".
+            Default: "relu"
         negative_slope: slope of leaky_relu for negative inputs. Default: 0.01
         alpha: the ELU scale, ``alpha * (exp(z) - 1)`` for z <= 0. Default: 1.0
         inplace: save only the output for backward (invertible act only; else BatchNormError at

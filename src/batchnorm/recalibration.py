@@ -18,6 +18,7 @@ from . import sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
 from .probe import failed_on, training_flags_kept
+from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 
 __all__ = ["recalibrate", "RecalibrationReport"]
@@ -167,7 +168,7 @@ def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn,
     elif total is not None and hasattr(data, "__len__"):
         total = min(total, len(data))
     iterator = iter(data) if batches is None else itertools.islice(data, batches)
-    with torch.no_grad(), _progress(progress, total) as advance:
+    with torch.no_grad(), progress_bar(progress, total, "recalibrating BN") as advance:
         pending = next(iterator, _END)
         while pending is not _END:
             batch, pending = pending, next(iterator, _END)
@@ -222,40 +223,6 @@ def _call_args(batch, input_fn, device) -> tuple[tuple, dict]:
 
 def _to(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-class _progress:
-    """A rich progress bar on stderr when ``enabled`` and stderr is a terminal (a bar in a log
-    file or a pipe is noise); yields a function that advances it."""
-
-    def __init__(self, enabled: bool, total: int | None):
-        self.enabled, self.total, self.bar = enabled, total, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return lambda: None
-        self.bar = Progress(TextColumn("recalibrating BN"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True, console=console)
-        self.bar.start()
-        task = self.bar.add_task("recalibrate", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
 
 
 # ------------------------------------------------------------------------------------------------

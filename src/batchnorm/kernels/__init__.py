@@ -15,28 +15,28 @@ so results are bitwise identical for any thread count (:func:`set_threads`). Ins
 float32 data is summed in float32 blocks whose sums are added in float64 (half the arithmetic;
 ``statistics.py`` and ``backward.py`` say where and how exact); float64 data in float64.
 
-Kernels compile on first use (a few seconds each; about 30 s for a first float32 training step
-in both layouts) and are cached on disk next to this package
-(numba ``cache=True``). Numba does not notice edits to a helper in another file of this package:
-after changing ``_activation.py`` or ``statistics.py``, delete ``kernels/__pycache__``.
+Kernels are made per case (activation, mode, dtype; see ``_compile.py``), compile on first use
+(1-9 s each) and are cached on disk next to this package (numba ``cache=True``); the first
+compile in a process writes one line to stderr. ``batchnorm warmup`` (:mod:`batchnorm.ops.warmup`)
+compiles them ahead. Numba does not notice edits to a helper in another file of this package:
+after changing ``_activation.py``, ``_compile.py`` or ``statistics.py``, delete
+``kernels/__pycache__``.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numba
 import numpy as np
 
 from ._activation import consts
+from ._compile import compiling_notice
 from .backward import (
     eval_backward_mc,
     eval_backward_ncs,
-    reduce_from_output_mc,
-    reduce_from_output_ncs,
     reduce_mc,
     reduce_ncs,
-    write_dx_from_output_mc,
-    write_dx_from_output_ncs,
     write_dx_mc,
     write_dx_ncs,
 )
@@ -57,6 +57,8 @@ __all__ = [
     "eval_backward",
     "moments",
     "set_threads",
+    "cache_directory",
+    "compiling_notice",
 ]
 
 
@@ -79,14 +81,13 @@ def _start_pool() -> None:
 
 _start_pool()
 
-# (inplace, channels-last) -> (reduce kernel, write-dx kernel) of the training backward; the
-# layout is the array's rank: (N, C, S) or channels-last (M, C)
-_TRAIN_BACKWARD = {
-    (False, False): (reduce_ncs, write_dx_ncs),
-    (False, True): (reduce_mc, write_dx_mc),
-    (True, False): (reduce_from_output_ncs, write_dx_from_output_ncs),
-    (True, True): (reduce_from_output_mc, write_dx_from_output_mc),
-}
+def cache_directory() -> str:
+    """Where numba keeps the compiled kernels (``NUMBA_CACHE_DIR``, else next to this package,
+    else numba's user-wide fallback when the package directory is read-only)."""
+    try:
+        return normalize_ncs(0, np.dtype(np.float32))._cache._cache_path
+    except AttributeError:  # numba internals moved: say where they would be by default
+        return numba.config.CACHE_DIR or os.path.join(os.path.dirname(__file__), "__pycache__")
 
 
 def set_threads(n: int) -> None:
@@ -103,8 +104,10 @@ def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     except short NCS planes; float64 data in float64 (see :mod:`.statistics`).
     """
     if _channels_last(x):
-        return moments_mc_blocked(x) if x.dtype == np.float32 else moments_mc(x)
-    return moments_ncs_blocked(x) if _blocked_planes(x, BLOCKED_PLANE_FROM) else moments_ncs(x)
+        kernel = moments_mc_blocked if x.dtype == np.float32 else moments_mc
+    else:
+        kernel = moments_ncs_blocked if _blocked_planes(x, BLOCKED_PLANE_FROM) else moments_ncs
+    return kernel(x.dtype)(x)
 
 
 def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
@@ -138,9 +141,14 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     gamma = _gamma(weight, src)
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
     k = consts(dtype, negative_slope, alpha)
-    reduce, write_dx = _TRAIN_BACKWARD[bool(inplace), _channels_last(src)]
-    blocked = () if _channels_last(src) else (_blocked_planes(src, BLOCK),)
-    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, act, k, *blocked)
+    act, inplace = int(act), bool(inplace)
+    if _channels_last(src):
+        reduce, write_dx = reduce_mc(act, inplace, dtype), write_dx_mc(act, inplace, dtype)
+        blocked = ()
+    else:
+        reduce, write_dx = reduce_ncs(act, inplace, dtype), write_dx_ncs(act, inplace, dtype)
+        blocked = (_blocked_planes(src, BLOCK),)
+    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, k, *blocked)
     m = _count(src)
     k1 = gamma * invstd
     if inplace:
@@ -152,7 +160,7 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
         k2 = -k1 * invstd * sum_gxhat / m
     k0 = -k1 * sum_g / m
     write_dx(dy, src, dx, mean_hi, mean_lo, scale, shift,
-             k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), act, k)
+             k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
     return sum_gxhat, sum_g
 
 
@@ -166,10 +174,11 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
     )
     k = consts(dtype, negative_slope, alpha)
     if _channels_last(x):
-        sum_g, sum_ge = eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k)
+        sum_g, sum_ge = eval_backward_mc(int(act), dtype)(dy, x, dx, mean_hi, mean_lo, scale,
+                                                          shift, k)
     else:
-        sum_g, sum_ge = eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k,
-                                          _blocked_planes(x, BLOCK))
+        sum_g, sum_ge = eval_backward_ncs(int(act), dtype)(dy, x, dx, mean_hi, mean_lo, scale,
+                                                           shift, k, _blocked_planes(x, BLOCK))
     return sum_ge * invstd, sum_g
 
 
@@ -179,8 +188,8 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
 def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
     invstd = _invstd(var, eps)
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, _gamma(weight, x), bias, x.dtype)
-    kernel = normalize_mc if _channels_last(x) else normalize_ncs
-    kernel(x, y, mean_hi, mean_lo, scale, shift, act, consts(x.dtype, negative_slope, alpha))
+    kernel = (normalize_mc if _channels_last(x) else normalize_ncs)(int(act), x.dtype)
+    kernel(x, y, mean_hi, mean_lo, scale, shift, consts(x.dtype, negative_slope, alpha))
 
 
 def _channels_last(x: np.ndarray) -> bool:

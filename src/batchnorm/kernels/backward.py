@@ -26,43 +26,52 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from ._activation import (
-    ELU,
-    IDENTITY,
-    LEAKY_RELU,
-    RELU,
-    SILU,
     derivative,
     derivative_from_output,
     inverse,
     unpack,
 )
+from ._compile import specialised
 from .statistics import BLOCK, REASSOC, rows_per_chunk
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
 GRAD_ROW_BLOCK = 16
 
-# Each kernel dispatches on the activation outside its inner loop and calls an inlined row
-# function with constants, so that every inner loop is branch-free and vectorises (see
-# normalize.py). The inplace mode (source = output y) has kernels of its own (*_from_output_*):
-# each compiles only when first used, and compile time grows with the number of branches.
-# The three channels-last reductions share one chunk skeleton (_mc_sums), which takes the
-# kernel's row function as an argument: a branch on a mode value instead would be compiled in
-# full inside every kernel (prange's body is typed apart from the constant; measured 25-33 s a
-# kernel instead of 6-10 s). Same speed as three copies (0.98-1.04x, measured side by side).
+# Each kernel is made per (activation, mode, dtype) by a factory (see _compile.py): the code and
+# the inplace flag are closure constants, so every inner loop is branch-free and vectorises, and
+# the helpers below compile only the one form the kernel needs (_grad_centred's overload picks
+# the from-input or from-output form while numba types the kernel). The three channels-last
+# reductions share one chunk skeleton (_mc_sums), which takes the kernel's row function as an
+# argument (same speed as three copies, 0.98-1.04x, measured side by side).
 
 
-@njit(inline="always", cache=True)
-def _grad_centred(src, dy, mh, ml, sc, sh, act, inplace, k):
-    """(g, e) for one element: g = dL/dz, e = centred value (see the module docstring)."""
-    if inplace:
-        z = inverse(src, act, k)
-        return dy * derivative_from_output(src, act, k), z - sh
+def _grad_from_input(src, dy, mh, ml, sc, sh, act, inplace, k):
     e = (src - mh) - ml
-    if act == IDENTITY:
-        return dy, e
     return dy * derivative(e * sc + sh, act, k), e
+
+
+def _grad_from_output(src, dy, mh, ml, sc, sh, act, inplace, k):
+    return dy * derivative_from_output(src, act, k), inverse(src, act, k) - sh
+
+
+def _grad_centred(src, dy, mh, ml, sc, sh, act, inplace, k):
+    """(g, e) for one element: g = dL/dz, e = centred value (see the module docstring); src is
+    x, or the output y when ``inplace`` (a compile-time constant, as the code is: the other
+    form is not compiled)."""
+    form = _grad_from_output if inplace else _grad_from_input
+    return form(src, dy, mh, ml, sc, sh, act, inplace, k)
+
+
+@overload(_grad_centred, inline="always")
+def _grad_centred_form(src, dy, mh, ml, sc, sh, act, inplace, k):
+    if getattr(inplace, "literal_value", None) is True:
+        return _grad_from_output
+    if getattr(inplace, "literal_value", None) is False:
+        return _grad_from_input
+    return None
 
 
 @njit(inline="always", cache=True)
@@ -99,8 +108,9 @@ def _reduce_row_ncs(xr, gr, mh, ml, sc, sh, act, inplace, k, blocked):
 
 
 @njit(inline="always", cache=True)
-def _reduce_row_mc(xr, gr, mh, ml, sc, sh, acc_g, acc_ge, act, inplace, k):
-    """acc_g[j] += g, acc_ge[j] += g * e over one row, in the accumulators' dtype (the data's)."""
+def _reduce_row_mc(xr, gr, out, mh, ml, sc, sh, acc_g, acc_ge, act, inplace, k):
+    """acc_g[j] += g, acc_ge[j] += g * e over one row, in the accumulators' dtype (the data's);
+    ``out`` is unused (the signature is _mc_sums' row function's)."""
     for j in range(xr.shape[0]):
         g, e = _grad_centred(xr[j], gr[j], mh[j], ml[j], sc[j], sh[j], act, inplace, k)
         acc_g[j] += g
@@ -157,8 +167,9 @@ def _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, act, k, blocked):
 
 
 @njit(inline="always", cache=True)
-def _eval_row_mc(xr, gr, out, mh, ml, sc, sh, acc_g, acc_ge, act, k):
-    """out = g * scale over one row; accumulators as in _reduce_row_mc."""
+def _eval_row_mc(xr, gr, out, mh, ml, sc, sh, acc_g, acc_ge, act, inplace, k):
+    """out = g * scale over one row; accumulators as in _reduce_row_mc (``inplace`` unused: the
+    eval backward reads x)."""
     for j in range(xr.shape[0]):
         g, e = _grad_centred(xr[j], gr[j], mh[j], ml[j], sc[j], sh[j], act, False, k)
         out[j] = g * sc[j]
@@ -187,48 +198,7 @@ def _sum_rows(part):
 
 
 @njit(inline="always", cache=True)
-def _reduce_rows_mc(xr, gr, out, mh, ml, sc, sh, a, b, act, kt):
-    """One channels-last row of reduce_mc, each activation in a branch of its own."""
-    if act == RELU:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, RELU, False, kt)
-    elif act == LEAKY_RELU:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, False, kt)
-    elif act == ELU:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, False, kt)
-    elif act == SILU:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, SILU, False, kt)
-    else:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, False, kt)
-
-
-@njit(inline="always", cache=True)
-def _reduce_rows_from_output_mc(xr, gr, out, mh, ml, sc, sh, a, b, act, kt):
-    """One channels-last row of reduce_from_output_mc (invertible activations only)."""
-    if act == LEAKY_RELU:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, LEAKY_RELU, True, kt)
-    elif act == ELU:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, ELU, True, kt)
-    else:
-        _reduce_row_mc(xr, gr, mh, ml, sc, sh, a, b, IDENTITY, True, kt)
-
-
-@njit(inline="always", cache=True)
-def _eval_rows_mc(xr, gr, out, mh, ml, sc, sh, a, b, act, kt):
-    """One channels-last row of eval_backward_mc."""
-    if act == RELU:
-        _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, RELU, kt)
-    elif act == LEAKY_RELU:
-        _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, LEAKY_RELU, kt)
-    elif act == ELU:
-        _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, ELU, kt)
-    elif act == SILU:
-        _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, SILU, kt)
-    else:
-        _eval_row_mc(xr, gr, out, mh, ml, sc, sh, a, b, IDENTITY, kt)
-
-
-@njit(inline="always", cache=True)
-def _mc_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, k):
+def _mc_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k):
     """Per-channel float64 (sum g, sum g*e) over channels-last (M, C) rows, ``row`` doing one
     row (eval's also writes dx): chunks of rows_per_chunk rows, each summed into float64
     partials of its own (fixed chunks: the result does not depend on the thread count)."""
@@ -248,183 +218,99 @@ def _mc_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, k):
         for r in range(r0, min(m, r0 + rows)):
             if r > r0 and (r - r0) % GRAD_ROW_BLOCK == 0:
                 _flush(a, b, part_g[q], part_ge[q])
-            row(src[r], dy[r], dx[r], mh, ml, sc, sh, a, b, act, kt)
+            row(src[r], dy[r], dx[r], mh, ml, sc, sh, a, b, act, inplace, kt)
         _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k, blocked):
-    """Per-channel float64 (sum g, sum g*e) over (N, C, S)."""
-    n, c, s = src.shape
-    kt = unpack(k)
-    part_g = np.empty((n, c))
-    part_ge = np.empty((n, c))
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        xr, gr, mh, ml, sc, sh = src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j]
-        if act == RELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, RELU, False, kt, blocked)
-        elif act == LEAKY_RELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, False, kt, blocked)
-        elif act == ELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, False, kt, blocked)
-        elif act == SILU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, SILU, False, kt, blocked)
-        else:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, False, kt, blocked)
-        part_g[i, j] = a
-        part_ge[i, j] = b
-    return _sum_rows(part_g), _sum_rows(part_ge)
+@specialised(parallel=True, fastmath=REASSOC)
+def reduce_ncs(act, inplace, dtype):
+    """Kernel: per-channel float64 (sum g, sum g*e) over (N, C, S); src is y when ``inplace``."""
+
+    def kernel(dy, src, mean_hi, mean_lo, scale, shift, k, blocked):
+        n, c, s = src.shape
+        kt = unpack(k)
+        part_g = np.empty((n, c))
+        part_ge = np.empty((n, c))
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            part_g[i, j], part_ge[i, j] = _reduce_row_ncs(
+                src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j], act, inplace,
+                kt, blocked)
+        return _sum_rows(part_g), _sum_rows(part_ge)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
-    """Per-channel float64 (sum g, sum g*e) over channels-last (M, C)."""
-    return _mc_sums(_reduce_rows_mc, dy, src, src, mean_hi, mean_lo, scale, shift, act, k)
+@specialised(parallel=True, fastmath=REASSOC)
+def reduce_mc(act, inplace, dtype):
+    """Kernel: per-channel float64 (sum g, sum g*e) over channels-last (M, C)."""
+
+    def kernel(dy, src, mean_hi, mean_lo, scale, shift, k):
+        return _mc_sums(_reduce_row_mc, dy, src, src, mean_hi, mean_lo, scale, shift, act,
+                        inplace, k)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True)
-def write_dx_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
-    """dx (N, C, S) = k1 * g + k0 + k2 * e."""
-    n, c, s = src.shape
-    kt = unpack(k)
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        xr, gr, out = src[i, j], dy[i, j], dx[i, j]
-        mh, ml, sc, sh = mean_hi[j], mean_lo[j], scale[j], shift[j]
-        a1, a0, a2 = k1[j], k0[j], k2[j]
-        if act == RELU:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, RELU, False, kt)
-        elif act == LEAKY_RELU:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, LEAKY_RELU, False, kt)
-        elif act == ELU:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, ELU, False, kt)
-        elif act == SILU:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, SILU, False, kt)
-        else:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, IDENTITY, False, kt)
+@specialised(parallel=True)
+def write_dx_ncs(act, inplace, dtype):
+    """Kernel: dx (N, C, S) = k1 * g + k0 + k2 * e."""
+
+    def kernel(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+        n, c, s = src.shape
+        kt = unpack(k)
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            _write_row_ncs(src[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j], scale[j],
+                           shift[j], k1[j], k0[j], k2[j], act, inplace, kt)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True)
-def write_dx_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
-    """dx (M, C) = k1 * g + k0 + k2 * e, channels-last."""
-    m, c = src.shape
-    kt = unpack(k)
-    rows = rows_per_chunk(c)
-    mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
-    for q in prange((m + rows - 1) // rows):
-        for r in range(q * rows, min(m, (q + 1) * rows)):
-            xr, gr, out = src[r], dy[r], dx[r]
-            if act == RELU:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, RELU, False, kt)
-            elif act == LEAKY_RELU:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, LEAKY_RELU, False, kt)
-            elif act == ELU:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, ELU, False, kt)
-            elif act == SILU:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, SILU, False, kt)
-            else:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, IDENTITY, False, kt)
+@specialised(parallel=True)
+def write_dx_mc(act, inplace, dtype):
+    """Kernel: dx (M, C) = k1 * g + k0 + k2 * e, channels-last."""
+
+    def kernel(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+        m, c = src.shape
+        kt = unpack(k)
+        rows = rows_per_chunk(c)
+        for q in prange((m + rows - 1) // rows):
+            for r in range(q * rows, min(m, (q + 1) * rows)):
+                _write_row_mc(src[r], dy[r], dx[r], mean_hi, mean_lo, scale, shift, k1, k0, k2,
+                              act, inplace, kt)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_from_output_ncs(dy, src, mean_hi, mean_lo, scale, shift, act, k, blocked):
-    """Per-channel float64 (sum g, sum g*e) over (N, C, S). Inplace mode: src is the output y."""
-    n, c, s = src.shape
-    kt = unpack(k)
-    part_g = np.empty((n, c))
-    part_ge = np.empty((n, c))
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        xr, gr, mh, ml, sc, sh = src[i, j], dy[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j]
-        if act == LEAKY_RELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, LEAKY_RELU, True, kt, blocked)
-        elif act == ELU:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, ELU, True, kt, blocked)
-        else:
-            a, b = _reduce_row_ncs(xr, gr, mh, ml, sc, sh, IDENTITY, True, kt, blocked)
-        part_g[i, j] = a
-        part_ge[i, j] = b
-    return _sum_rows(part_g), _sum_rows(part_ge)
+@specialised(parallel=True, fastmath=REASSOC)
+def eval_backward_ncs(act, dtype):
+    """Kernel, one pass: dx = g * scale and per-channel float64 (sum g, sum g*e), (N, C, S)."""
+
+    def kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, k, blocked):
+        n, c, s = x.shape
+        kt = unpack(k)
+        part_g = np.empty((n, c))
+        part_ge = np.empty((n, c))
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            part_g[i, j], part_ge[i, j] = _eval_row_ncs(
+                x[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j], act, kt,
+                blocked)
+        return _sum_rows(part_g), _sum_rows(part_ge)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def reduce_from_output_mc(dy, src, mean_hi, mean_lo, scale, shift, act, k):
-    """Per-channel float64 (sum g, sum g*e) over channels-last (M, C). Inplace mode: src is the
-    output y."""
-    return _mc_sums(_reduce_rows_from_output_mc, dy, src, src, mean_hi, mean_lo, scale, shift, act,
-                    k)
+@specialised(parallel=True, fastmath=REASSOC)
+def eval_backward_mc(act, dtype):
+    """Kernel, one pass: dx = g * scale and per-channel float64 (sum g, sum g*e), channels-last."""
 
+    def kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, k):
+        return _mc_sums(_eval_row_mc, dy, x, dx, mean_hi, mean_lo, scale, shift, act, False, k)
 
-@njit(parallel=True, cache=True)
-def write_dx_from_output_ncs(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
-    """dx (N, C, S) = k1 * g + k0 + k2 * e. Inplace mode: src is the output y."""
-    n, c, s = src.shape
-    kt = unpack(k)
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        xr, gr, out = src[i, j], dy[i, j], dx[i, j]
-        mh, ml, sc, sh = mean_hi[j], mean_lo[j], scale[j], shift[j]
-        a1, a0, a2 = k1[j], k0[j], k2[j]
-        if act == LEAKY_RELU:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, LEAKY_RELU, True, kt)
-        elif act == ELU:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, ELU, True, kt)
-        else:
-            _write_row_ncs(xr, gr, out, mh, ml, sc, sh, a1, a0, a2, IDENTITY, True, kt)
-
-
-@njit(parallel=True, cache=True)
-def write_dx_from_output_mc(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, act, k):
-    """dx (M, C) = k1 * g + k0 + k2 * e, channels-last. Inplace mode: src is the output y."""
-    m, c = src.shape
-    kt = unpack(k)
-    rows = rows_per_chunk(c)
-    mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
-    for q in prange((m + rows - 1) // rows):
-        for r in range(q * rows, min(m, (q + 1) * rows)):
-            xr, gr, out = src[r], dy[r], dx[r]
-            if act == LEAKY_RELU:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, LEAKY_RELU, True, kt)
-            elif act == ELU:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, ELU, True, kt)
-            else:
-                _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, IDENTITY, True, kt)
-
-
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def eval_backward_ncs(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k, blocked):
-    """One pass: dx = g * scale and per-channel float64 (sum g, sum g*e), (N, C, S)."""
-    n, c, s = x.shape
-    kt = unpack(k)
-    part_g = np.empty((n, c))
-    part_ge = np.empty((n, c))
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        xr, gr, out = x[i, j], dy[i, j], dx[i, j]
-        mh, ml, sc, sh = mean_hi[j], mean_lo[j], scale[j], shift[j]
-        if act == RELU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, RELU, kt, blocked)
-        elif act == LEAKY_RELU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, LEAKY_RELU, kt, blocked)
-        elif act == ELU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, ELU, kt, blocked)
-        elif act == SILU:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, SILU, kt, blocked)
-        else:
-            a, b = _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, IDENTITY, kt, blocked)
-        part_g[i, j] = a
-        part_ge[i, j] = b
-    return _sum_rows(part_g), _sum_rows(part_ge)
-
-
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def eval_backward_mc(dy, x, dx, mean_hi, mean_lo, scale, shift, act, k):
-    """One pass: dx = g * scale and per-channel float64 (sum g, sum g*e), channels-last (M, C)."""
-    return _mc_sums(_eval_rows_mc, dy, x, dx, mean_hi, mean_lo, scale, shift, act, k)
+    return kernel

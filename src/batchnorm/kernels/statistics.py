@@ -37,6 +37,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._compile import specialised
+
 REASSOC = {"reassoc"}
 
 # float32 values summed before one float64 add (NCS): 8 per lane of LLVM's vector accumulators
@@ -221,8 +223,11 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
         _rows_f64(x, r0, r1, shift, out_mean, out_m2)
         for j in range(c):
             out_mean[j], out_m2[j] = _finish(out_mean[j], out_m2[j], cnt)
-    part_mean[:] = out_mean
-    part_m2[:] = out_m2
+    # element by element: a slice assignment compiles numba's shape-mismatch error message
+    # (string formatting: 6 s of this kernel's 12 s compile)
+    for j in range(c):
+        part_mean[j] = out_mean[j]
+        part_m2[j] = out_m2[j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,29 +261,37 @@ def _ncs_setup(x):
     return shift, np.empty((n, c)), np.empty((n, c))
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def moments_ncs(x):
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_ncs(dtype):
     """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, from float64 sums."""
-    n, c, s = x.shape
-    shift, part_mean, part_m2 = _ncs_setup(x)
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        a, b = _plane_f64(x[i, j], shift[j])
-        part_mean[i, j], part_m2[i, j] = _finish(a, b, np.float64(s))
-    return _merge_planes(part_mean, part_m2, s, shift)
+
+    def kernel(x):
+        n, c, s = x.shape
+        shift, part_mean, part_m2 = _ncs_setup(x)
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            a, b = _plane_f64(x[i, j], shift[j])
+            part_mean[i, j], part_m2[i, j] = _finish(a, b, np.float64(s))
+        return _merge_planes(part_mean, part_m2, s, shift)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def moments_ncs_blocked(x):
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_ncs_blocked(dtype):
     """Per-channel (mean, M2) in float64 of float32 x (N, C, S), N * S > 0, from float32 blocks."""
-    n, c, s = x.shape
-    shift, part_mean, part_m2 = _ncs_setup(x)
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        part_mean[i, j], part_m2[i, j] = _plane_blocked(x[i, j], shift[j])
-    return _merge_planes(part_mean, part_m2, s, shift)
+
+    def kernel(x):
+        n, c, s = x.shape
+        shift, part_mean, part_m2 = _ncs_setup(x)
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            part_mean[i, j], part_m2[i, j] = _plane_blocked(x[i, j], shift[j])
+        return _merge_planes(part_mean, part_m2, s, shift)
+
+    return kernel
 
 
 @njit(inline="always", cache=True)
@@ -310,31 +323,40 @@ def _mc_setup(x):
     return shift, rows, np.empty((chunks, c)), np.empty((chunks, c))
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def moments_mc(x):
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_mc(dtype):
     """Per-channel (mean, M2) in float64 of channels-last x (M, C), M > 0, from float64 sums."""
-    m, c = x.shape
-    shift, rows, part_mean, part_m2 = _mc_setup(x)
-    chunks = part_mean.shape[0]
-    for q in prange(chunks):
-        r0 = q * rows
-        r1 = min(m, r0 + rows)
-        a = part_mean[q]
-        b = part_m2[q]
-        _rows_f64(x, r0, r1, shift, a, b)
-        for j in range(c):
-            a[j], b[j] = _finish(a[j], b[j], np.float64(r1 - r0))
-    return _merge_chunks(part_mean, part_m2, m, rows, shift)
+
+    def kernel(x):
+        m, c = x.shape
+        shift, rows, part_mean, part_m2 = _mc_setup(x)
+        chunks = part_mean.shape[0]
+        for q in prange(chunks):
+            r0 = q * rows
+            r1 = min(m, r0 + rows)
+            a = part_mean[q]
+            b = part_m2[q]
+            _rows_f64(x, r0, r1, shift, a, b)
+            for j in range(c):
+                a[j], b[j] = _finish(a[j], b[j], np.float64(r1 - r0))
+        return _merge_chunks(part_mean, part_m2, m, rows, shift)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True, fastmath=REASSOC)
-def moments_mc_blocked(x):
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_mc_blocked(dtype):
     """Per-channel (mean, M2) in float64 of float32 channels-last x (M, C), M > 0, from float32
     blocks."""
-    m, c = x.shape
-    shift, rows, part_mean, part_m2 = _mc_setup(x)
-    chunks = part_mean.shape[0]
-    for q in prange(chunks):
-        r0 = q * rows
-        _rows_blocked(x, r0, min(m, r0 + rows), shift, part_mean[q], part_m2[q])
-    return _merge_chunks(part_mean, part_m2, m, rows, shift)
+
+    def kernel(x):
+        m, c = x.shape
+        shift, rows, part_mean, part_m2 = _mc_setup(x)
+        chunks = part_mean.shape[0]
+        for q in prange(chunks):
+            r0 = q * rows
+            _rows_blocked(x, r0, min(m, r0 + rows), shift, part_mean[q], part_m2[q])
+        return _merge_chunks(part_mean, part_m2, m, rows, shift)
+
+
+    return kernel

@@ -79,7 +79,7 @@ def bn_act_train(
         bias: beta, shape ``(C,)``, or None (no shift).
         eps: added to the variance before the square root; must be > 0.
         act: one of ``ACTIVATIONS`` (:data:`batchnorm.activations.FUSED`): "identity", "relu",
-            "leaky_relu", "elu", "silu". Default: "identity"
+            "leaky_relu", "elu", "silu", "relu6", "hardswish". Default: "identity"
         negative_slope: slope of "leaky_relu" for negative inputs. Default: 0.01
         alpha: the "elu" scale, ``alpha * (exp(z) - 1)`` for z <= 0. Default: 1.0
         inplace: save only the output ``y`` for backward and recover the normalised input from it,
