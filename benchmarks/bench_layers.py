@@ -37,8 +37,9 @@ page); the copy baseline writes into a preallocated tensor and does not pay it. 
 PyTorch's allocator does the same only with ``THP_MEM_ALLOC_ENABLE=1``, which ``--thp`` sets
 (then for both sides alike, and the speed-ups measure the kernels more than the allocation).
 
-``--output-cache MB`` turns on our opt-in output cache (:func:`batchnorm.set_output_cache`):
-freed outputs of ours are reused instead of faulted in again; PyTorch's are not.
+Our output cache (:func:`batchnorm.set_output_cache`) is on by default: freed outputs of ours
+are reused instead of faulted in again; PyTorch's are not. ``--output-cache 0`` turns it off
+(the kernels alone), ``--output-cache MB`` sets its cap.
 
     .venv/bin/python benchmarks/bench_layers.py [--quick] [--thp] [--output-cache MB]
                                                 [--threads 2] [--repeats 9]
@@ -183,16 +184,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small shapes, 3 repeats")
     parser.add_argument("--thp", action="store_true",
                         help="THP_MEM_ALLOC_ENABLE=1: huge pages for large tensors (both sides)")
-    parser.add_argument("--output-cache", type=int, default=0, metavar="MB",
-                        help="batchnorm.set_output_cache(MB * 2**20) for our layers "
-                             "(default 0: off)")
+    parser.add_argument("--output-cache", type=int, default=None, metavar="MB",
+                        help="batchnorm.set_output_cache(MB * 2**20) for our layers; 0 turns "
+                             "it off (default: the library's default, on, 1/8 of the RAM)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile-time", action="store_true",
                         help="skip the first-call subprocesses")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    batchnorm.set_output_cache(args.output_cache << 20)
+    if args.output_cache is not None:
+        batchnorm.set_output_cache(args.output_cache << 20)
+    cache_mb = batchnorm.output_cache_info()["limit"] >> 20
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 9)
 
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth(largest, max(repeats, 11))
     print(f"threads={args.threads} repeats={repeats} torch={torch.__version__} "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r} "
-          f"output cache {args.output_cache} MB "
+          f"output cache {cache_mb} MB "
           f"copy bandwidth {copy_gbs:.1f} GB/s (Tensor.copy_, read + write, {tuple(shapes[0])})")
     print()
     header = (f"{'shape':<20} {'layout':<6} {'case':<16} {'torch ms':>9} {'ours ms':>9} "

@@ -1,14 +1,18 @@
-"""The opt-in output cache: same results, no block reused while anything references it."""
+"""The output cache: on by default, capped and decaying; same results, no block reused while
+anything references it, idle blocks back to the OS."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import batchnorm
 from batchnorm import BatchNormError
-from batchnorm.ops.memory import MIN_BYTES
+from batchnorm.ops.memory import DEFAULT_FRACTION, ENV, MIN_BYTES
 
 SHAPE = (8, 16, 64, 64)  # 2 MiB in float32: large enough for the cache
 
@@ -22,13 +26,73 @@ def cache_on():
     batchnorm.empty_output_cache()
 
 
-def test_off_by_default_in_a_fresh_process():
-    import subprocess
-    import sys
+def _fresh(code: str, **env) -> subprocess.CompletedProcess:
+    """Run code in a fresh process with glibc's default allocator (the regime where freed
+    memory goes back to the OS) and the given environment variables."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", ENV))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**base, **env}, timeout=300)
 
-    code = "import batchnorm; print(batchnorm.output_cache_info()['limit'])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0"
+
+def test_on_by_default_capped_at_an_eighth_of_the_memory():
+    out = _fresh("import batchnorm; print(batchnorm.output_cache_info()['limit'])")
+    assert out.returncode == 0, out.stderr
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert int(out.stdout) == int(ram * DEFAULT_FRACTION) > 0
+
+
+@pytest.mark.parametrize("value, limit", [("0", 0), ("off", 0), ("256M", 256 << 20),
+                                          ("2G", 2 << 30), ("1000", 1000)])
+def test_environment_variable_sets_or_turns_off_the_cap(value, limit):
+    out = _fresh("import batchnorm; print(batchnorm.output_cache_info()['limit'])",
+                 **{ENV: value})
+    assert out.returncode == 0 and int(out.stdout) == limit, out.stderr
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    out = _fresh("import batchnorm; batchnorm.output_cache_info()", **{ENV: "lots"})
+    assert out.returncode != 0
+    assert f"expected {ENV} to be 0, off, or a size such as 512M or 2G (got 'lots')" in out.stderr
+
+
+IDLE_RSS = """
+import gc, time, torch, batchnorm
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+batchnorm.set_output_cache(1 << 30, idle_seconds=0.5)
+bn = batchnorm.BatchNorm2d(64).eval()
+x = torch.randn(16, 64, 128, 128)  # 64 MiB: above glibc's largest mmap threshold
+with torch.no_grad():
+    ys = [bn(x) for _ in range(6)]
+for y in ys:
+    y.fill_(1.0)  # every page touched
+base = rss()
+del ys, y
+gc.collect()
+held, cached = rss(), batchnorm.output_cache_info()["cached"]
+time.sleep(2.0)
+info = batchnorm.output_cache_info()
+print(base, held, cached, rss(), info["cached"], info["released"])
+"""
+
+
+def test_idle_blocks_go_back_to_the_os():
+    out = _fresh(IDLE_RSS)
+    assert out.returncode == 0, out.stderr
+    base, held, cached, after, cached_after, released = map(int, out.stdout.split())
+    mib = 1 << 20
+    assert cached >= 6 * 64 * mib and held > base - 64 * mib  # freed outputs kept, resident
+    assert cached_after == 0 and released == 6
+    assert held - after >= 5 * 64 * mib, (held / mib, after / mib)  # and then returned
+
+
+def test_idle_seconds_is_checked():
+    before = batchnorm.output_cache_info()
+    for bad in (0, -1.0, "10", True):
+        with pytest.raises(BatchNormError, match=r"expected idle_seconds to be a number > 0"):
+            batchnorm.set_output_cache(1 << 20, idle_seconds=bad)
+    assert batchnorm.output_cache_info() == before
 
 
 def _train_step(memory_format, seed=0):

@@ -57,6 +57,57 @@ def test_merge_moments_equal_reference_fold():
     np.testing.assert_allclose(m2.numpy(), whole.m2, rtol=1e-12)
 
 
+class _OneRankLink:
+    """A Link of one rank: gather and all-reduce return what they are given."""
+
+    name = "test"
+
+    def gather(self, payload, phase, call, channels):
+        return payload[None]
+
+    def all_reduce(self, payload, phase, call, channels):
+        return payload
+
+
+@pytest.mark.parametrize("memory_format, strided", [(torch.contiguous_format, False),
+                                                    (torch.channels_last, False),
+                                                    (torch.contiguous_format, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sync_math_on_one_rank_is_the_plain_layers(monkeypatch, memory_format, strided, dtype):
+    """The sync function with a one-rank link equals our plain layer's training step; dense
+    CPU input runs the plain layer's kernels (statistics, normalisation, backward), a strided
+    one PyTorch's path."""
+    from batchnorm import BatchNorm2d, ops
+    from batchnorm.sync import _SyncBatchNormFunction
+
+    calls = []
+    moments = ops.numba_cpu.moments_impl
+    monkeypatch.setattr(ops.numba_cpu, "moments_impl", lambda x: calls.append(1) or moments(x))
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 4, 5, 7, generator=g, dtype=dtype) * 3 + 100).contiguous(
+        memory_format=memory_format)
+    if strided:
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    dy = torch.randn(x.shape, generator=g, dtype=dtype)
+    w = (torch.rand(4, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=dtype).requires_grad_()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, mean, var, n = _SyncBatchNormFunction.apply(xa, w, b, 1e-5, _OneRankLink(), 1)
+    got = (ya, *torch.autograd.grad(ya, (xa, w, b), dy))
+    assert len(calls) == (0 if strided else 1) and float(n) == x.numel() / 4
+    plain = BatchNorm2d(4, dtype=dtype)
+    with torch.no_grad():
+        plain.weight.copy_(w), plain.bias.copy_(b)
+    yb = plain(xb)
+    want = (yb, *torch.autograd.grad(yb, (xb, plain.weight, plain.bias), dy))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol)
+    m = x.numel() / 4  # the plain layer's running_var: 0.9 * 1 + 0.1 * the unbiased variance
+    torch.testing.assert_close((var * m / (m - 1)).to(dtype), (plain.running_var - 0.9) / 0.1,
+                               **tol)
+
+
 def test_merge_moments_all_empty():
     n, mean, m2 = merge_moments(torch.zeros(2), torch.zeros(2, 3, dtype=torch.float64),
                                 torch.zeros(2, 3, dtype=torch.float64))
@@ -126,8 +177,10 @@ def _data(sizes, shape=(4, 3, 5), seed=0):
     return x, dy
 
 
-def _layer_steps(rank, world, sizes, shape, momentum, affine, steps):
-    """Run ``steps`` (train flags) on this rank's slice; return outputs, grads, buffers."""
+def _layer_steps(rank, world, sizes, shape, momentum, affine, steps, strided=False):
+    """Run ``steps`` (train flags) on this rank's slice; return outputs, grads, buffers. With
+    ``strided``, rank 0's input is a non-contiguous view: it takes PyTorch's path while the other
+    ranks take the kernels, and the two must agree through the same messages."""
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     torch.manual_seed(0)
     bn = SyncBatchNorm(shape[0], momentum=momentum, affine=affine)
@@ -137,7 +190,10 @@ def _layer_steps(rank, world, sizes, shape, momentum, affine, steps):
     out = []
     for i, train in enumerate(steps):
         x, dy = _data(sizes, shape, seed=i)
-        x = x[lo:hi].clone().requires_grad_(True)
+        x = x[lo:hi].clone()
+        if strided and rank == 0:
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        x.requires_grad_(True)
         bn.train(train)
         bn.zero_grad()
         y = bn(x)
@@ -187,18 +243,20 @@ def _compare(sizes, got_by_rank, want):
 
 def _configs(rank, world, sizes):
     steps = [True, True, False]
-    return [_layer_steps(rank, world, sizes, shape, momentum, affine, steps)
-            for shape, momentum, affine in _CONFIGS]
+    return [_layer_steps(rank, world, sizes, shape, momentum, affine, steps, strided)
+            for shape, momentum, affine, strided in _CONFIGS]
 
 
-_CONFIGS = [((4, 3, 5), 0.1, True), ((4, 3, 5), None, False), ((5,), 0.5, True)]
+# (shape, momentum, affine, rank 0 on PyTorch's path)
+_CONFIGS = [((4, 3, 5), 0.1, True, False), ((4, 3, 5), None, False, False),
+            ((5,), 0.5, True, False), ((4, 3, 5), 0.1, True, True)]
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2ranks-equal", "3ranks-5-3-0"])
 def test_layer_equals_one_process_on_whole_batch(suite, world):
     sizes = SIZES[world]
     results = suite(world, "layer")
-    for i, (shape, momentum, affine) in enumerate(_CONFIGS):
+    for i, (shape, momentum, affine, _) in enumerate(_CONFIGS):
         want = _single_steps(sizes, shape, momentum, affine, [True, True, False], len(sizes))
         _compare(sizes, [r[i] for r in results], want)
 

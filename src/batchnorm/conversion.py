@@ -160,8 +160,9 @@ def convert(model: nn.Module, to: str = "batchnorm", fuse_act: bool = False) -> 
         model: any module; a BN itself is converted too.
         to: "batchnorm", "torch", "frozen" or "sync". Default: "batchnorm"
         fuse_act: with ``to="batchnorm"``, also trace the model with ``torch.fx`` and turn each
-            BN whose only consumer is a ReLU / LeakyReLU / ELU / SiLU (module, ``F.relu``,
-            ``F.leaky_relu``, ``F.elu``, ``F.silu``, ``torch.relu`` or ``x.relu()``) into one
+            BN whose only consumer is a fused activation of the registry (ReLU, LeakyReLU, ELU,
+            SiLU, ReLU6, Hardswish: module, ``F.relu``... ``F.hardswish``, ``torch.relu`` or
+            ``x.relu()``) into one
             :class:`batchnorm.BatchNormAct2d`... keeping ``negative_slope`` / ``alpha``. The
             result is then a ``torch.fx.GraphModule``. A model fx cannot trace is returned
             converted but unfused, with a warning. Default: False

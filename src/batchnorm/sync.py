@@ -2,10 +2,14 @@
 
 Works wherever ``torch.distributed`` works (gloo on CPU, NCCL on GPU); the transport is PyTorch's.
 In training, with an initialised process group of more than one rank, each rank reduces its batch
-to per-channel partials ``(count, mean, M2)`` with the reference's definitions (shifted two-pass,
-float64: :func:`batchnorm.ops.torch_fallback.shifted_moments`, which gives the fallback path its
-statistics too), the ranks exchange them in ONE all-gather and merge them with Chan's formula, so
-every rank normalises with the statistics of the whole batch::
+to per-channel float64 partials ``(count, mean, M2)`` with the reference's definitions, the ranks
+exchange them in ONE all-gather and merge them with Chan's formula, so every rank normalises with
+the statistics of the whole batch. A rank whose batch the CPU kernels take (float32 / float64,
+dense) computes its partials, its normalisation and its backward with the plain layer's kernels
+(:func:`batchnorm.ops.numba_cpu.moments_impl` and the backward's two passes around the
+all-reduce); any other rank (CUDA, half precision, odd strides) with PyTorch's ops on the
+shifted batch (:func:`batchnorm.ops.torch_fallback.shifted_moments`). Both send the same
+messages, so ranks may mix them::
 
     n    = sum_r n_r
     mean = sum_r n_r * mean_r / n
@@ -38,6 +42,7 @@ from .activations import REGISTRY
 from .collectives import BACKWARD, FORWARD, Link, group_world, layer_key
 from .errors import check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct, in_onnx_export
+from .ops import numba_cpu
 from .ops.torch_fallback import channel_view, shifted_moments, working
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
@@ -86,7 +91,10 @@ def merge_moments(
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Normalise with the statistics of all ranks; backward adds the statistics' gradient.
 
-    The element-wise work runs on the shifted batch ``d = x - shift`` (small values, so float32
+    On the kernels' path (see the module docstring) the plain layer's eval kernel normalises
+    with the merged float64 statistics, and the backward is its two passes: this rank's sums,
+    the all-reduce, dx from every rank's sums. Otherwise the element-wise work runs on the
+    shifted batch ``d = x - shift`` (small values, so float32
     loses nothing at large offsets) with PyTorch's fused eval-mode kernels, the merged
     statistics being constants for them: forward ``F.batch_norm(d, mean - shift, var)``,
     backward ``native_batch_norm_backward`` (``gamma * invstd * g``, ``sum g * x_hat``, ``sum g``
@@ -97,8 +105,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, link, call):
         c = x.shape[1]
-        xw = working(x.detach())
-        n_local, shift, d, mean, m2 = shifted_moments(xw)
+        ctx.kernels = numba_cpu.takes(x, weight, bias)
+        if ctx.kernels:  # the plain layer's statistics kernel
+            n_local, mean, m2 = numba_cpu.moments_impl(x)
+            shift = None
+        else:
+            xw = working(x.detach())
+            n_local, shift, d, mean, m2 = shifted_moments(xw)
         payload = torch.cat([mean, m2, mean.new_tensor([float(n_local)])])  # (2C + 1,)
         rows = link.gather(payload, FORWARD, call, c)  # (W, 2C + 1)
         n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
@@ -106,6 +119,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             raise expected(f"{link.name}: more than 1 value per channel when training",
                            "1 value per channel over all ranks")
         var = g_m2 / n if n > 0 else torch.full_like(g_m2, math.nan)
+        ctx.n, ctx.eps, ctx.link, ctx.call = n, eps, link, call
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_dtype = x.dtype
+        n_out = g_mean.new_tensor(n)
+        ctx.mark_non_differentiable(g_mean, var, n_out)
+        if ctx.kernels:  # the plain layer's normalising kernel, with the global statistics
+            y = numba_cpu.eval_impl(x.detach(), _detached(weight), _detached(bias), g_mean, var,
+                                    eps, "identity", 0.01, 1.0)
+            ctx.save_for_backward(x, weight, bias, g_mean, var)
+            return y, g_mean, var, n_out
         # the global mean in d's frame: small, so its rounding to d's dtype costs nothing
         mean_d = (g_mean - shift.to(torch.float64)).to(xw.dtype)
         var_w = var.to(xw.dtype)
@@ -116,15 +139,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:
             y = torch.empty_like(xw)
         ctx.save_for_backward(d, weight, mean_d, var_w)
-        ctx.n, ctx.eps, ctx.link, ctx.call = n, eps, link, call
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.x_dtype = x.dtype
-        n_out = g_mean.new_tensor(n)
-        ctx.mark_non_differentiable(g_mean, var, n_out)
         return y.to(x.dtype), g_mean, var, n_out
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gn):
+        if ctx.kernels:
+            return _SyncBatchNormFunction._kernel_backward(ctx, gy)
         d, weight, mean_d, var_w = ctx.saved_tensors
         c = d.shape[1]
         invstd = torch.rsqrt(var_w.to(torch.float64) + ctx.eps)
@@ -155,6 +175,36 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
             else None
         return dx, dweight, dbias, None, None, None
+
+    @staticmethod
+    def _kernel_backward(ctx, gy):
+        """The plain layer's backward kernels around the one all-reduce: this rank's sums, then
+        dx from every rank's."""
+        x, weight, bias, mean, var = ctx.saved_tensors
+        c = x.shape[1]
+        w, b = _detached(weight), _detached(bias)
+        if x.numel() > 0:
+            sum_g, sum_gxhat = numba_cpu.backward_sums_impl(gy, x.detach(), w, b, mean, var,
+                                                            ctx.eps)
+        else:
+            sum_g = torch.zeros(c, dtype=torch.float64)
+            sum_gxhat = torch.zeros_like(sum_g)
+        # every rank joins, an empty one too, or its peers would wait forever
+        total = ctx.link.all_reduce(torch.cat([sum_g, sum_gxhat]), BACKWARD, ctx.call, c)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = numba_cpu.backward_dx_impl(gy, x.detach(), w, b, mean, var, ctx.eps,
+                                            total[:c].contiguous(), total[c:].contiguous(),
+                                            ctx.n) if x.numel() > 0 else torch.zeros_like(x)
+        dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
+            else None
+        dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
+            else None
+        return dx, dweight, dbias, None, None, None
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ __all__ = [
     "train_forward",
     "eval_forward",
     "train_backward",
+    "train_backward_sums",
+    "train_backward_dx",
     "eval_backward",
     "moments",
     "set_threads",
@@ -136,20 +138,38 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     as ``(act^-1(y) - bias) / weight``, with ``|weight| < eps`` replaced by ``sign * eps``).
     ``mean`` / ``var`` are the float64 batch statistics :func:`train_forward` returned.
     """
+    args = (dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace)
+    sum_g, sum_ge = train_backward_sums(*args)
+    return train_backward_dx(*args, sum_g, sum_ge, _count(src), dx)
+
+
+def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
+                        inplace):
+    """The training backward's reduction pass: float64 per-channel ``(sum g, sum g * e)``, e the
+    centred value (``x - mean``, or ``gamma * x_hat`` when ``inplace``; see :mod:`.backward`).
+    SyncBatchNorm adds these up over ranks before :func:`train_backward_dx`."""
+    dtype = src.dtype
+    mean_hi, mean_lo, scale, shift = _per_channel(mean, _invstd(var, eps), _gamma(weight, src),
+                                                  bias, dtype)
+    k = consts(dtype, negative_slope, alpha)
+    act, inplace = int(act), bool(inplace)
+    if _channels_last(src):
+        return reduce_mc(act, inplace, dtype)(dy, src, mean_hi, mean_lo, scale, shift, k)
+    return reduce_ncs(act, inplace, dtype)(dy, src, mean_hi, mean_lo, scale, shift, k,
+                                           _blocked_planes(src, BLOCK))
+
+
+def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace,
+                      sum_g, sum_ge, m, dx):
+    """The training backward's writing pass: dx from the sums of :func:`train_backward_sums`
+    over ``m`` values per channel (this batch's, or every rank's); returns float64
+    ``(sum g * x_hat, sum g)``: dweight and dbias of the sums given."""
     dtype = src.dtype
     invstd = _invstd(var, eps)
     gamma = _gamma(weight, src)
     mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
     k = consts(dtype, negative_slope, alpha)
     act, inplace = int(act), bool(inplace)
-    if _channels_last(src):
-        reduce, write_dx = reduce_mc(act, inplace, dtype), write_dx_mc(act, inplace, dtype)
-        blocked = ()
-    else:
-        reduce, write_dx = reduce_ncs(act, inplace, dtype), write_dx_ncs(act, inplace, dtype)
-        blocked = (_blocked_planes(src, BLOCK),)
-    sum_g, sum_ge = reduce(dy, src, mean_hi, mean_lo, scale, shift, k, *blocked)
-    m = _count(src)
     k1 = gamma * invstd
     if inplace:
         safe = np.where(np.abs(gamma) < eps, np.where(gamma < 0, -eps, eps), gamma)
@@ -159,6 +179,7 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
         sum_gxhat = sum_ge * invstd  # e = x - mean
         k2 = -k1 * invstd * sum_gxhat / m
     k0 = -k1 * sum_g / m
+    write_dx = (write_dx_mc if _channels_last(src) else write_dx_ncs)(act, inplace, dtype)
     write_dx(dy, src, dx, mean_hi, mean_lo, scale, shift,
              k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
     return sum_gxhat, sum_g

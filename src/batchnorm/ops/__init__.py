@@ -22,7 +22,7 @@ in this one place, the backend that runs:
 ==========================  ======================================================================
 
 So a CUDA bfloat16 tensor runs ``torch_fallback.py``. ``layout.py`` says which memory layouts the
-kernels view; ``memory.py`` where their outputs come from (huge pages, the opt-in output cache).
+kernels view; ``memory.py`` where their outputs come from (huge pages, the bounded output cache).
 The output always has the memory format of the input.
 """
 from __future__ import annotations

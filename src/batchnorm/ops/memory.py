@@ -1,4 +1,4 @@
-"""Where the CPU kernels' outputs come from: huge pages for large ones, and an opt-in cache.
+"""Where the CPU kernels' outputs come from: huge pages for large ones, and a bounded cache.
 
 Every batch-norm layer returns a fresh output, and its backward a fresh gradient
 (:func:`output_like` makes both). Two policies apply, both advice only (contents, strides and
@@ -13,14 +13,22 @@ that 512x fewer faults. Measured here (2 threads, fwd+bwd, 30 calls each): media
 huge-page faults stall). Below 32 MB the blocks are reused heap memory that does not fault: no
 gain there, only the stalls, hence the threshold.
 
-**The output cache** (off by default). glibc hands large freed blocks back to the operating
+**The output cache** (on by default). glibc hands large freed blocks back to the operating
 system, so the next training step faults every page of them in again, and the kernel zeroes each
 page: at batch 32 that costs about as much as the batch norm itself (for PyTorch's layers as for
-ours). With the cache on, the memory of an output of ours that is no longer referenced anywhere
-goes back to the cache instead, and the next output of the same size reuses it. It keeps memory
-resident after the tensors that used it are gone (at most ``max_bytes`` of free blocks), which a
-process that watches its RSS would not expect. Turn it on with :func:`set_output_cache`;
-:func:`empty_output_cache` gives the free blocks back.
+ours). With the cache, the memory of an output of ours that is no longer referenced anywhere
+goes back to the cache instead, and the next output of the same size reuses it. Two bounds keep
+it from holding memory a process does not use:
+
+- **idle blocks go back to the OS**: a free block not reused within ``IDLE_SECONDS`` (10 s, the
+  order of jemalloc's dirty-page decay; a training step reuses its blocks within one step) is
+  released, by a daemon thread that sleeps until the oldest block's time is up (it exits when
+  the cache is empty);
+- **a cap** on the free bytes held: ``DEFAULT_FRACTION`` (1/8) of physical memory.
+
+``set_output_cache(0)`` or ``BATCHNORM_OUTPUT_CACHE=0`` turns it off; the variable also takes a
+size (``512M``, ``2G``, bytes) for the cap. :func:`empty_output_cache` gives the free blocks back
+now.
 
 How a block comes back: the output tensor is a view of a NumPy array over the block
 (``torch.from_numpy``), and a ``weakref.finalize`` on that array returns the block when the last
@@ -31,9 +39,12 @@ output cannot be resized (``Tensor.resize_`` to a larger size raises), as for an
 """
 from __future__ import annotations
 
+import os
+import re
 import threading
+import time
 import weakref
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -48,14 +59,24 @@ _ALIGN = 4096  # block start; also keeps 64-byte alignment for vector loads
 _GRAIN = 1 << 16  # sizes are rounded up to this, so near sizes share blocks
 
 
+IDLE_SECONDS = 10.0
+DEFAULT_FRACTION = 1 / 8
+ENV = "BATCHNORM_OUTPUT_CACHE"
+
+
 class _Cache:
-    def __init__(self) -> None:
-        self.lock = threading.RLock()  # a finalizer may run inside take() (garbage collection)
-        self.limit = 0
-        self.free: dict[int, list[np.ndarray]] = {}
+    def __init__(self, limit: int) -> None:
+        # a finalizer may run inside take() (garbage collection): reentrant
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.limit = limit
+        self.idle = IDLE_SECONDS
+        self.free: dict[int, list[tuple[np.ndarray, float]]] = {}  # size -> [(block, freed at)]
         self.cached = 0
         self.hits = 0
         self.misses = 0
+        self.released = 0  # blocks given back to the OS after idling
+        self.reaper: threading.Thread | None = None
 
     def take(self, size: int) -> np.ndarray | None:
         with self.lock:
@@ -63,43 +84,113 @@ class _Cache:
             if blocks:
                 self.cached -= size
                 self.hits += 1
-                return blocks.pop()
+                return blocks.pop()[0]  # the most recently freed: its pages are warmest
             self.misses += 1
             return None
 
     def give(self, block: np.ndarray) -> None:
         with self.lock:
             if self.cached + block.nbytes <= self.limit:
-                self.free.setdefault(block.nbytes, []).append(block)
+                self.free.setdefault(block.nbytes, []).append((block, time.monotonic()))
                 self.cached += block.nbytes
+                self._start_reaper()
             # else: dropped, and NumPy frees it
 
     def clear(self) -> None:
         with self.lock:
             self.free.clear()
             self.cached = 0
+            self.wake.notify_all()
+
+    def _start_reaper(self) -> None:
+        if self.reaper is None:
+            self.reaper = threading.Thread(target=self._reap, name="batchnorm-output-cache",
+                                           daemon=True)
+            self.reaper.start()
+
+    def _reap(self) -> None:
+        """Release blocks idle for ``self.idle`` seconds; sleep until the oldest one's time."""
+        with self.lock:
+            while True:
+                oldest = min((blocks[0][1] for blocks in self.free.values() if blocks),
+                             default=None)
+                if oldest is None:
+                    self.reaper = None
+                    return
+                wait = oldest + self.idle - time.monotonic()
+                if wait > 0:
+                    self.wake.wait(wait)
+                    continue
+                deadline = time.monotonic() - self.idle
+                for size, blocks in list(self.free.items()):
+                    kept = [(b, t) for b, t in blocks if t > deadline]
+                    self.released += len(blocks) - len(kept)
+                    self.cached -= size * (len(blocks) - len(kept))
+                    if kept:
+                        self.free[size] = kept
+                    else:
+                        del self.free[size]
+
+    def after_fork(self) -> None:
+        """In a forked child the reaper thread does not exist: start afresh, empty."""
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.free, self.cached, self.reaper = {}, 0, None
 
 
-_CACHE = _Cache()
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _limit_from_environment() -> int:
+    """The cap: BATCHNORM_OUTPUT_CACHE (0 / off, or a size) or DEFAULT_FRACTION of the RAM."""
+    text = os.environ.get(ENV, "").strip()
+    if text == "":
+        return int(_physical_memory() * DEFAULT_FRACTION)
+    if text.lower() in ("off", "no", "false"):
+        return 0
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:I?B)?", text.upper())
+    if match is None:
+        raise expected(f"{ENV} to be 0, off, or a size such as 512M or 2G", repr(text))
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+_CACHE = _Cache(_limit_from_environment())
+os.register_at_fork(after_in_child=_CACHE.after_fork)
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def set_output_cache(max_bytes: int) -> int:
+def set_output_cache(max_bytes: int, idle_seconds: float | None = None) -> int:
     """Keep up to ``max_bytes`` of freed kernel outputs for reuse; 0 turns the cache off.
 
     Applies to the CPU kernels' outputs of at least 1 MiB (the forward's ``y``, the backward's
-    ``dx``) of every layer in the process. Returns the previous limit.
+    ``dx``) of every layer in the process. On by default, capped at 1/8 of physical memory (or
+    ``BATCHNORM_OUTPUT_CACHE``); a free block unused for ``idle_seconds`` (default 10) goes back
+    to the operating system. Returns the previous limit.
 
     >>> import batchnorm
     >>> previous = batchnorm.set_output_cache(1 << 30)   # up to 1 GiB of free blocks
-    >>> batchnorm.set_output_cache(previous)             # back as it was
-    1073741824
+    >>> batchnorm.set_output_cache(previous) == 1 << 30  # back as it was
+    True
     """
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, Integral) or max_bytes < 0:
         raise expected("max_bytes to be an integer >= 0", repr(max_bytes))
+    if idle_seconds is not None and (isinstance(idle_seconds, bool)
+                                     or not isinstance(idle_seconds, Real)
+                                     or not idle_seconds > 0):
+        raise expected("idle_seconds to be a number > 0 or None", repr(idle_seconds))
     with _CACHE.lock:
         previous, _CACHE.limit = _CACHE.limit, int(max_bytes)
+        if idle_seconds is not None:
+            _CACHE.idle = float(idle_seconds)
+            _CACHE.wake.notify_all()  # the reaper re-reads its deadline
         if _CACHE.cached > _CACHE.limit:
             _CACHE.clear()
     return previous
@@ -110,11 +201,13 @@ def empty_output_cache() -> None:
     _CACHE.clear()
 
 
-def output_cache_info() -> dict[str, int]:
-    """``{"limit", "cached", "hits", "misses"}``: bytes allowed, bytes held free, reuse counts."""
+def output_cache_info() -> dict[str, int | float]:
+    """``{"limit", "cached", "hits", "misses", "released", "idle_seconds"}``: bytes allowed,
+    bytes held free, reuse counts, blocks released after idling, and the idle time allowed."""
     with _CACHE.lock:
         return {"limit": _CACHE.limit, "cached": _CACHE.cached, "hits": _CACHE.hits,
-                "misses": _CACHE.misses}
+                "misses": _CACHE.misses, "released": _CACHE.released,
+                "idle_seconds": _CACHE.idle}
 
 
 def _empty_like_cached(x: torch.Tensor) -> torch.Tensor | None:

@@ -166,3 +166,48 @@ def eval_backward_impl(
             dyv, xv, _np(weight), _np(bias), _np(running_mean), _np(running_var), eps, code,
             negative_slope, alpha, dxv),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces SyncBatchNorm assembles around its collectives (identity activation)
+
+
+def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """``(count, mean, M2)`` per channel of x, float64, by the kernels' statistics (the ones
+    the training forward uses); an empty batch gives ``(0, zeros, zeros)``."""
+    c = x.shape[1]
+    if x.numel() == 0:
+        zeros = x.new_zeros(c, dtype=torch.float64)
+        return 0, zeros, zeros.clone()
+    x = dense(x)
+    mean, m2 = _run(kernels.moments, x, [], [x])
+    return x.numel() // c, torch.from_numpy(mean), torch.from_numpy(m2)
+
+
+def backward_sums_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """float64 per-channel ``(sum g, sum g * x_hat)`` of this rank's batch, with the given
+    (float64, global) statistics."""
+    x = dense(x)
+    dy = as_layout_of(dy, x)
+    sum_g, sum_ge = _run(
+        lambda dyv, xv: kernels.train_backward_sums(dyv, xv, _np(weight), _np(bias),
+                                                    mean.numpy(), var.numpy(), eps, 0, 0.0,
+                                                    1.0, False),
+        x, [], [dy, x])
+    invstd = 1.0 / np.sqrt(var.numpy() + eps)
+    return torch.from_numpy(sum_g), torch.from_numpy(sum_ge * invstd)
+
+
+def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     mean: Tensor, var: Tensor, eps: float, sum_g: Tensor, sum_gxhat: Tensor,
+                     count: float) -> Tensor:
+    """dx of the training formula from sums over ``count`` values (every rank's)."""
+    x = dense(x)
+    dy = as_layout_of(dy, x)
+    dx = output_like(x)
+    sum_ge = sum_gxhat.numpy() * np.sqrt(var.numpy() + eps)  # back to the sums of g * (x - mean)
+    _run(lambda dyv, xv, dxv: kernels.train_backward_dx(
+        dyv, xv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, 0, 0.0, 1.0, False,
+        sum_g.numpy(), sum_ge, count, dxv), x, [dx], [dy, x])
+    return dx
