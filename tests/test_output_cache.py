@@ -199,3 +199,23 @@ def test_bad_limit_raises_and_changes_nothing(bad):
     with pytest.raises(BatchNormError, match=r"expected max_bytes to be an integer >= 0 \(got "):
         batchnorm.set_output_cache(bad)
     assert batchnorm.output_cache_info() == before
+
+
+@pytest.mark.parametrize("memory_format", (torch.contiguous_format, torch.channels_last))
+def test_a_cached_output_can_be_modified_in_place_by_the_next_layer(cache_on, memory_format):
+    # nn.ReLU(inplace=True) after BN, as in every torchvision ResNet: autograd refuses to let
+    # a custom Function's output be modified in place when that output is a view
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g).contiguous(memory_format=memory_format)
+    dy = torch.randn(SHAPE, generator=g)
+    ours, theirs = batchnorm.BatchNorm2d(SHAPE[1]), torch.nn.BatchNorm2d(SHAPE[1])
+    results = []
+    for bn in (ours, theirs):
+        for _ in range(2):  # the second step runs on a reused block
+            xi = x.clone().requires_grad_()
+            y = torch.nn.ReLU(inplace=True)(bn(xi))
+            results.append((y.detach(), torch.autograd.grad(y, xi, dy)[0]))
+    assert batchnorm.output_cache_info()["hits"] > 0
+    for got, want in zip(results[1], results[3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert results[1][0].is_contiguous(memory_format=memory_format)

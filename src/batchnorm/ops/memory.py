@@ -227,7 +227,12 @@ def _empty_like_cached(x: torch.Tensor) -> torch.Tensor | None:
     offset = -block.ctypes.data % _ALIGN
     flat = block[offset:offset + nbytes].view(_NUMPY_DTYPE[x.dtype])
     weakref.finalize(flat, _CACHE.give, block)
-    return torch.from_numpy(flat).as_strided(x.shape, x.stride())
+    # x's strides on the NumPy side, so that the tensor is a base tensor, not a view: autograd
+    # forbids modifying a custom Function's output in place when it is a view (nn.ReLU(inplace=
+    # True) after the layer); the strided array keeps ``flat`` alive
+    shaped = np.lib.stride_tricks.as_strided(flat, x.shape,
+                                             [st * flat.itemsize for st in x.stride()])
+    return torch.from_numpy(shaped)
 
 
 # ---------------------------------------------------------------------------------------------
