@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/bench_fold.py
 	$(PY) benchmarks/bench_sync.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build dist reports .pytest_cache .hypothesis

@@ -66,9 +66,18 @@ import batchnorm  # noqa: E402
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14),
           (32, 2048, 7, 7)]
+# the shapes real training steps have on this machine's batch sizes: CIFAR ResNet-20 at batch
+# 128, ResNet-50 at batch 16 and 112 px (stem, then each stage)
+REAL_SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8),
+               (16, 64, 56, 56), (16, 256, 28, 28), (16, 512, 14, 14), (16, 1024, 7, 7),
+               (16, 2048, 4, 4)]
 QUICK_SHAPES = [(8, 64, 56, 56), (8, 512, 14, 14)]
-TARGETS = {"train fwd+bwd": 2.0, "bn+relu fwd+bwd": 3.0, "eval fwd": 1.5}
-COPY_FRACTION_TARGET = 0.5
+# issue 12: with freed memory kept, (bound time / our time) >= 0.9 in geometric mean per case;
+# with glibc's defaults and the output cache on, these speed-ups over PyTorch; in both, no cell
+# below 0.97x PyTorch's time
+BOUND_FRACTION_TARGET = 0.9
+GLIBC_TARGETS = {"train fwd+bwd": 2.3, "bn+relu fwd+bwd": 3.2, "eval fwd": 2.0}
+CELL_FLOOR = 0.97
 
 
 def timed_pair(torch_fn, our_fn, repeats: int) -> tuple[float, float]:
@@ -187,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output-cache", type=int, default=None, metavar="MB",
                         help="batchnorm.set_output_cache(MB * 2**20) for our layers; 0 turns "
                              "it off (default: the library's default, on, 1/8 of the RAM)")
+    parser.add_argument("--shapes", choices=("resnet50", "real", "all"), default="resnet50",
+                        help="resnet50: ResNet-50's BN shapes at batch 32 (the targets' set); "
+                             "real: CIFAR ResNet-20 at b128 and ResNet-50 at b16 / 112 px")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile-time", action="store_true",
@@ -196,7 +208,8 @@ def main(argv=None) -> int:
     if args.output_cache is not None:
         batchnorm.set_output_cache(args.output_cache << 20)
     cache_mb = batchnorm.output_cache_info()["limit"] >> 20
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = QUICK_SHAPES if args.quick else {"resnet50": SHAPES, "real": REAL_SHAPES,
+                                              "all": SHAPES + REAL_SHAPES}[args.shapes]
     repeats = args.repeats or (3 if args.quick else 9)
 
     largest = torch.randn(shapes[0])
@@ -210,36 +223,46 @@ def main(argv=None) -> int:
               f"{'speed-up':>8} {'bound ms':>9} {'max x':>6} {'ours GB/s':>9} {'% copy':>7}")
     print(header)
     print("-" * len(header))
-    ratios: dict[str, list[float]] = {case: [] for case in ("train fwd", *TARGETS)}
-    ceilings: dict[str, list[float]] = {case: [] for case in ratios}
-    largest_fraction = None
+    cases_ = ("train fwd", *GLIBC_TARGETS)
+    ratios: dict[str, list[float]] = {case: [] for case in cases_}
+    fractions: dict[str, list[float]] = {case: [] for case in cases_}  # bound / ours
+    ceilings: dict[str, list[float]] = {case: [] for case in cases_}
+    slow_cells = []
     for shape in shapes:
         for name, mf in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
             for case, (t_torch, t_ours, bound) in cases(shape, mf, repeats).items():
                 ratio = t_torch / t_ours
                 ratios[case].append(ratio)
+                fractions[case].append(bound / t_ours)
                 ceilings[case].append(t_torch / bound)
-                gbs = pct = ""
-                if case == "train fwd":
-                    moved = 3 * math.prod(shape) * 4 / t_ours / 1e9
-                    gbs, pct = f"{moved:.1f}", f"{100 * moved / copy_gbs:.0f}%"
-                    if shape == shapes[0]:
-                        largest_fraction = min(largest_fraction or 1e9, moved / copy_gbs)
+                if ratio < CELL_FLOOR:
+                    slow_cells.append(f"{shape} {name} {case} {ratio:.2f}x")
+                moved = 3 * math.prod(shape) * 4 / t_ours / 1e9 if case == "train fwd" else None
+                gbs = "" if moved is None else f"{moved:.1f}"
+                pct = "" if moved is None else f"{100 * moved / copy_gbs:.0f}%"
                 print(f"{str(shape):<20} {name:<6} {case:<16} {t_torch * 1e3:>9.2f} "
                       f"{t_ours * 1e3:>9.2f} {ratio:>7.2f}x {bound * 1e3:>9.2f} "
                       f"{t_torch / bound:>5.2f}x {gbs:>9} {pct:>7}")
+    kept = bool(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     print()
-    print("geometric mean speed-up over shapes and both layouts, vs the issue's targets "
-          "(max x: the same mean of PyTorch's time / the memory bound):")
-    for case, values in ratios.items():
-        target = TARGETS.get(case)
-        verdict = "" if target is None else (
-            f"target >= {target}x: {'met' if geomean(values) >= target else 'MISSED'}")
-        print(f"  {case:<16} {geomean(values):6.2f}x   (max {geomean(ceilings[case]):.2f}x)   "
-              f"{verdict}")
-    verdict = "met" if largest_fraction >= COPY_FRACTION_TARGET else "MISSED"
-    print(f"  largest shape train fwd: {100 * largest_fraction:.0f}% of copy bandwidth "
-          f"(worse layout)   target >= {100 * COPY_FRACTION_TARGET:.0f}%: {verdict}")
+    regime = "freed memory kept" if kept else "glibc defaults"
+    print(f"geometric means over shapes and both layouts ({regime}): speed-up over PyTorch, "
+          "fraction of the memory bound reached (bound time / ours), and PyTorch's time over "
+          "the bound (max):")
+    for case in cases_:
+        speed, fraction = geomean(ratios[case]), geomean(fractions[case])
+        if kept:
+            verdict = f"bound target >= {BOUND_FRACTION_TARGET}: " + (
+                "met" if fraction >= BOUND_FRACTION_TARGET else "MISSED")
+        elif case in GLIBC_TARGETS:
+            verdict = f"target >= {GLIBC_TARGETS[case]}x: " + (
+                "met" if speed >= GLIBC_TARGETS[case] else "MISSED")
+        else:
+            verdict = ""
+        print(f"  {case:<16} {speed:6.2f}x   at {fraction:4.2f} of the bound   "
+              f"(max {geomean(ceilings[case]):.2f}x)   {verdict}")
+    print(f"  cells below {CELL_FLOOR}x PyTorch's time: {len(slow_cells)}"
+          + ("".join(f"\n    {cell}" for cell in slow_cells)))
     if not args.no_compile_time:
         cold_one, cold_both, warm = first_call_seconds(args.threads)
         print()

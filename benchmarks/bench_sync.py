@@ -74,21 +74,10 @@ def bytes_per_layer(c: int, world: int) -> dict[str, float]:
     }
 
 
-class _LocalLink:
-    """Stands in for the process group: one rank, no messages (the compute alone)."""
-
-    name = "local"
-
-    def gather(self, payload, phase, call, channels):
-        return payload[None]
-
-    def all_reduce(self, payload, phase, call, channels):
-        return payload
-
-
 def layer_compute(c: int, size: int, repeats: int = 20) -> dict[str, float]:
     """Seconds for one BN layer's forward + backward, single process: PyTorch's BatchNorm2d
     against SyncBatchNorm's autograd function with the exchange stubbed out (interleaved)."""
+    from batchnorm.collectives import LocalLink
     from batchnorm.sync import _SyncBatchNormFunction
 
     torch.set_num_threads(1)
@@ -102,7 +91,7 @@ def layer_compute(c: int, size: int, repeats: int = 20) -> dict[str, float]:
 
     def sync_fn():
         x = x0.clone().requires_grad_(True)
-        _SyncBatchNormFunction.apply(x, w, b, 1e-5, _LocalLink(), 1)[0].sum().backward()
+        _SyncBatchNormFunction.apply(x, w, b, 1e-5, LocalLink(), 1)[0].sum().backward()
 
     runs = {"torch": [], "sync": []}
     for f in (torch_bn, sync_fn):

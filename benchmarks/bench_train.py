@@ -10,7 +10,8 @@ step by step so that all four see the same machine load:
 - ``no BN``: every BN replaced by ``nn.Identity``: the step without any BN cost.
 
 "BN cost" is a variant's median step time minus the ``no BN`` median. Peak RSS is measured per
-variant in a fresh process (three steps; ``ru_maxrss``). Run it in both allocator regimes:
+variant in a fresh process (three steps; ``VmHWM``, as ``ru_maxrss`` keeps the parent's peak
+across exec). Run it in both allocator regimes:
 
     .venv/bin/python benchmarks/bench_train.py                       # glibc's defaults
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
@@ -89,7 +90,7 @@ def stepper(model: nn.Module, shape):
 
 
 RSS_CHILD = """
-import resource, sys, json
+import sys, json
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 import torch
 torch.set_num_threads({threads})
@@ -99,7 +100,9 @@ torch.manual_seed(0)
 step = bench_train.stepper(bench_train.variant(builder(), {name!r}), shape)
 for _ in range(3):
     step()
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss survives exec)
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(json.dumps(peak * 1024))
 """
 
 

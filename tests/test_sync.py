@@ -57,18 +57,6 @@ def test_merge_moments_equal_reference_fold():
     np.testing.assert_allclose(m2.numpy(), whole.m2, rtol=1e-12)
 
 
-class _OneRankLink:
-    """A Link of one rank: gather and all-reduce return what they are given."""
-
-    name = "test"
-
-    def gather(self, payload, phase, call, channels):
-        return payload[None]
-
-    def all_reduce(self, payload, phase, call, channels):
-        return payload
-
-
 @pytest.mark.parametrize("memory_format, strided", [(torch.contiguous_format, False),
                                                     (torch.channels_last, False),
                                                     (torch.contiguous_format, True)])
@@ -78,6 +66,7 @@ def test_sync_math_on_one_rank_is_the_plain_layers(monkeypatch, memory_format, s
     CPU input runs the plain layer's kernels (statistics, normalisation, backward), a strided
     one PyTorch's path."""
     from batchnorm import BatchNorm2d, ops
+    from batchnorm.collectives import LocalLink
     from batchnorm.sync import _SyncBatchNormFunction
 
     calls = []
@@ -92,7 +81,7 @@ def test_sync_math_on_one_rank_is_the_plain_layers(monkeypatch, memory_format, s
     w = (torch.rand(4, generator=g, dtype=dtype) + 0.5).requires_grad_()
     b = torch.randn(4, generator=g, dtype=dtype).requires_grad_()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, mean, var, n = _SyncBatchNormFunction.apply(xa, w, b, 1e-5, _OneRankLink(), 1)
+    ya, mean, var, n = _SyncBatchNormFunction.apply(xa, w, b, 1e-5, LocalLink(), 1)
     got = (ya, *torch.autograd.grad(ya, (xa, w, b), dy))
     assert len(calls) == (0 if strided else 1) and float(n) == x.numel() / 4
     plain = BatchNorm2d(4, dtype=dtype)

@@ -23,11 +23,24 @@ import torch.distributed as dist
 
 from .errors import BatchNormError
 
-__all__ = ["Link", "group_world", "layer_key", "FORWARD", "BACKWARD", "RECALIBRATE"]
+__all__ = ["Link", "LocalLink", "group_world", "layer_key", "FORWARD", "BACKWARD", "RECALIBRATE"]
 
 FORWARD, BACKWARD, RECALIBRATE = 1.0, 2.0, 3.0
 PHASES = {FORWARD: "forward", BACKWARD: "backward", RECALIBRATE: "recalibration"}
 HEADER = 4  # layer key, call number, phase, channels
+
+
+class LocalLink:
+    """A Link of one rank and no process group: gather and all-reduce return their payload
+    (the sync layers' compute alone, for tests and benchmarks)."""
+
+    name = "local"
+
+    def gather(self, payload, phase, call, channels):
+        return payload[None]
+
+    def all_reduce(self, payload, phase, call, channels):
+        return payload
 
 
 class Link:
