@@ -37,18 +37,18 @@ def _run(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 
 def test_warmup_compiles_once_and_a_later_process_loads_silently(tmp_path):
     args = ["-m", "batchnorm", "warmup", "--dtype", "float64", "--layout", "nchw", "--act",
-            "identity", "--json"]
-    cold = _run(args, tmp_path)
+            "identity", "relu", "--json"]
+    cold = _run([*args, "--jobs", "2"], tmp_path)  # two processes, one case each
     assert cold.returncode == 0, cold.stderr
     report = json.loads(cold.stdout)
-    assert report["cases"] == 1 and report["compile_seconds"] > 0
+    assert report["cases"] == 2 and report["compile_seconds"] > 0
     assert report["cache"].startswith(str(tmp_path))
     assert NOTICE not in cold.stderr  # a warmup says what it does: no notice
     # one cache entry per index file: no two kernels share numba's unlocked index
     indexes = sorted(tmp_path.rglob("*.nbi"))
     assert indexes and all(len(list(i.parent.glob(i.name[:-len(".nbi")] + ".*.nbc"))) == 1
                            for i in indexes)
-    warm = _run(args, tmp_path)
+    warm = _run(args, tmp_path)  # in this process: everything loads from the disk cache
     assert json.loads(warm.stdout)["compile_seconds"] == 0
     # a layer step of the warmed case compiles nothing and prints nothing
     quiet = _run(["-c", EVAL_STEP.format(act="identity")], tmp_path)
