@@ -1,10 +1,10 @@
 """How the kernels are made, cached and announced: one compiled kernel per case, each with a disk
 cache of its own, and one line on stderr when a process has to compile.
 
-A kernel factory (``reduce_ncs(act, inplace, blocked, dtype)``) returns a numba kernel with the
+A kernel factory (``reduce_ncs(act, inplace, dtype)``) returns a numba kernel with the
 activation code, the mode flags and the dtype fixed: the code and flags are closure constants,
 so each kernel compiles only its own case (see ``_activation.py``), and only the cases a program
-uses are ever compiled. Each kernel also gets a name of its own (``reduce_ncs_1_0_0_float32``)
+uses are ever compiled. Each kernel also gets a name of its own (``reduce_ncs_1_0_float32``)
 and with it a cache index file of its own, holding one entry: numba's index is read, extended and
 rewritten without a lock, so two processes saving different entries of one index at the same
 time (torchrun ranks or test workers compiling on a cold cache) could leave an entry pointing at
