@@ -131,7 +131,7 @@ def test_moments_match_reference_over_many_chunks(layout, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scale", (1e20, 3e37))
 def test_float32_blocks_fall_back_to_float64_where_squares_overflow(layout, scale):
-    # (x - k)^2 overflows float32 above ~1e19: those chunks are summed in float64 instead
+    # (x - k)^2 overflows float32 above ~1e19: the batch is summed in float64 instead
     x = (scale * np.random.default_rng(4).normal(size=(3, 4, BLOCKED_PLANE_FROM))).astype(
         np.float32)
     want = reference.moments(x, axis=1)

@@ -103,13 +103,21 @@ def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float64 ``(mean, M2)`` of x ``(N, C, S)`` or ``(M, C)`` (non-empty).
 
     float32 data is summed in float32 blocks (two passes over each chunk while it is in cache),
-    except short NCS planes; float64 data in float64 (see :mod:`.statistics`).
+    except short NCS planes; float64 data in float64 (see :mod:`.statistics`). A blocked result
+    that is not finite is computed again with float64 sums.
     """
     if _channels_last(x):
-        kernel = moments_mc_blocked if x.dtype == np.float32 else moments_mc
+        blocked, exact = moments_mc_blocked, moments_mc
+        use_blocks = x.dtype == np.float32
     else:
-        kernel = moments_ncs_blocked if _blocked_planes(x, BLOCKED_PLANE_FROM) else moments_ncs
-    return kernel(x.dtype)(x)
+        blocked, exact = moments_ncs_blocked, moments_ncs
+        use_blocks = _blocked_planes(x, BLOCKED_PLANE_FROM)
+    if use_blocks:
+        mean, m2 = blocked(x.dtype)(x)
+        if np.isfinite(mean).all() and np.isfinite(m2).all():
+            return mean, m2
+        # NaN / Inf in the data, or float32 squares that overflow: the float64 sums decide
+    return exact(x.dtype)(x)
 
 
 def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):

@@ -22,17 +22,17 @@ Two ways to get a chunk's partial:
   few 1e-8 of the float64 one (relative; measured on N(3, 2) data, largest over 10^4 chunks
   ~3e-7), and merged over chunks the errors average out. Half the arithmetic of float64, which
   was the bottleneck: at (32, 256, 56, 56) the statistics pass went from 7.4 to 3.3 ms.
-  A chunk whose blocked result is not finite (NaN or Inf in the data, or values so large that
-  float32 squares overflow, |x - k| > ~1e19) is recomputed with float64 sums, so non-finite
-  input gives the same statistics as before and large finite values stay finite.
+  When a blocked result is not finite (NaN or Inf in the data, or values so large that float32
+  squares overflow, |x - k| > ~1e19), the caller (:func:`batchnorm.kernels.moments`) computes
+  the whole batch again with the float64 sums, so non-finite input gives the float64 kernels'
+  statistics and large finite values stay finite. (That fallback used to live inside these
+  kernels, chunk by chunk: 1 s of the channels-last kernel's compile time.)
 
 ``fastmath`` is limited to ``reassoc`` (lets LLVM vectorise the sums inside a chunk): no
 ``nnan`` / ``ninf``, so a NaN or Inf in the batch reaches the statistics, where the layer's
 non-finite guard looks for it.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
@@ -146,9 +146,6 @@ def _plane_blocked(row, shift):
     a += np.float64(sa)
     b += np.float64(sb)
     mean_d, m2 = _finish(a, b, np.float64(s))
-    if not (math.isfinite(mean_d) and math.isfinite(m2)):
-        a, b = _plane_f64(row, shift)
-        return _finish(a, b, np.float64(s))
     return (np.float64(k) - shift) + mean_d, m2
 
 
@@ -213,16 +210,10 @@ def _rows_blocked(x, r0, r1, shift, part_mean, part_m2):
             d0 = x0[j] - k[j]
             a32[j] += d0
             b32[j] += d0 * d0
-    finite = True
     for j in range(c):
         mean_d, m2 = _finish(out_mean[j] + np.float64(a32[j]), out_m2[j] + np.float64(b32[j]), cnt)
         out_mean[j] = (np.float64(k[j]) - shift[j]) + mean_d
         out_m2[j] = m2
-        finite = finite and math.isfinite(out_mean[j]) and math.isfinite(m2)
-    if not finite:  # see the module docstring: redo the chunk in float64
-        _rows_f64(x, r0, r1, shift, out_mean, out_m2)
-        for j in range(c):
-            out_mean[j], out_m2[j] = _finish(out_mean[j], out_m2[j], cnt)
     # element by element: a slice assignment compiles numba's shape-mismatch error message
     # (string formatting: 6 s of this kernel's 12 s compile)
     for j in range(c):

@@ -3,7 +3,8 @@
 A case is one (dtype, layout, activation): :meth:`Case.run` calls the ops a layer calls (training
 forward and backward, eval forward and backward, and the inplace mode for the invertible
 activations) on tiny tensors, with short and long planes (the float32 kernels sum long planes
-in blocks), which compiles and caches on disk exactly the kernels a real step of that case uses.
+in blocks) and once with a NaN (the float64 statistics such a batch takes), which compiles and
+caches on disk exactly the kernels a real step of that case uses.
 Kernels are cached one per file (:mod:`batchnorm.kernels._compile`), so ``jobs`` processes can
 compile different cases side by side.
 """
@@ -56,6 +57,10 @@ class Case:
                 torch.autograd.grad(y, leaves, dy)
             y = bn_act_eval(*leaves, mean, var, 1e-5, self.act)
             torch.autograd.grad(y, leaves, dy)
+            bad = x.clone()
+            bad[0, 0, 0, 0] = float("nan")  # the float64 statistics a non-finite batch takes
+            with torch.no_grad():
+                bn_act_train(bad, w, b, 1e-5, self.act)
         return compiling_notice.seconds - before
 
 
