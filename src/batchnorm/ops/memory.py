@@ -162,7 +162,8 @@ def _limit_from_environment() -> int:
 
 
 _CACHE = _Cache(_limit_from_environment())
-os.register_at_fork(after_in_child=_CACHE.after_fork)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_CACHE.after_fork)
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
