@@ -146,9 +146,9 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     as ``(act^-1(y) - bias) / weight``, with ``|weight| < eps`` replaced by ``sign * eps``).
     ``mean`` / ``var`` are the float64 batch statistics :func:`train_forward` returned.
     """
-    args = (dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace)
-    sum_g, sum_ge = train_backward_sums(*args)
-    return train_backward_dx(*args, sum_g, sum_ge, _count(src), dx)
+    prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
+    sum_g, sum_ge = _sums(prep, dy, src, act, inplace)
+    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, _count(src), dx)
 
 
 def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
@@ -156,15 +156,8 @@ def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slo
     """The training backward's reduction pass: float64 per-channel ``(sum g, sum g * e)``, e the
     centred value (``x - mean``, or ``gamma * x_hat`` when ``inplace``; see :mod:`.backward`).
     SyncBatchNorm adds these up over ranks before :func:`train_backward_dx`."""
-    dtype = src.dtype
-    mean_hi, mean_lo, scale, shift = _per_channel(mean, _invstd(var, eps), _gamma(weight, src),
-                                                  bias, dtype)
-    k = consts(dtype, negative_slope, alpha)
-    act, inplace = int(act), bool(inplace)
-    if _channels_last(src):
-        return reduce_mc(act, inplace, dtype)(dy, src, mean_hi, mean_lo, scale, shift, k)
-    return reduce_ncs(act, inplace, dtype)(dy, src, mean_hi, mean_lo, scale, shift, k,
-                                           _blocked_planes(src, BLOCK))
+    prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
+    return _sums(prep, dy, src, act, inplace)
 
 
 def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace,
@@ -172,11 +165,31 @@ def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope
     """The training backward's writing pass: dx from the sums of :func:`train_backward_sums`
     over ``m`` values per channel (this batch's, or every rank's); returns float64
     ``(sum g * x_hat, sum g)``: dweight and dbias of the sums given."""
-    dtype = src.dtype
+    prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
+    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx)
+
+
+def _prep(src, weight, bias, mean, var, eps, negative_slope, alpha):
+    """What every pass but the statistics reads: invstd, gamma (float64), the per-channel values
+    in the data's dtype (mean_hi, mean_lo, scale, shift) and the activation constants."""
     invstd = _invstd(var, eps)
     gamma = _gamma(weight, src)
-    mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, gamma, bias, dtype)
-    k = consts(dtype, negative_slope, alpha)
+    return invstd, gamma, _per_channel(mean, invstd, gamma, bias, src.dtype), \
+        consts(src.dtype, negative_slope, alpha)
+
+
+def _sums(prep, dy, src, act, inplace):
+    _, _, per_channel, k = prep
+    act, inplace = int(act), bool(inplace)
+    if _channels_last(src):
+        return reduce_mc(act, inplace, src.dtype)(dy, src, *per_channel, k)
+    return reduce_ncs(act, inplace, src.dtype)(dy, src, *per_channel, k,
+                                               _blocked_planes(src, BLOCK))
+
+
+def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx):
+    invstd, gamma, per_channel, k = prep
+    dtype = src.dtype
     act, inplace = int(act), bool(inplace)
     k1 = gamma * invstd
     if inplace:
@@ -188,26 +201,19 @@ def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope
         k2 = -k1 * invstd * sum_gxhat / m
     k0 = -k1 * sum_g / m
     write_dx = (write_dx_mc if _channels_last(src) else write_dx_ncs)(act, inplace, dtype)
-    write_dx(dy, src, dx, mean_hi, mean_lo, scale, shift,
-             k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
+    write_dx(dy, src, dx, *per_channel, k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
     return sum_gxhat, sum_g
 
 
 def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alpha, dx):
     """Write dL/dx = act'(z) * dy * weight / sqrt(var + eps) into dx; return (dweight, dbias)."""
-    dtype = x.dtype
-    invstd = _invstd(np.asarray(var, np.float64), eps)
-    gamma = _gamma(weight, x)
-    mean_hi, mean_lo, scale, shift = _per_channel(
-        np.asarray(mean, np.float64), invstd, gamma, bias, dtype
-    )
-    k = consts(dtype, negative_slope, alpha)
+    invstd, _, per_channel, k = _prep(x, weight, bias, np.asarray(mean, np.float64),
+                                      np.asarray(var, np.float64), eps, negative_slope, alpha)
     if _channels_last(x):
-        sum_g, sum_ge = eval_backward_mc(int(act), dtype)(dy, x, dx, mean_hi, mean_lo, scale,
-                                                          shift, k)
+        sum_g, sum_ge = eval_backward_mc(int(act), x.dtype)(dy, x, dx, *per_channel, k)
     else:
-        sum_g, sum_ge = eval_backward_ncs(int(act), dtype)(dy, x, dx, mean_hi, mean_lo, scale,
-                                                           shift, k, _blocked_planes(x, BLOCK))
+        sum_g, sum_ge = eval_backward_ncs(int(act), x.dtype)(dy, x, dx, *per_channel, k,
+                                                             _blocked_planes(x, BLOCK))
     return sum_ge * invstd, sum_g
 
 
@@ -215,10 +221,9 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
 
 
 def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
-    invstd = _invstd(var, eps)
-    mean_hi, mean_lo, scale, shift = _per_channel(mean, invstd, _gamma(weight, x), bias, x.dtype)
+    _, _, per_channel, k = _prep(x, weight, bias, mean, var, eps, negative_slope, alpha)
     kernel = (normalize_mc if _channels_last(x) else normalize_ncs)(int(act), x.dtype)
-    kernel(x, y, mean_hi, mean_lo, scale, shift, consts(x.dtype, negative_slope, alpha))
+    kernel(x, y, *per_channel, k)
 
 
 def _channels_last(x: np.ndarray) -> bool:

@@ -252,19 +252,32 @@ def _ncs_setup(x):
     return shift, np.empty((n, c)), np.empty((n, c))
 
 
+@njit(inline="always", cache=True, fastmath=REASSOC)
+def _plane_moments_f64(row, shift):
+    """(mean - shift, M2) of one plane from float64 sums."""
+    a, b = _plane_f64(row, shift)
+    return _finish(a, b, np.float64(row.shape[0]))
+
+
+@njit(inline="always", cache=True)
+def _ncs_moments(plane, x):
+    """Per-channel (mean, M2) of x (N, C, S): ``plane`` gives each (n, c) plane's partial, and
+    the partials are merged in order (both (N, C, S) kernels)."""
+    n, c, s = x.shape
+    shift, part_mean, part_m2 = _ncs_setup(x)
+    for p in prange(n * c):
+        i = p // c
+        j = p - i * c
+        part_mean[i, j], part_m2[i, j] = plane(x[i, j], shift[j])
+    return _merge_planes(part_mean, part_m2, s, shift)
+
+
 @specialised(parallel=True, fastmath=REASSOC)
 def moments_ncs(dtype):
     """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, from float64 sums."""
 
     def kernel(x):
-        n, c, s = x.shape
-        shift, part_mean, part_m2 = _ncs_setup(x)
-        for p in prange(n * c):
-            i = p // c
-            j = p - i * c
-            a, b = _plane_f64(x[i, j], shift[j])
-            part_mean[i, j], part_m2[i, j] = _finish(a, b, np.float64(s))
-        return _merge_planes(part_mean, part_m2, s, shift)
+        return _ncs_moments(_plane_moments_f64, x)
 
     return kernel
 
@@ -274,13 +287,7 @@ def moments_ncs_blocked(dtype):
     """Per-channel (mean, M2) in float64 of float32 x (N, C, S), N * S > 0, from float32 blocks."""
 
     def kernel(x):
-        n, c, s = x.shape
-        shift, part_mean, part_m2 = _ncs_setup(x)
-        for p in prange(n * c):
-            i = p // c
-            j = p - i * c
-            part_mean[i, j], part_m2[i, j] = _plane_blocked(x[i, j], shift[j])
-        return _merge_planes(part_mean, part_m2, s, shift)
+        return _ncs_moments(_plane_blocked, x)
 
     return kernel
 
@@ -314,23 +321,33 @@ def _mc_setup(x):
     return shift, rows, np.empty((chunks, c)), np.empty((chunks, c))
 
 
+@njit(inline="always", cache=True, fastmath=REASSOC)
+def _rows_moments_f64(x, r0, r1, shift, part_mean, part_m2):
+    """part_mean[j] = mean - shift[j], part_m2[j] = M2 over rows r0:r1 (channels-last), from
+    float64 sums."""
+    _rows_f64(x, r0, r1, shift, part_mean, part_m2)
+    for j in range(x.shape[1]):
+        part_mean[j], part_m2[j] = _finish(part_mean[j], part_m2[j], np.float64(r1 - r0))
+
+
+@njit(inline="always", cache=True)
+def _mc_moments(chunk, x):
+    """Per-channel (mean, M2) of channels-last x (M, C): ``chunk`` writes each chunk of rows'
+    partials, and the partials are merged in order (both channels-last kernels)."""
+    m, c = x.shape
+    shift, rows, part_mean, part_m2 = _mc_setup(x)
+    for q in prange(part_mean.shape[0]):
+        r0 = q * rows
+        chunk(x, r0, min(m, r0 + rows), shift, part_mean[q], part_m2[q])
+    return _merge_chunks(part_mean, part_m2, m, rows, shift)
+
+
 @specialised(parallel=True, fastmath=REASSOC)
 def moments_mc(dtype):
     """Per-channel (mean, M2) in float64 of channels-last x (M, C), M > 0, from float64 sums."""
 
     def kernel(x):
-        m, c = x.shape
-        shift, rows, part_mean, part_m2 = _mc_setup(x)
-        chunks = part_mean.shape[0]
-        for q in prange(chunks):
-            r0 = q * rows
-            r1 = min(m, r0 + rows)
-            a = part_mean[q]
-            b = part_m2[q]
-            _rows_f64(x, r0, r1, shift, a, b)
-            for j in range(c):
-                a[j], b[j] = _finish(a[j], b[j], np.float64(r1 - r0))
-        return _merge_chunks(part_mean, part_m2, m, rows, shift)
+        return _mc_moments(_rows_moments_f64, x)
 
     return kernel
 
@@ -341,13 +358,6 @@ def moments_mc_blocked(dtype):
     blocks."""
 
     def kernel(x):
-        m, c = x.shape
-        shift, rows, part_mean, part_m2 = _mc_setup(x)
-        chunks = part_mean.shape[0]
-        for q in prange(chunks):
-            r0 = q * rows
-            _rows_blocked(x, r0, min(m, r0 + rows), shift, part_mean[q], part_m2[q])
-        return _merge_chunks(part_mean, part_m2, m, rows, shift)
-
+        return _mc_moments(_rows_blocked, x)
 
     return kernel
