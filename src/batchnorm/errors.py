@@ -115,3 +115,69 @@ def check_values_per_channel(shape: tuple[int, ...], axis: int) -> None:
             "more than 1 value per channel when training",
             f"input of shape {tuple(shape)}: 1 value per channel",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the options of the hard training conditions (Batch Renorm, Ghost BN, masks, test-time stats)
+
+EVAL_STATS = ("running", "batch", "mix")
+
+
+def check_renorm(renorm: object, rmax: object, dmax: object) -> tuple[bool, float, float]:
+    """Batch Renorm's switch and clips: ``rmax >= 1`` and ``dmax >= 0``, finite reals."""
+    if not isinstance(renorm, (bool, np.bool_)):
+        raise expected("renorm to be True or False", repr(renorm))
+    for name, value, least in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise expected(f"{name} to be a finite number", repr(value))
+        if value < least:
+            raise expected(f"{name} >= {least:g}", value)
+    return bool(renorm), float(rmax), float(dmax)
+
+
+def check_virtual_batch_size(value: object) -> int | None:
+    """Ghost BN's piece size: None (off) or a positive integer."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < 1:
+        raise expected("virtual_batch_size to be None or a positive integer", repr(value))
+    return int(value)
+
+
+def check_eval_stats(eval_stats: object, eval_mix: object) -> tuple[str, float]:
+    """Test-time statistics: ``eval_stats`` in :data:`EVAL_STATS`, ``eval_mix`` in [0, 1]."""
+    if eval_stats not in EVAL_STATS:
+        raise expected(f"eval_stats in {EVAL_STATS}", repr(eval_stats))
+    if isinstance(eval_mix, bool) or not isinstance(eval_mix, Real):
+        raise expected("eval_mix to be a number in [0, 1]", repr(eval_mix))
+    eval_mix = float(eval_mix)
+    if not 0.0 <= eval_mix <= 1.0:  # also rejects NaN
+        raise expected("eval_mix in [0, 1]", eval_mix)
+    return eval_stats, eval_mix
+
+
+def check_mask_shape(shape: tuple[int, ...], want: tuple[int, ...], is_bool: bool,
+                     dtype: object) -> None:
+    """A mask is boolean, with the input's shape less the channel axis (True = counted)."""
+    if not is_bool:
+        raise expected("a boolean mask (True = counted)", f"dtype {dtype}")
+    if tuple(shape) != tuple(want):
+        raise expected(f"mask of shape {tuple(want)} (the input's shape without the channel axis)",
+                       f"shape {tuple(shape)}")
+
+
+def check_counted(count: int, where: str = "the mask") -> None:
+    """Masked (or ghost) statistics need at least 2 counted values per channel."""
+    if count < 2:
+        raise expected(f"{where} to count at least 2 values per channel", f"{count} counted")
+
+
+def check_pieces(n: int, values_per_sample: int, virtual_batch_size: int) -> None:
+    """Ghost BN: every piece (the last may be smaller) needs more than one value per channel."""
+    last = n % virtual_batch_size or virtual_batch_size
+    if n > 0 and min(last, virtual_batch_size) * values_per_sample < 2:
+        raise expected(
+            "ghost batches of more than 1 value per channel",
+            f"a piece of {last} sample(s) with {values_per_sample} value(s) each "
+            f"(batch of {n}, virtual_batch_size={virtual_batch_size})")
