@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +28,15 @@ from . import ops
 from .activations import REGISTRY
 from .errors import (
     check_act,
+    check_counted,
     check_eps,
+    check_eval_stats,
     check_momentum,
     check_num_features,
+    check_pieces,
+    check_renorm,
     check_values_per_channel,
+    check_virtual_batch_size,
     expected,
 )
 
@@ -42,9 +48,15 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "NONFINITE",
+    "OPTIONS",
 ]
 
 NONFINITE = ("skip", "raise", "update")
+# the options for hard training conditions, with their defaults (all off: plain BN); constructor
+# keywords and plain attributes, never buffers, so a state_dict still loads into PyTorch's BN
+OPTIONS = {"renorm": False, "rmax": 1.0, "dmax": 0.0, "virtual_batch_size": None,
+           "eval_stats": "running", "eval_mix": 0.0}
+_REPLAYS_KEPT = 64  # Batch Renorm (r, d) kept per layer for a checkpointed forward to reuse
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 _REDUCED = (torch.float16, torch.bfloat16)  # may run with float32 parameters, as in PyTorch
 # the same function object as torch.compiler.is_compiling (dynamo folds it to a constant); a
@@ -58,6 +70,27 @@ def in_onnx_export() -> bool:
     (no export runs before torch.onnx is imported) and without its per-call imports (2.3 us a
     call, measured) when the exporters were never loaded."""
     return "torch.onnx" in sys.modules and torch.onnx.is_in_onnx_export()
+
+
+def _replaying() -> bool:
+    """True while autograd runs a backward on this thread: a training forward then is a
+    checkpointed segment run again (``torch.utils.checkpoint``, reentrant or not), whose first
+    run already updated the buffers. Never under torch.compile (it does not re-run Python)."""
+    return not _is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _merge(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's merge of float64 ``(count, mean, M2)`` partials (count 0-d tensors): the moments of
+    their union (:func:`batchnorm.reference.merge`)."""
+    count, mean, m2 = parts[0]
+    for n_b, mean_b, m2_b in parts[1:]:
+        n = count + n_b
+        delta = mean_b - mean
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        mean = mean + delta * (n_b / safe)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / safe)
+        count = n
+    return count, mean, m2
 
 
 class _OurBatchNorm(_BatchNorm):
@@ -77,12 +110,24 @@ class _OurBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         nonfinite: str = "skip",
+        renorm: bool = False,
+        rmax: float = 1.0,
+        dmax: float = 0.0,
+        virtual_batch_size: int | None = None,
+        eval_stats: str = "running",
+        eval_mix: float = 0.0,
     ) -> None:
         check_num_features(num_features)
         check_eps(eps, training=False)
         check_momentum(momentum)
         if nonfinite not in NONFINITE:
             raise expected(f"nonfinite in {NONFINITE}", repr(nonfinite))
+        renorm, rmax, dmax = check_renorm(renorm, rmax, dmax)
+        if renorm and not track_running_stats:
+            raise expected("track_running_stats=True with renorm=True (r and d are measured "
+                           "against the running statistics)", "track_running_stats=False")
+        virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
+        eval_stats, eval_mix = check_eval_stats(eval_stats, eval_mix)
         # PyTorch >= 2.13 takes ``bias``; older releases always learn beta with ``affine``
         extra = {"bias": bias} if _TORCH_TAKES_BIAS else {}
         if not bias and not _TORCH_TAKES_BIAS:
@@ -92,6 +137,10 @@ class _OurBatchNorm(_BatchNorm):
                          **extra)
         self.nonfinite = nonfinite
         self._warned_nonfinite = False
+        self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
+        self.virtual_batch_size = virtual_batch_size
+        self.eval_stats, self.eval_mix = eval_stats, eval_mix
+        self._replays: OrderedDict = OrderedDict()  # Batch Renorm's (r, d) by batch statistics
 
     # ----------------------------------------------------------------------------------------
     # what BatchNormAct overrides
@@ -131,31 +180,126 @@ class _OurBatchNorm(_BatchNorm):
         if batch_stats and x.numel() == x.shape[1]:  # N * prod(spatial) == 1 (a plain int test:
             check_values_per_channel(tuple(x.shape), 1)  # the shared check is a graph break)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         x = input
         if in_onnx_export():
-            return self._onnx_forward(x)
+            return self._onnx_forward(x, mask)
         # PyTorch's rules: batch statistics in training, and in eval when there are no buffers;
         # buffers (and num_batches_tracked) change only in training with tracking on.
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = self.running_mean is not None or self.running_var is not None
+        batch_stats = self.training or not tracked
+        eval_stats = "running" if batch_stats else self.eval_stats
         update = self.training and self.track_running_stats
-        self._check_input(x, batch_stats, update)
+        if update and _replaying():
+            update = False  # the forward of a checkpointed segment, run again in backward
+        self._check_input(x, batch_stats or eval_stats == "batch", update)
         act, negative_slope, alpha, inplace = self._act()
-
-        if not batch_stats:
+        if eval_stats == "mix" or (mask is not None and eval_stats == "running"
+                                   and not batch_stats):
+            check_eval_stats(self.eval_stats, self.eval_mix)
+            ops.check_mask(mask, x)
+            if eval_stats == "running":  # a mask does not change running statistics
+                mask = None
+            else:
+                return ops.bn_act_mixed(x, self.weight, self.bias, self.running_mean,
+                                        self.running_var, self.eps, act, negative_slope, alpha,
+                                        self.eval_mix, mask)
+        if not (batch_stats or eval_stats == "batch"):
             return ops.bn_act_eval(x, self.weight, self.bias, self.running_mean, self.running_var,
                                    self.eps, act, negative_slope, alpha)
+        renorm = self.training and self._renorm_on()
+        ghost = self.training and self.virtual_batch_size is not None
+        if mask is not None or renorm or ghost:
+            return self._forward_pieces(x, mask, renorm, ghost, update,
+                                        (act, negative_slope, alpha))
         y, mean, var = ops.bn_act_train(x, self.weight, self.bias, self.eps, act, negative_slope,
                                         alpha, inplace)
         if update:
             self._update_running_stats(mean, var, x.numel() // x.shape[1])
         return y
 
-    def _onnx_forward(self, x: Tensor) -> Tensor:
+    def _renorm_on(self) -> bool:
+        """Batch Renorm with clips that can move r or d (rmax=1, dmax=0 is BN exactly)."""
+        renorm, rmax, dmax = check_renorm(self.renorm, self.rmax, self.dmax)
+        return renorm and (rmax > 1.0 or dmax > 0.0)
+
+    def _forward_pieces(self, x: Tensor, mask: Tensor | None, renorm: bool, ghost: bool,
+                        update: bool, act: tuple[str, float, float]) -> Tensor:
+        """Masked statistics, ghost batches and Batch Renorm: the statistics of each piece (the
+        whole batch, or each ghost batch) first, then its normalisation with them; the running
+        statistics from the pieces merged (Chan), once. Everything is checked before any
+        buffer changes."""
+        ops.check_mask(mask, x)
+        vbs = check_virtual_batch_size(self.virtual_batch_size) if ghost else None
+        if renorm and self.running_mean is None:
+            raise expected("running statistics with renorm=True", "running_mean=None")
+        n = x.shape[0]
+        if vbs is not None and n > 0:
+            check_pieces(n, x[0, 0].numel(), vbs)
+            xs = x.split(vbs)
+            masks = [None] * len(xs) if mask is None else list(mask.split(vbs))
+        else:
+            xs, masks = [x], [mask]
+        eager = not _is_compiling()
+        parts, ys = [], []
+        for k, (xp, mp) in enumerate(zip(xs, masks)):
+            mean, m2, count = ops.moments(xp, mp)
+            if mp is not None and eager and xp.numel() > 0:
+                check_counted(int(count), "the mask" if len(xs) == 1 else
+                              f"the mask in every ghost batch (batch {k} of {len(xs)})")
+            parts.append((count, mean, m2))
+        for xp, mp, (count, mean, m2) in zip(xs, masks, parts):
+            var = m2 / count
+            weight, bias = self.weight, self.bias
+            if renorm:
+                weight, bias = self._renormed(mean, var, weight, bias, x, update)
+            ys.append(ops.bn_act_stats(xp, weight, bias, mean, var, count, self.eps, *act,
+                                       mask=mp))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        if update:
+            count, mean, m2 = _merge(parts)
+            n = float(count) if eager else count
+            var = m2 / count
+            self._update_running_stats(mean.to(x.dtype), var.to(x.dtype), n)
+        return y
+
+    def _renormed(self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """Batch Renorm as an affine map: ``weight * (x_hat * r + d) + bias`` is BN with
+        ``weight * r`` and ``bias + weight * d`` (r, d constants: the gradient reaches weight
+        through both). r and d are measured against the running statistics before this batch;
+        a checkpointed forward run again in backward reuses the first run's r and d (found by
+        its batch statistics, which the kernels reproduce bitwise)."""
+        key = None
+        if not _is_compiling():
+            key = (mean.detach().cpu().numpy().tobytes(), var.detach().cpu().numpy().tobytes())
+        if not update and key in self._replays and _replaying():
+            r, d = self._replays.pop(key)
+        else:
+            sigma = torch.sqrt(self.running_var.to(torch.float64) + self.eps)
+            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / self.rmax, self.rmax)
+            d = ((mean - self.running_mean.to(torch.float64)) / sigma).clamp(-self.dmax,
+                                                                             self.dmax)
+            if key is not None and update:
+                self._replays[key] = (r, d)
+                while len(self._replays) > _REPLAYS_KEPT:
+                    self._replays.popitem(last=False)
+        pdtype = x.dtype if weight is None else weight.dtype
+        r, d = r.to(pdtype), d.to(pdtype)
+        new_weight = r if weight is None else weight * r
+        shift = d if weight is None else weight * d
+        return new_weight, shift if bias is None else bias + shift
+
+    def _onnx_forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Under ``torch.onnx.export``: PyTorch's own BN forward, then the activation, so both
         exporters write the standard BatchNormalization node (training mode included, exactly
         as they do for ``torch.nn.BatchNorm2d``) and the activation's own node; the custom ops
-        have no ONNX form."""
+        have no ONNX form. The options ONNX has no node for are refused."""
+        if self.eval_stats != "running" or mask is not None:
+            raise expected("eval_stats='running' and no mask to export to ONNX (its "
+                           "BatchNormalization has neither)",
+                           f"eval_stats={self.eval_stats!r}"
+                           + ("" if mask is None else ", a mask"))
         act, negative_slope, alpha, _ = self._act()
         return REGISTRY[act].apply(_BatchNorm.forward(self, x), negative_slope, alpha)
 
@@ -169,7 +313,7 @@ class _OurBatchNorm(_BatchNorm):
         protects the buffers without warning; "raise" always reads the flag.
         """
         nbt, rm, rv = self.num_batches_tracked, self.running_mean, self.running_var
-        if n == 0:  # empty batch: PyTorch counts it and leaves the statistics
+        if isinstance(n, (int, float)) and n == 0:  # empty batch: PyTorch counts it, no update
             if nbt is not None:
                 nbt.add_(1)
             return
@@ -219,7 +363,22 @@ class _OurBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        return text if self.nonfinite == "skip" else f"{text}, nonfinite={self.nonfinite!r}"
+        if self.nonfinite != "skip":
+            text += f", nonfinite={self.nonfinite!r}"
+        for name, default in OPTIONS.items():  # only the options set
+            if getattr(self, name, default) != default:
+                text += f", {name}={getattr(self, name)!r}"
+        return text
+
+    def options(self) -> dict:
+        """The options for hard training conditions that differ from plain BN's (what
+        ``convert`` carries over and ``inspect`` shows)."""
+        return {name: getattr(self, name, default) for name, default in OPTIONS.items()
+                if getattr(self, name, default) != default}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_replays", OrderedDict())  # pickles of before the options
 
 
 _NONFINITE_DOC = """nonfinite: what a training batch whose mean or variance is NaN/Inf does to the
@@ -324,10 +483,11 @@ class _OurBatchNormAct:
         *,
         bias: bool = True,
         nonfinite: str = "skip",
+        **options,
     ) -> None:
         negative_slope, alpha = check_act(act, negative_slope, alpha, bool(inplace))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, nonfinite=nonfinite)
+                         bias=bias, nonfinite=nonfinite, **options)
         self.act = act
         self.negative_slope = negative_slope
         self.alpha = alpha

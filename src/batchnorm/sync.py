@@ -335,9 +335,10 @@ class SyncBatchNorm(_SyncBase):
         *,
         bias: bool = True,
         nonfinite: str = "skip",
+        **options,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, nonfinite=nonfinite)
+                         bias=bias, nonfinite=nonfinite, **options)
         self.process_group = process_group
 
 
@@ -387,9 +388,11 @@ class SyncBatchNormAct(_OurBatchNormAct, _SyncBase):
         *,
         bias: bool = True,
         nonfinite: str = "skip",
+        **options,
     ) -> None:
         super().__init__(num_features, act, negative_slope, alpha, inplace, eps, momentum, affine,
-                         track_running_stats, device, dtype, bias=bias, nonfinite=nonfinite)
+                         track_running_stats, device, dtype, bias=bias, nonfinite=nonfinite,
+                         **options)
         self.process_group = process_group
 
 

@@ -27,13 +27,15 @@ The output always has the memory format of the input.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..activations import FUSED, INVERTIBLE
-from ..errors import check_act, check_eps, expected
+from ..errors import check_act, check_eps, check_mask_shape, expected
 from . import custom_ops, numba_cpu, torch_fallback
 
-__all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval"]
+__all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments", "bn_act_stats",
+           "bn_act_mixed", "check_mask"]
 
 ACTIVATIONS = FUSED  # the act names the ops take
 
@@ -183,6 +185,92 @@ def bn_act_eval(
                                 act, negative_slope, alpha)
     return torch_fallback.eval_(x, weight, bias, running_mean, running_var, eps, act,
                                 negative_slope, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of the layers' options for hard training conditions
+
+
+def moments(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel float64 ``(mean, M2, count)`` of ``x`` (N, C, *), over the positions where
+    ``mask`` (N, *) is True if one is given; count is a 0-d float64 tensor. The reference's
+    definition (:func:`batchnorm.reference.moments`): the kernels' statistics on their path, the
+    shifted two-pass float64 sums otherwise. Never differentiable."""
+    _check_input(x)
+    check_mask(mask, x)
+    if _backend(x) == "numba":
+        return custom_ops.moments(x, mask)
+    if mask is None:
+        n, _, _, mean, m2 = torch_fallback.shifted_moments(torch_fallback.working(x.detach()))
+    else:
+        n, mean, m2 = torch_fallback.masked_moments(x.detach(), mask)
+    return mean, m2, mean.new_tensor(float(n))
+
+
+def bn_act_stats(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    eps: float,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""Normalise ``x`` with its own batch statistics, given: ``mean`` / biased ``var``
+    (float64, from :func:`moments` of the same ``x`` and ``mask``, ``count`` values per channel),
+    then the affine map and the activation.
+
+    The forward is :func:`bn_act_eval`'s; the gradient is the training one, as if the statistics
+    were computed inside (with a mask, over the counted positions: ``dx = k1 g + m (k0 + k2
+    (x - mean))``, see :func:`batchnorm.reference.backward`). Every position is normalised.
+    Splitting statistics and normalisation lets a layer change them in between (Batch Renorm's
+    r and d go into ``weight`` / ``bias``) or cut the batch (Ghost BN). On PyTorch's path the
+    statistics are recomputed in differentiable ops, centred by ``mean``.
+    """
+    eps = check_eps(eps, training=True)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    check_mask(mask, x)
+    negative_slope, alpha = check_act(act, negative_slope, alpha, False)
+    if _backend(x, weight, bias) == "numba":
+        return custom_ops.stats(x, weight, bias, mean.detach(), var.detach(), mask,
+                                count.detach(), eps, act, negative_slope, alpha)
+    return torch_fallback.train_stats(x, weight, bias, mean.detach(), eps, act, negative_slope,
+                                      alpha, mask)
+
+
+def bn_act_mixed(x, weight, bias, running_mean, running_var, eps, act="identity",
+                 negative_slope=0.01, alpha=1.0, mix=0.5, mask=None) -> Tensor:
+    """Test-time mixed statistics: normalise with ``mix * batch + (1 - mix) * running`` mean and
+    variance (the batch variance biased, over the counted positions), gradients through the
+    batch part; PyTorch's ops on every device (no kernel: a test-time option)."""
+    eps = check_eps(eps, training=False)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    _check_param("running_mean", running_mean, x, c, required=True)
+    _check_param("running_var", running_var, x, c, required=True)
+    check_mask(mask, x)
+    negative_slope, alpha = check_act(act, negative_slope, alpha, False)
+    return torch_fallback.mixed(x, weight, bias, running_mean, running_var, eps, act,
+                                negative_slope, alpha, float(mix), mask)
+
+
+def check_mask(mask: object, x: Tensor) -> None:
+    """None, or a bool tensor of x's shape without the channel dim, on x's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise expected("mask to be a torch.Tensor or None", type(mask).__name__)
+    check_mask_shape(mask.shape, (x.shape[0], *x.shape[2:]), mask.dtype == torch.bool,
+                     mask.dtype)
+    if mask.device != x.device:
+        raise expected(f"mask on {x.device}, the input's device", f"device {mask.device}")
 
 
 # ---------------------------------------------------------------------------------------------

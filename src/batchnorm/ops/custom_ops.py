@@ -12,13 +12,15 @@ bits.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..errors import expected
 from . import numba_cpu, torch_fallback
 
-__all__ = ["train", "eval_"]
+__all__ = ["train", "eval_", "moments", "stats"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,3 +276,129 @@ class _EagerEval(torch.autograd.Function):
     def backward(ctx, dy):
         return _eval_grads(ctx, dy, _first_order(numba_cpu.eval_backward_impl,
                                                  torch.ops.batchnorm.bn_act_eval_backward))
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics alone, and normalising with given batch statistics (masks, ghost batches, Batch
+# Renorm): the forward is the eval kernel, the backward the (masked) training formula
+
+
+def _moments_impl(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    if mask is None:
+        n, mean, m2 = numba_cpu.moments_impl(x)
+    else:
+        n, mean, m2 = torch_fallback.masked_moments(x, mask)
+    return mean, m2, torch.tensor(float(n), dtype=torch.float64)
+
+
+_moments_op = torch.library.custom_op("batchnorm::moments", _moments_impl, mutates_args=())
+
+
+@_moments_op.register_fake
+def _(x, mask):
+    c = x.shape[1]
+    return (x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64),
+            x.new_empty((), dtype=torch.float64))
+
+
+def moments(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The statistics op, or its implementation when nothing needs the op: float64
+    ``(mean, M2, count)`` (count a 0-d tensor), never differentiable."""
+    if not _plain_eager(x, mask):
+        return torch.ops.batchnorm.moments(x, mask)
+    return _moments_impl(x.detach(), mask)
+
+
+def _stats_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                var: Tensor, mask: Optional[Tensor], count: Tensor, eps: float, act: str,
+                negative_slope: float, alpha: float) -> Tensor:
+    return numba_cpu.eval_impl(x, weight, bias, mean, var, eps, act, negative_slope, alpha)
+
+
+def _stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor],
+                         bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                         mask: Optional[Tensor], count: Tensor, eps: float, act: str,
+                         negative_slope: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    return numba_cpu.stats_backward_impl(dy, x, weight, bias, mean, var, mask, float(count), eps,
+                                         act, negative_slope, alpha)
+
+
+_stats_op = torch.library.custom_op("batchnorm::bn_act_stats", _stats_impl, mutates_args=())
+
+
+@_stats_op.register_fake
+def _(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
+    return torch.empty_like(x)
+
+
+_stats_backward_op = torch.library.custom_op(
+    "batchnorm::bn_act_stats_backward", _stats_backward_impl, mutates_args=())
+
+
+@_stats_backward_op.register_fake
+def _(dy, x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
+    return _grads_like(x, weight)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha = inputs
+    ctx.save_for_backward(x, weight, bias, mean, var, mask, count)
+    ctx.params = (eps, act, negative_slope, alpha)
+
+
+def _stats_grads(ctx, dy: Tensor, backward) -> tuple:
+    x, weight, bias, mean, var, mask, count = ctx.saved_tensors
+    dx, dweight, dbias = backward(dy, x, weight, bias, mean, var, mask, count, *ctx.params)
+    return (dx, None if weight is None else dweight, None if bias is None else dbias,
+            None, None, None, None, None, None, None, None)
+
+
+def _stats_backward(ctx, dy):
+    return _stats_grads(ctx, dy, torch.ops.batchnorm.bn_act_stats_backward)
+
+
+def _save_stats_backward_inputs(ctx, inputs, output):
+    dy, x, weight, bias, mean, var, mask, count, *params = inputs
+    ctx.save_for_backward(dy, x, weight, bias, mean, mask)
+    ctx.params = tuple(params)
+
+
+def _stats_backward_derivative(ctx, gdx, gdw, gdb):
+    dy, x, weight, bias, mean, mask = ctx.saved_tensors
+    eps, act, negative_slope, alpha = ctx.params
+    # the statistics are functions of x: PyTorch's ops recompute them differentiably
+    d = _derivative_of_backward(
+        lambda x, w, b: torch_fallback.train_stats(x, w, b, mean, eps, act, negative_slope,
+                                                   alpha, mask),
+        dy, x, weight, bias, (gdx, gdw, gdb))
+    return (*d, None, None, None, None, None, None, None, None)
+
+
+_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+_stats_backward_op.register_autograd(_stats_backward_derivative,
+                                     setup_context=_save_stats_backward_inputs)
+
+
+class _EagerStats(torch.autograd.Function):
+    """bn_act_stats's op and autograd formula without the dispatcher, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _stats_impl(*inputs)
+        _stats_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _stats_grads(ctx, dy, _first_order(_stats_backward_impl,
+                                                  torch.ops.batchnorm.bn_act_stats_backward))
+
+
+def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
+    """The given-statistics op, or its implementation when nothing needs the op."""
+    args = (x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha)
+    if not _plain_eager(x, weight, bias, mean, var, mask, count):
+        return torch.ops.batchnorm.bn_act_stats(*args)
+    if _records_grad(x, weight, bias):
+        return _EagerStats.apply(*args)
+    return _stats_impl(*args)

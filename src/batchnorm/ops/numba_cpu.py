@@ -21,7 +21,8 @@ from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
 from .memory import output_like
 
-__all__ = ["takes", "train_impl", "eval_impl", "train_backward_impl", "eval_backward_impl"]
+__all__ = ["takes", "train_impl", "eval_impl", "train_backward_impl", "eval_backward_impl",
+           "stats_backward_impl"]
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -211,3 +212,51 @@ def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opti
         dyv, xv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, 0, 0.0, 1.0, False,
         sum_g.numpy(), sum_ge, count, dxv), x, [dx], [dy, x])
     return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# normalising with given batch statistics (masks, ghost batches, Batch Renorm)
+
+
+def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        mean: Tensor, var: Tensor, mask: Optional[Tensor], count: float,
+                        eps: float, act: str, negative_slope: float,
+                        alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The training gradient of :func:`eval_impl` run with x's own statistics ``mean`` / ``var``
+    (float64) over the positions ``mask`` counts (``count`` of them per channel):
+
+        dx = k1 * g + m * (k0 + k2 * (x - mean)),   k1 = gamma * invstd,
+        k0 = -k1 * sum(g) / n,   k2 = -k1 * invstd^2 * sum(g * (x - mean)) / n
+
+    with the sums over every position (each is normalised with the statistics). Without a
+    mask it is the training backward's two passes; with one, the eval backward's pass (k1 * g
+    and both sums) and the masked correction in PyTorch ops."""
+    if mask is None:
+        return train_backward_impl(dy, x, weight, bias, mean, var, eps, act, negative_slope,
+                                   alpha, False)
+    c = x.shape[1]
+    pdtype = x.dtype if weight is None else weight.dtype
+    if x.numel() == 0:
+        return torch.empty_like(x), x.new_zeros(c, dtype=pdtype), x.new_zeros(c, dtype=pdtype)
+    x = dense(x)
+    dy = as_layout_of(dy, x)
+    dx = output_like(x)
+    code = REGISTRY[act].code
+    sum_gxhat, sum_g = _run(
+        lambda dyv, xv, dxv: kernels.eval_backward(
+            dyv, xv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, code,
+            negative_slope, alpha, dxv), x, [dx], [dy, x])
+    invstd = 1.0 / np.sqrt(var.numpy() + eps)
+    gamma = np.ones(c) if weight is None else weight.detach().numpy().astype(np.float64)
+    k1 = gamma * invstd
+    k0 = -k1 * sum_g / count
+    k2 = -k1 * invstd * sum_gxhat / count
+    view = (1, c) + (1,) * (x.dim() - 2)
+    mean_hi = mean.to(x.dtype)
+    mean_lo = (mean - mean_hi.to(torch.float64)).to(x.dtype)
+    # centred as the kernels centre (x - mean_hi) - mean_lo: exact at large offsets
+    e = (x - mean_hi.view(view)).sub_(mean_lo.view(view))
+    e.mul_(torch.from_numpy(k2).to(x.dtype).view(view)).add_(
+        torch.from_numpy(k0).to(x.dtype).view(view))
+    dx.addcmul_(e, mask.unsqueeze(1).to(x.dtype))
+    return dx, torch.from_numpy(sum_gxhat).to(pdtype), torch.from_numpy(sum_g).to(pdtype)

@@ -20,7 +20,8 @@ from torch import Tensor
 from ..activations import REGISTRY
 from .layout import same_format
 
-__all__ = ["train", "eval_", "shifted_moments", "working", "channel_view"]
+__all__ = ["train", "eval_", "shifted_moments", "working", "channel_view", "masked_moments",
+           "train_stats", "mixed"]
 
 
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
@@ -153,3 +154,79 @@ def _safe_gamma(gamma: Tensor, eps: float) -> Tensor:
     recoverable."""
     sign = torch.where(gamma < 0, -1.0, 1.0).to(gamma.dtype)
     return torch.where(gamma.abs() < eps, sign * eps, gamma)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks and given statistics (the layers' options for hard training conditions)
+
+
+def masked_moments(x: Tensor, mask: Tensor) -> tuple[int, Tensor, Tensor]:
+    """``(n, mean, M2)`` per channel of x ``(N, C, *)`` over the positions where ``mask``
+    ``(N, *)`` is True: the reference's definition (shift by one counted sample of each
+    channel, two passes), in float64. No counted value gives ``(0, zeros, zeros)``."""
+    c = x.shape[1]
+    n = int(mask.sum())
+    zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
+    if n == 0:
+        return 0, zeros, zeros.clone()
+    m = mask.unsqueeze(1)  # (N, 1, *)
+    plane = mask[0].numel()
+    first = int(mask.reshape(-1).nonzero()[0, 0])
+    shift = x[first // plane].reshape(c, -1)[:, first % plane].to(torch.float64)  # (C,)
+    view = channel_view(x)
+    dims = reduce_dims(x)
+    d = (x.to(torch.float64) - shift.view(view)) * m  # uncounted positions are 0
+    d_mean = d.sum(dims) / n
+    m2 = ((d - d_mean.view(view)) * m).square().sum(dims)
+    return n, shift + d_mean, m2
+
+
+def train_stats(x, weight, bias, mean, eps, act, negative_slope, alpha, mask):
+    """y normalised with x's own (masked) statistics, written in differentiable PyTorch ops so
+    that autograd gives the (masked) training gradient; ``mean`` (float64, detached) is the
+    shift that keeps the float32 arithmetic centred at any offset. Every position is
+    normalised."""
+    xs = working(x)
+    view = channel_view(xs)
+    d = xs - mean.to(xs.dtype).view(view)  # small values: centred by the exact mean
+    dims = reduce_dims(xs)
+    if mask is None:
+        var, d_mean = torch.var_mean(d, dim=dims, correction=0)
+    else:
+        m = mask.unsqueeze(1).to(xs.dtype)
+        n = m.sum()
+        d_mean = (d * m).sum(dims) / n
+        var = ((d - d_mean.view(view)).square() * m).sum(dims) / n
+    z = (d - d_mean.view(view)) * torch.rsqrt(var + eps).view(view)
+    if weight is not None:
+        z = z * weight.to(xs.dtype).view(view)
+    if bias is not None:
+        z = z + bias.to(xs.dtype).view(view)
+    return same_format(REGISTRY[act].apply(z, negative_slope, alpha).to(x.dtype), x)
+
+
+def mixed(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha, mix, mask):
+    """Test-time mixed statistics in differentiable PyTorch ops: mean and variance
+    ``mix * batch + (1 - mix) * running`` (the batch variance biased, over the counted
+    positions), gradients through the batch part."""
+    xs = working(x)
+    view = channel_view(xs)
+    shift = running_mean.detach().to(xs.dtype)
+    d = xs - shift.view(view)
+    dims = reduce_dims(xs)
+    if mask is None:
+        var_b, mean_b = torch.var_mean(d, dim=dims, correction=0)
+    else:
+        m = mask.unsqueeze(1).to(xs.dtype)
+        n = m.sum()
+        mean_b = (d * m).sum(dims) / n
+        var_b = ((d - mean_b.view(view)).square() * m).sum(dims) / n
+    # in d's frame the running mean is 0
+    mean = mix * mean_b
+    var = mix * var_b + (1.0 - mix) * running_var.detach().to(xs.dtype)
+    z = (d - mean.view(view)) * torch.rsqrt(var + eps).view(view)
+    if weight is not None:
+        z = z * weight.to(xs.dtype).view(view)
+    if bias is not None:
+        z = z + bias.to(xs.dtype).view(view)
+    return same_format(REGISTRY[act].apply(z, negative_slope, alpha).to(x.dtype), x)
