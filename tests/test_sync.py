@@ -131,6 +131,7 @@ def _suite(rank, world):
         "recal": lambda: _recal_run(rank, world) if world == 3 else None,
         "offset": lambda: _offset_run(rank, world),
         "subgroup": lambda: _subgroup_run(rank, world) if world == 3 else None,
+        "variants": lambda: _variants_run(rank, world),
     }
     out = {}
     for name, part in parts.items():
@@ -562,3 +563,88 @@ def test_fault_layers_of_different_sizes():
     assert err is not None and "'large'" in err, err
     assert "rank 0 in a call of another size" in err or "failed collective" in err, err
     assert got[0] is None or got[0]["error"] is not None  # never a silent wrong result
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch Renorm, masks and ghost batches over ranks == one process on the concatenated batch
+
+RENORM = {"renorm": True, "rmax": 1.5, "dmax": 0.2}
+# (options, masked, worlds): ghost batches are cut from each rank's own batch, so they equal one
+# process where every rank's batch is a multiple of the piece size (world 2: 4 + 4)
+VARIANTS = [(RENORM, False, (2, 3)), ({}, True, (2, 3)), (dict(RENORM), True, (2, 3)),
+            ({"virtual_batch_size": 2}, False, (2,)),
+            ({"virtual_batch_size": 2, **RENORM}, True, (2,))]
+
+
+def _variant_data(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 5, generator=g, dtype=torch.float64) * 2 + 0.5
+    mask = torch.rand(n, 5, generator=g) < 0.6
+    mask[:, 0] = True  # every sample counts somewhere: each ghost batch and rank has values
+    dy = torch.randn(n, 3, 5, generator=g, dtype=torch.float64)
+    return x, mask, dy
+
+
+def _variant_layer(cls, opts):
+    m = cls(3, eps=1e-3, dtype=torch.float64, **opts)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([1.2, 0.7, -0.9]))
+        m.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        m.running_mean.copy_(torch.tensor([1.0, -0.5, 0.2]))
+        m.running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
+    return m
+
+
+def _variant_steps(m, x, mask, dy, strided, steps=2):
+    if strided:  # PyTorch's path: odd strides are not the kernels'
+        x = x.transpose(0, 2).contiguous().transpose(0, 2)
+    x = x.clone().requires_grad_() if not strided else x.requires_grad_()
+    for _ in range(steps):
+        y = m(x, mask=mask)
+        (y * dy).sum().backward()
+    return [y.detach(), x.grad, m.weight.grad, m.bias.grad, m.running_mean.clone(),
+            m.running_var.clone()]
+
+
+def _variants_run(rank, world):
+    sizes = SIZES[world]
+    lo = sum(sizes[:rank])
+    hi = lo + sizes[rank]
+    x, mask, dy = _variant_data(sum(sizes))
+    out = []
+    for opts, masked, worlds in VARIANTS:
+        for strided in (False, True):
+            if world not in worlds:
+                out.append(None)
+                continue
+            m = _variant_layer(SyncBatchNorm, opts)
+            out.append(_variant_steps(m, x[lo:hi], mask[lo:hi] if masked else None, dy[lo:hi],
+                                      strided))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_renorm_masks_and_ghost_batches_over_ranks_equal_one_process(suite, world):
+    from batchnorm import BatchNorm1d
+
+    got = suite(world, "variants")
+    sizes = SIZES[world]
+    x, mask, dy = _variant_data(sum(sizes))
+    k = 0
+    for opts, masked, worlds in VARIANTS:
+        for strided in (False, True):
+            if world in worlds:
+                want = _variant_steps(_variant_layer(BatchNorm1d, opts), x,
+                                      mask if masked else None, dy, False)
+                y = torch.cat([got[r][k][0] for r in range(world)])
+                dx = torch.cat([got[r][k][1] for r in range(world)])
+                dw = sum(got[r][k][2] for r in range(world))  # DDP would average these
+                db = sum(got[r][k][3] for r in range(world))
+                for name, a, b in (("y", y, want[0]), ("dx", dx, want[1]), ("dweight", dw, want[2]),
+                                   ("dbias", db, want[3])):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
+                                               msg=f"{opts} masked={masked} strided={strided} {name}")
+                for r in range(world):  # every rank ends with the one process's buffers
+                    torch.testing.assert_close(got[r][k][4], want[4], rtol=1e-12, atol=1e-12)
+                    torch.testing.assert_close(got[r][k][5], want[5], rtol=1e-12, atol=1e-12)
+            k += 1

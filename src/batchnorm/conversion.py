@@ -32,6 +32,7 @@ from .protocol import (
     act_args,
     activation_of,
     bn_args,
+    options_of,
     bn_kind,
     family_of,
     frozen_class,
@@ -79,6 +80,10 @@ def _to_ours(bn: nn.Module) -> nn.Module:
 
 
 def _to_torch(bn: nn.Module) -> nn.Module:
+    if options_of(bn):
+        settings = ", ".join(f"{k}={v!r}" for k, v in options_of(bn).items())
+        raise expected("BN layers without the options PyTorch's BatchNorm lacks, to convert "
+                       "to='torch'", f"{type(bn).__name__}({bn.num_features}) with {settings}")
     new = _FAMILIES["torch"][rank_key(bn)](bn.num_features, **bn_args(bn))
     move_state(bn, new)
     return _with_activation(bn, new)
@@ -104,9 +109,10 @@ def _from_sync(bn: nn.Module) -> nn.Module:
     key = rank_key(bn)
     if _family_of(bn) == "sync_act" and key != "xd":
         new = _FAMILIES["ours_act"][key](bn.num_features, **act_args(bn), **bn_args(bn),
-                                         nonfinite=bn.nonfinite)
+                                         nonfinite=bn.nonfinite, **options_of(bn))
     else:
-        new = _FAMILIES["ours"][key](bn.num_features, **bn_args(bn), nonfinite=bn.nonfinite)
+        new = _FAMILIES["ours"][key](bn.num_features, **bn_args(bn), nonfinite=bn.nonfinite,
+                                     **options_of(bn))
         new = _with_activation(bn, new)
     move_state(bn, new[0] if isinstance(new, nn.Sequential) else new)
     return new
@@ -279,7 +285,7 @@ def _fuse_activations(model: nn.Module) -> nn.Module:
             continue
         act, act_kwargs = spec
         new = _FAMILIES["ours_act"][rank_key(bn)](bn.num_features, act, **act_kwargs, **bn_args(bn),
-                                                 nonfinite=bn.nonfinite)
+                                                 nonfinite=bn.nonfinite, **options_of(bn))
         move_state(bn, new)
         parent, _, name = node.target.rpartition(".")
         setattr(gm.get_submodule(parent), name, new)

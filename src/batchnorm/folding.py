@@ -282,6 +282,7 @@ def fold(model: nn.Module, example_input=None, *, report: bool = False):
         >>> print(report)   # per-layer action and error
     """
     _check_model(model)
+    _check_eval_stats(model)
     folded = copy.deepcopy(model).eval()
     graph = trace(folded)
     args = as_args(example_input)
@@ -440,6 +441,17 @@ def _seen_rank(seen) -> int | None:
     if seen is not None and isinstance(seen[0][0], torch.Tensor):
         return seen[0][0].dim()
     return None
+
+
+def _check_eval_stats(model: nn.Module) -> None:
+    """Folding bakes in the running statistics: a BN that normalises with others in eval
+    (``eval_stats`` "batch" or "mix") cannot be folded without changing what it computes."""
+    for name, m in model.named_modules():
+        stats = getattr(m, "eval_stats", "running")
+        if is_batchnorm(m) and stats != "running":
+            raise expected("BN layers on eval_stats='running' to fold (folding uses the running "
+                           "statistics)", f"{name or type(m).__name__}: eval_stats={stats!r}; "
+                           "set it to 'running' first")
 
 
 def _check_model(model) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from .errors import expected
 from .graph import ModelGraph, Site, class_name, is_foldable_producer, out_channels, trace
 from .probe import as_args, capture
-from .protocol import activation_of, bn_kind, is_batchnorm
+from .protocol import activation_of, bn_kind, is_batchnorm, options_of
 
 __all__ = ["inspect", "Report", "Finding", "LayerRow"]
 
@@ -52,6 +52,7 @@ class LayerRow:
     momentum: float | None
     mode: str  # train | eval
     producer: str  # the module or op its input comes from
+    options: str = ""  # the hard-training options set (renorm, ghost batches, eval statistics)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Report:
             ("momentum", "right"),
             ("mode", "left"),
             ("input from", "left"),
+            ("options", "left"),
         ):
             table.add_column(col, justify=just, overflow="fold")
         for r in self.layers:
@@ -121,6 +123,7 @@ class Report:
                 momentum,
                 r.mode,
                 r.producer,
+                r.options or "-",
             )
         t = self.totals
         summary = (
@@ -302,6 +305,7 @@ def _row(name: str, bn: nn.Module, producer: Site | None) -> LayerRow:
         getattr(bn, "momentum", None),
         "train" if bn.training else "eval",
         source,
+        ", ".join(f"{k}={v!r}" for k, v in options_of(bn).items()),
     )
 
 

@@ -257,49 +257,61 @@ class _OurBatchNorm(_BatchNorm):
                                        mask=mp))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         if update:
-            count, mean, m2 = _merge(parts)
-            n = float(count) if eager else count
-            var = m2 / count
-            self._update_running_stats(mean.to(x.dtype), var.to(x.dtype), n)
+            self._update_from_moments(*_merge(parts), x.dtype)
         return y
+
+    def _update_from_moments(self, count: Tensor, mean: Tensor, m2: Tensor, dtype) -> None:
+        """The running update from float64 moments of the (counted) batch."""
+        n = float(count) if not _is_compiling() else count
+        self._update_running_stats(mean.to(dtype), (m2 / count).to(dtype), n)
+
+    def _renorm_factors(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Batch Renorm's float64 (r, d) of batch statistics against the running ones."""
+        sigma = torch.sqrt(self.running_var.to(torch.float64) + self.eps)
+        r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / self.rmax, self.rmax)
+        d = ((mean - self.running_mean.to(torch.float64)) / sigma).clamp(-self.dmax, self.dmax)
+        return r, d
 
     def _renormed(self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                   x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
         """Batch Renorm as an affine map: ``weight * (x_hat * r + d) + bias`` is BN with
         ``weight * r`` and ``bias + weight * d`` (r, d constants: the gradient reaches weight
-        through both). r and d are measured against the running statistics before this batch;
-        a checkpointed forward run again in backward reuses the first run's r and d (found by
-        its batch statistics, which the kernels reproduce bitwise)."""
-        key = None
-        if not _is_compiling():
-            key = (mean.detach().cpu().numpy().tobytes(), var.detach().cpu().numpy().tobytes())
-        if not update and key in self._replays and _replaying():
-            r, d = self._replays.pop(key)
-        else:
-            sigma = torch.sqrt(self.running_var.to(torch.float64) + self.eps)
-            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / self.rmax, self.rmax)
-            d = ((mean - self.running_mean.to(torch.float64)) / sigma).clamp(-self.dmax,
-                                                                             self.dmax)
-            if key is not None and update:
-                self._replays[key] = (r, d)
-                while len(self._replays) > _REPLAYS_KEPT:
-                    self._replays.popitem(last=False)
+        through both)."""
+        r, d = self._renorm_rd(mean, var, update)
         pdtype = x.dtype if weight is None else weight.dtype
         r, d = r.to(pdtype), d.to(pdtype)
         new_weight = r if weight is None else weight * r
         shift = d if weight is None else weight * d
         return new_weight, shift if bias is None else bias + shift
 
+    def _renorm_rd(self, mean: Tensor, var: Tensor, update: bool) -> tuple[Tensor, Tensor]:
+        """(r, d) for these batch statistics, measured against the running statistics before
+        this batch; a checkpointed forward run again in backward reuses the first run's r and d
+        (found by its batch statistics, which the kernels reproduce bitwise)."""
+        key = None
+        if not _is_compiling():
+            key = (mean.detach().cpu().numpy().tobytes(), var.detach().cpu().numpy().tobytes())
+        if not update and key in self._replays and _replaying():
+            r, d = self._replays.pop(key)
+        else:
+            r, d = self._renorm_factors(mean, var)
+            if key is not None and update:
+                self._replays[key] = (r, d)
+                while len(self._replays) > _REPLAYS_KEPT:
+                    self._replays.popitem(last=False)
+        return r, d
+
     def _onnx_forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Under ``torch.onnx.export``: PyTorch's own BN forward, then the activation, so both
         exporters write the standard BatchNormalization node (training mode included, exactly
         as they do for ``torch.nn.BatchNorm2d``) and the activation's own node; the custom ops
         have no ONNX form. The options ONNX has no node for are refused."""
-        if self.eval_stats != "running" or mask is not None:
-            raise expected("eval_stats='running' and no mask to export to ONNX (its "
-                           "BatchNormalization has neither)",
-                           f"eval_stats={self.eval_stats!r}"
-                           + ("" if mask is None else ", a mask"))
+        if self.eval_stats != "running" or mask is not None or (self.training and (
+                self._renorm_on() or self.virtual_batch_size is not None)):
+            raise expected("plain BN to export to ONNX: eval_stats='running', no mask, and in "
+                           "training no renorm or virtual_batch_size (its BatchNormalization "
+                           "has none of them)", f"{type(self).__name__}({self.num_features}) "
+                           f"with {self.options() or 'a mask'}")
         act, negative_slope, alpha, _ = self._act()
         return REGISTRY[act].apply(_BatchNorm.forward(self, x), negative_slope, alpha)
 

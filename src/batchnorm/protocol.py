@@ -50,6 +50,7 @@ __all__ = [
     "swap",
     "move_state",
     "bn_args",
+    "options_of",
     "act_args",
 ]
 
@@ -208,6 +209,13 @@ def bn_args(bn: nn.Module) -> dict:
     """The constructor arguments of a trainable BN that rebuild ``bn``'s configuration."""
     return dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                 track_running_stats=bn.track_running_stats, bias=bn.bias is not None)
+
+
+def options_of(bn: nn.Module) -> dict:
+    """The options for hard training conditions (Batch Renorm, Ghost BN, test-time statistics)
+    that ``bn`` sets, as constructor keywords; {} for plain BN and PyTorch's."""
+    options = getattr(bn, "options", None)
+    return options() if callable(options) else {}
 
 
 def act_args(bn: nn.Module) -> dict:

@@ -40,10 +40,10 @@ from torch import nn
 from . import protocol
 from .activations import REGISTRY
 from .collectives import BACKWARD, FORWARD, Link, group_world, layer_key
-from .errors import check_eps, expected
-from .layers import _OurBatchNorm, _OurBatchNormAct, in_onnx_export
-from .ops import numba_cpu
-from .ops.torch_fallback import channel_view, shifted_moments, working
+from .errors import check_counted, check_eps, expected
+from .layers import _OurBatchNorm, _OurBatchNormAct, _replaying, in_onnx_export
+from .ops import check_mask, numba_cpu
+from .ops.torch_fallback import channel_view, masked_moments, shifted_moments, working
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
            "local_only", "from_batchnorm"]
@@ -103,49 +103,60 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, link, call):
+    def forward(ctx, x, weight, bias, eps, link, call, mask=None, renorm=None):
         c = x.shape[1]
         ctx.kernels = numba_cpu.takes(x, weight, bias)
-        if ctx.kernels:  # the plain layer's statistics kernel
+        shift = d = xw = None
+        if mask is not None:  # statistics of the counted positions only
+            n_local, mean, m2 = masked_moments(x.detach(), mask)
+            if not ctx.kernels:
+                xw = working(x.detach())
+                shift = mean.to(xw.dtype)
+                d = xw - shift.view(channel_view(xw))
+        elif ctx.kernels:  # the plain layer's statistics kernel
             n_local, mean, m2 = numba_cpu.moments_impl(x)
-            shift = None
         else:
             xw = working(x.detach())
             n_local, shift, d, mean, m2 = shifted_moments(xw)
         payload = torch.cat([mean, m2, mean.new_tensor([float(n_local)])])  # (2C + 1,)
         rows = link.gather(payload, FORWARD, call, c)  # (W, 2C + 1)
         n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
-        if n == 1:
+        if mask is not None:
+            check_counted(int(n), f"{link.name}: the mask over all ranks")
+        elif n == 1:
             raise expected(f"{link.name}: more than 1 value per channel when training",
                            "1 value per channel over all ranks")
         var = g_m2 / n if n > 0 else torch.full_like(g_m2, math.nan)
         ctx.n, ctx.eps, ctx.link, ctx.call = n, eps, link, call
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
+        # Batch Renorm: BN with weight * r and bias + weight * d (r, d from the global statistics)
+        ctx.rd = None if renorm is None else renorm(g_mean, var)
+        weight_eff, bias_eff = _effective(weight, bias, ctx.rd, x)
         n_out = g_mean.new_tensor(n)
         ctx.mark_non_differentiable(g_mean, var, n_out)
         if ctx.kernels:  # the plain layer's normalising kernel, with the global statistics
-            y = numba_cpu.eval_impl(x.detach(), _detached(weight), _detached(bias), g_mean, var,
+            y = numba_cpu.eval_impl(x.detach(), weight_eff, bias_eff, g_mean, var,
                                     eps, "identity", 0.01, 1.0)
-            ctx.save_for_backward(x, weight, bias, g_mean, var)
+            ctx.save_for_backward(x, weight_eff, bias_eff, g_mean, var, mask)
             return y, g_mean, var, n_out
         # the global mean in d's frame: small, so its rounding to d's dtype costs nothing
         mean_d = (g_mean - shift.to(torch.float64)).to(xw.dtype)
         var_w = var.to(xw.dtype)
-        w = None if weight is None else weight.detach().to(xw.dtype)
-        b = None if bias is None else bias.detach().to(xw.dtype)
-        if n_local > 0:
+        w = None if weight_eff is None else weight_eff.to(xw.dtype)
+        b = None if bias_eff is None else bias_eff.to(xw.dtype)
+        if x.numel() > 0:
             y = F.batch_norm(d, mean_d, var_w, w, b, training=False, eps=eps)
         else:
             y = torch.empty_like(xw)
-        ctx.save_for_backward(d, weight, mean_d, var_w)
+        ctx.save_for_backward(d, weight_eff, mean_d, var_w, mask)
         return y.to(x.dtype), g_mean, var, n_out
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar, _gn):
         if ctx.kernels:
             return _SyncBatchNormFunction._kernel_backward(ctx, gy)
-        d, weight, mean_d, var_w = ctx.saved_tensors
+        d, weight, mean_d, var_w, mask = ctx.saved_tensors
         c = d.shape[1]
         invstd = torch.rsqrt(var_w.to(torch.float64) + ctx.eps)
         gamma = torch.ones_like(invstd) if weight is None else weight.detach().to(torch.float64)
@@ -167,25 +178,37 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             scale = gamma * invstd
             k1 = scale * invstd * total[c:] / ctx.n  # times (d - mean_d): x_hat * mean(g x_hat)
             k0 = scale * total[:c] / ctx.n - k1 * mean_d.to(torch.float64)  # and mean(g)
-            dx = torch.addcmul(dx, d, k1.to(d.dtype).view(view), value=-1.0)
-            dx = dx.sub_(k0.to(d.dtype).view(view))
+            correction = torch.addcmul(k0.to(d.dtype).view(view), d, k1.to(d.dtype).view(view))
+            if mask is not None:  # only the counted positions move the statistics
+                correction = correction * mask.unsqueeze(1).to(d.dtype)
+            dx = dx - correction
         dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
-            else None
-        dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
-            else None
-        return dx, dweight, dbias, None, None, None
+        return (dx, *_SyncBatchNormFunction._param_grads(ctx, weight, sum_g, sum_gxhat),
+                None, None, None, None, None)
+
+    @staticmethod
+    def _param_grads(ctx, weight_eff, sum_g, sum_gxhat):
+        """dweight, dbias from this rank's float64 sums: with Batch Renorm's r and d,
+        ``dweight = r * sum(g x_hat) + d * sum(g)``."""
+        dweight = dbias = None
+        if weight_eff is not None and ctx.needs_input_grad[1]:
+            if ctx.rd is not None:
+                r, d = ctx.rd
+                sum_gxhat = r * sum_gxhat + d * sum_g
+            dweight = sum_gxhat.to(weight_eff.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = sum_g.to(ctx.bias_dtype)
+        return dweight, dbias
 
     @staticmethod
     def _kernel_backward(ctx, gy):
         """The plain layer's backward kernels around the one all-reduce: this rank's sums, then
         dx from every rank's."""
-        x, weight, bias, mean, var = ctx.saved_tensors
+        x, weight, bias, mean, var, mask = ctx.saved_tensors
         c = x.shape[1]
-        w, b = _detached(weight), _detached(bias)
         if x.numel() > 0:
-            sum_g, sum_gxhat = numba_cpu.backward_sums_impl(gy, x.detach(), w, b, mean, var,
-                                                            ctx.eps)
+            sum_g, sum_gxhat = numba_cpu.backward_sums_impl(gy, x.detach(), weight, bias, mean,
+                                                            var, ctx.eps)
         else:
             sum_g = torch.zeros(c, dtype=torch.float64)
             sum_gxhat = torch.zeros_like(sum_g)
@@ -193,14 +216,32 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         total = ctx.link.all_reduce(torch.cat([sum_g, sum_gxhat]), BACKWARD, ctx.call, c)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = numba_cpu.backward_dx_impl(gy, x.detach(), w, b, mean, var, ctx.eps,
-                                            total[:c].contiguous(), total[c:].contiguous(),
-                                            ctx.n) if x.numel() > 0 else torch.zeros_like(x)
-        dweight = sum_gxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
-            else None
-        dbias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] \
-            else None
-        return dx, dweight, dbias, None, None, None
+            if x.numel() == 0:
+                dx = torch.zeros_like(x)
+            elif mask is None:
+                dx = numba_cpu.backward_dx_impl(gy, x.detach(), weight, bias, mean, var,
+                                                ctx.eps, total[:c].contiguous(),
+                                                total[c:].contiguous(), ctx.n)
+            else:  # k1 * g from the eval backward's pass, then the masked statistics' part
+                dx = numba_cpu.eval_backward_impl(gy, x.detach(), weight, bias, mean, var,
+                                                  ctx.eps, "identity", 0.01, 1.0)[0]
+                numba_cpu.masked_correction(dx, x, weight, mean, var, total[:c].numpy(),
+                                            total[c:].numpy(), ctx.n, mask, ctx.eps)
+        return (dx, *_SyncBatchNormFunction._param_grads(ctx, weight, sum_g, sum_gxhat),
+                None, None, None, None, None)
+
+
+def _effective(weight, bias, rd, x):
+    """Detached (weight, bias) the normalisation uses: as given, or Batch Renorm's
+    ``weight * r`` and ``bias + weight * d``."""
+    weight, bias = _detached(weight), _detached(bias)
+    if rd is None:
+        return weight, bias
+    r, d = rd
+    pdtype = x.dtype if weight is None else weight.dtype
+    r, d = r.to(pdtype), d.to(pdtype)
+    shift = d if weight is None else weight * d
+    return (r if weight is None else weight * r), (shift if bias is None else bias + shift)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -221,26 +262,54 @@ class _SyncBase(_OurBatchNorm):
     _sync_calls = 0
     _local_only = False  # set by local_only() during recalibration
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if in_onnx_export():  # an ONNX file is one process: plain BN
-            return self._onnx_forward(input)
+            return self._onnx_forward(input, mask)
         group, world = group_world(self.process_group)
         if not (self.training and world > 1) or self._local_only:  # eval never syncs (PyTorch)
-            return super().forward(input)
-        return self._sync_forward(input, group, world)
+            return super().forward(input, mask)
+        return self._sync_forward(input, group, world, mask)
 
-    def _sync_forward(self, x: torch.Tensor, group, world: int) -> torch.Tensor:
+    def _sync_forward(self, x: torch.Tensor, group, world: int,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
         # the local checks; "more than one value per channel" is checked over all ranks, later
-        self._check_input(x, batch_stats=False, update=self.track_running_stats)
+        update = self.track_running_stats and not _replaying()
+        self._check_input(x, batch_stats=False, update=update)
         check_eps(self.eps, training=True)
+        check_mask(mask, x)
         act, negative_slope, alpha, _ = self._act()
         self._sync_calls += 1
         link = Link(group, world, self._display_name, layer_key(self._display_name))
+        if self.virtual_batch_size is not None:
+            # ghost batches are cut from each rank's own batch and normalised locally; only the
+            # running update needs every rank (see _update_from_moments)
+            self._ghost_link = link
+            try:
+                return self._forward_pieces(x, mask, self._renorm_on(), True, update,
+                                            (act, negative_slope, alpha))
+            finally:
+                self._ghost_link = None
+        renorm = None
+        if self._renorm_on():
+            renorm = lambda mean, var: self._renorm_rd(mean, var, update)  # noqa: E731
         z, mean, var, n = _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, self.eps, link, self._sync_calls)
-        if self.track_running_stats:
+            x, self.weight, self.bias, self.eps, link, self._sync_calls, mask, renorm)
+        if update:
             self._update_running_stats(mean, var, int(n))  # n over all ranks: same on each
         return REGISTRY[act].apply(z, negative_slope, alpha)
+
+    _ghost_link = None
+
+    def _update_from_moments(self, count, mean, m2, dtype) -> None:
+        """Ghost batches under sync: this rank's merged moments, merged with every rank's."""
+        link = self._ghost_link
+        if link is None:
+            return super()._update_from_moments(count, mean, m2, dtype)
+        c = mean.shape[0]
+        payload = torch.cat([mean, m2, count.reshape(1).to(torch.float64)])
+        rows = link.gather(payload, FORWARD, self._sync_calls, c)
+        n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
+        self._update_running_stats(g_mean.to(dtype), (g_m2 / n).to(dtype), n)
 
     @property
     def _display_name(self) -> str:
@@ -407,10 +476,11 @@ def from_batchnorm(bn: nn.Module) -> nn.Module:
     buffers (moved, not copied), remembering its input ranks for converting back."""
     if isinstance(bn, _OurBatchNormAct):
         new = SyncBatchNormAct(bn.num_features, **protocol.act_args(bn), **protocol.bn_args(bn),
-                               nonfinite=bn.nonfinite)
+                               nonfinite=bn.nonfinite, **protocol.options_of(bn))
     else:
         new = SyncBatchNorm(bn.num_features, **protocol.bn_args(bn),
-                            nonfinite=getattr(bn, "nonfinite", "skip"))
+                            nonfinite=getattr(bn, "nonfinite", "skip"),
+                            **protocol.options_of(bn))
     key = protocol.rank_key(bn)
     new.source_ranks = None if key == "xd" else key
     protocol.move_state(bn, new)

@@ -22,7 +22,7 @@ from .layout import as_layout_of, dense, layout
 from .memory import output_like
 
 __all__ = ["takes", "train_impl", "eval_impl", "train_backward_impl", "eval_backward_impl",
-           "stats_backward_impl"]
+           "stats_backward_impl", "masked_correction"]
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -246,6 +246,18 @@ def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
         lambda dyv, xv, dxv: kernels.eval_backward(
             dyv, xv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, code,
             negative_slope, alpha, dxv), x, [dx], [dy, x])
+    masked_correction(dx, x, weight, mean, var, sum_g, sum_gxhat, count, mask, eps)
+    return dx, torch.from_numpy(sum_gxhat).to(pdtype), torch.from_numpy(sum_g).to(pdtype)
+
+
+def masked_correction(dx: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
+                      var: Tensor, sum_g, sum_gxhat, count: float, mask: Tensor,
+                      eps: float) -> None:
+    """Add the statistics' part of the masked training gradient to ``dx`` (which holds
+    ``k1 * g``): ``dx += m * (k0 + k2 * (x - mean))`` from float64 sums over ``count`` counted
+    values (this batch's, or every rank's)."""
+    c = x.shape[1]
+    sum_g, sum_gxhat = np.asarray(sum_g, np.float64), np.asarray(sum_gxhat, np.float64)
     invstd = 1.0 / np.sqrt(var.numpy() + eps)
     gamma = np.ones(c) if weight is None else weight.detach().numpy().astype(np.float64)
     k1 = gamma * invstd
@@ -254,9 +266,8 @@ def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     view = (1, c) + (1,) * (x.dim() - 2)
     mean_hi = mean.to(x.dtype)
     mean_lo = (mean - mean_hi.to(torch.float64)).to(x.dtype)
-    # centred as the kernels centre (x - mean_hi) - mean_lo: exact at large offsets
-    e = (x - mean_hi.view(view)).sub_(mean_lo.view(view))
+    # centred as the kernels centre, (x - mean_hi) - mean_lo: exact at large offsets
+    e = (x.detach() - mean_hi.view(view)).sub_(mean_lo.view(view))
     e.mul_(torch.from_numpy(k2).to(x.dtype).view(view)).add_(
         torch.from_numpy(k0).to(x.dtype).view(view))
     dx.addcmul_(e, mask.unsqueeze(1).to(x.dtype))
-    return dx, torch.from_numpy(sum_gxhat).to(pdtype), torch.from_numpy(sum_g).to(pdtype)
