@@ -220,6 +220,8 @@ class _OurBatchNorm(_BatchNorm):
 
     def _renorm_on(self) -> bool:
         """Batch Renorm with clips that can move r or d (rmax=1, dmax=0 is BN exactly)."""
+        if _is_compiling():  # checked in eager; a compiled graph guards on the values
+            return bool(self.renorm) and (self.rmax > 1.0 or self.dmax > 0.0)
         renorm, rmax, dmax = check_renorm(self.renorm, self.rmax, self.dmax)
         return renorm and (rmax > 1.0 or dmax > 0.0)
 
@@ -267,10 +269,8 @@ class _OurBatchNorm(_BatchNorm):
 
     def _renorm_factors(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """Batch Renorm's float64 (r, d) of batch statistics against the running ones."""
-        sigma = torch.sqrt(self.running_var.to(torch.float64) + self.eps)
-        r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / self.rmax, self.rmax)
-        d = ((mean - self.running_mean.to(torch.float64)) / sigma).clamp(-self.dmax, self.dmax)
-        return r, d
+        return ops.renorm_factors(mean, var, self.running_mean, self.running_var, self.eps,
+                                  self.rmax, self.dmax)
 
     def _renormed(self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                   x: Tensor, update: bool) -> tuple[Tensor, Tensor]:

@@ -35,7 +35,7 @@ from ..errors import check_act, check_eps, check_mask_shape, expected
 from . import custom_ops, numba_cpu, torch_fallback
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments", "bn_act_stats",
-           "bn_act_mixed", "check_mask"]
+           "bn_act_mixed", "renorm_factors", "check_mask"]
 
 ACTIVATIONS = FUSED  # the act names the ops take
 
@@ -259,6 +259,9 @@ def bn_act_mixed(x, weight, bias, running_mean, running_var, eps, act="identity"
     negative_slope, alpha = check_act(act, negative_slope, alpha, False)
     return torch_fallback.mixed(x, weight, bias, running_mean, running_var, eps, act,
                                 negative_slope, alpha, float(mix), mask)
+
+
+renorm_factors = custom_ops.renorm_factors
 
 
 def check_mask(mask: object, x: Tensor) -> None:

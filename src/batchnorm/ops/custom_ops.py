@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import expected
 from . import numba_cpu, torch_fallback
 
-__all__ = ["train", "eval_", "moments", "stats"]
+__all__ = ["train", "eval_", "moments", "stats", "renorm_factors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def moments(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The statistics op, or its implementation when nothing needs the op: float64
     ``(mean, M2, count)`` (count a 0-d tensor), never differentiable."""
     if not _plain_eager(x, mask):
-        return torch.ops.batchnorm.moments(x, mask)
+        return torch.ops.batchnorm.moments(x.detach(), mask)  # never differentiable
     return _moments_impl(x.detach(), mask)
 
 
@@ -402,3 +402,39 @@ def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alp
     if _records_grad(x, weight, bias):
         return _EagerStats.apply(*args)
     return _stats_impl(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch Renorm's r and d as an op of their own: under torch.compile, AOTAutograd's partitioner
+# would otherwise recompute them in the backward from the running buffers, which the forward's
+# update has moved by then (measured: weight gradients off by 1% in the channels whose r or d
+# changed). An op's outputs are saved, not recomputed.
+
+
+def _renorm_factors_impl(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                         eps: float, rmax: float, dmax: float) -> tuple[Tensor, Tensor]:
+    sigma = torch.sqrt(running_var.to(torch.float64) + eps)
+    r = (torch.sqrt(var.to(torch.float64) + eps) / sigma).clamp(1.0 / rmax, rmax)
+    d = ((mean.to(torch.float64) - running_mean.to(torch.float64)) / sigma).clamp(-dmax, dmax)
+    return r, d
+
+
+_renorm_op = torch.library.custom_op("batchnorm::renorm_factors", _renorm_factors_impl,
+                                     mutates_args=())
+
+
+@_renorm_op.register_fake
+def _(mean, var, running_mean, running_var, eps, rmax, dmax):
+    return torch.empty_like(mean, dtype=torch.float64), torch.empty_like(mean,
+                                                                         dtype=torch.float64)
+
+
+def renorm_factors(mean, var, running_mean, running_var, eps, rmax, dmax):
+    """Batch Renorm's float64 ``(r, d)``: ``r = clip(sqrt(var + eps) / sigma, 1/rmax, rmax)``,
+    ``d = clip((mean - running_mean) / sigma, -dmax, dmax)``, ``sigma = sqrt(running_var +
+    eps)``; the op under a compiler, its implementation otherwise. Never differentiable."""
+    args = (mean.detach(), var.detach(), running_mean.detach(), running_var.detach(), float(eps),
+            float(rmax), float(dmax))
+    if torch.compiler.is_compiling():
+        return torch.ops.batchnorm.renorm_factors(*args)
+    return _renorm_factors_impl(*args)
