@@ -642,8 +642,8 @@ def test_renorm_masks_and_ghost_batches_over_ranks_equal_one_process(suite, worl
                 db = sum(got[r][k][3] for r in range(world))
                 for name, a, b in (("y", y, want[0]), ("dx", dx, want[1]), ("dweight", dw, want[2]),
                                    ("dbias", db, want[3])):
-                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
-                                               msg=f"{opts} masked={masked} strided={strided} {name}")
+                    label = f"{opts} masked={masked} strided={strided} {name}"
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=label)
                 for r in range(world):  # every rank ends with the one process's buffers
                     torch.testing.assert_close(got[r][k][4], want[4], rtol=1e-12, atol=1e-12)
                     torch.testing.assert_close(got[r][k][5], want[5], rtol=1e-12, atol=1e-12)

@@ -32,12 +32,12 @@ from .protocol import (
     act_args,
     activation_of,
     bn_args,
-    options_of,
     bn_kind,
     family_of,
     frozen_class,
     is_batchnorm,
     move_state,
+    options_of,
     rank_key,
     swap,
 )
