@@ -108,7 +108,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.kernels = numba_cpu.takes(x, weight, bias)
         shift = d = xw = None
         if mask is not None:  # statistics of the counted positions only
-            n_local, mean, m2 = masked_moments(x.detach(), mask)
+            moments = numba_cpu.masked_moments_impl if ctx.kernels else masked_moments
+            n_local, mean, m2 = moments(x.detach(), mask)
             if not ctx.kernels:
                 xw = working(x.detach())
                 shift = mean.to(xw.dtype)
@@ -218,15 +219,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if x.numel() == 0:
                 dx = torch.zeros_like(x)
-            elif mask is None:
+            else:
                 dx = numba_cpu.backward_dx_impl(gy, x.detach(), weight, bias, mean, var,
                                                 ctx.eps, total[:c].contiguous(),
-                                                total[c:].contiguous(), ctx.n)
-            else:  # k1 * g from the eval backward's pass, then the masked statistics' part
-                dx = numba_cpu.eval_backward_impl(gy, x.detach(), weight, bias, mean, var,
-                                                  ctx.eps, "identity", 0.01, 1.0)[0]
-                numba_cpu.masked_correction(dx, x, weight, mean, var, total[:c].numpy(),
-                                            total[c:].numpy(), ctx.n, mask, ctx.eps)
+                                                total[c:].contiguous(), ctx.n, mask)
         return (dx, *_SyncBatchNormFunction._param_grads(ctx, weight, sum_g, sum_gxhat),
                 None, None, None, None, None)
 

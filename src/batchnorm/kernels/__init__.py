@@ -37,6 +37,8 @@ from .backward import (
     eval_backward_ncs,
     reduce_mc,
     reduce_ncs,
+    write_dx_masked_mc,
+    write_dx_masked_ncs,
     write_dx_mc,
     write_dx_ncs,
 )
@@ -45,6 +47,8 @@ from .statistics import (
     BLOCK,
     BLOCKED_PLANE_FROM,
     moments_mc,
+    moments_masked_mc,
+    moments_masked_ncs,
     moments_mc_blocked,
     moments_ncs,
     moments_ncs_blocked,
@@ -58,6 +62,7 @@ __all__ = [
     "train_backward_dx",
     "eval_backward",
     "moments",
+    "moments_masked",
     "set_threads",
     "cache_directory",
     "compiling_notice",
@@ -120,6 +125,15 @@ def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return exact(x.dtype)(x)
 
 
+def moments_masked(x: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Per-channel float64 ``(count, mean, M2)`` of x ``(N, C, S)`` or ``(M, C)`` over the
+    positions where the boolean ``mask`` (``(N, S)`` or ``(M,)``) is True; float64 sums."""
+    kernel = (moments_masked_mc if _channels_last(x) else moments_masked_ncs)(x.dtype)
+    # the mask as 0 / 1 in the data's dtype (1/C of the data's size): a multiply, not a branch
+    count, mean, m2 = kernel(x, mask.astype(x.dtype))
+    return float(count), mean, m2
+
+
 def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
     """Normalise x with its batch statistics, affine, activation, into y; return (mean, var).
 
@@ -139,16 +153,20 @@ def eval_forward(x, weight, bias, mean, var, eps, act, negative_slope, alpha, y)
                eps, act, negative_slope, alpha)
 
 
-def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace, dx):
+def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace, dx,
+                   mask=None, count=None):
     """Write dL/dx into dx for the training forward; return float64 (dweight, dbias).
 
     ``src`` is the forward's input x, or its output y when ``inplace`` (then x_hat is recovered
     as ``(act^-1(y) - bias) / weight``, with ``|weight| < eps`` replaced by ``sign * eps``).
-    ``mean`` / ``var`` are the float64 batch statistics :func:`train_forward` returned.
+    ``mean`` / ``var`` are the float64 batch statistics :func:`train_forward` returned, or those
+    of :func:`moments_masked` over ``count`` values where ``mask`` counts (the sums then still
+    run over every position, and only the counted ones get the statistics' part of dx).
     """
     prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
     sum_g, sum_ge = _sums(prep, dy, src, act, inplace)
-    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, _count(src), dx)
+    m = _count(src) if mask is None else count
+    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask)
 
 
 def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
@@ -161,12 +179,12 @@ def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slo
 
 
 def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace,
-                      sum_g, sum_ge, m, dx):
+                      sum_g, sum_ge, m, dx, mask=None):
     """The training backward's writing pass: dx from the sums of :func:`train_backward_sums`
-    over ``m`` values per channel (this batch's, or every rank's); returns float64
-    ``(sum g * x_hat, sum g)``: dweight and dbias of the sums given."""
+    over ``m`` values per channel (this batch's, or every rank's; with ``mask``, the counted
+    ones); returns float64 ``(sum g * x_hat, sum g)``: dweight and dbias of the sums given."""
     prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
-    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx)
+    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask)
 
 
 def _prep(src, weight, bias, mean, var, eps, negative_slope, alpha):
@@ -187,7 +205,7 @@ def _sums(prep, dy, src, act, inplace):
                                                _blocked_planes(src, BLOCK))
 
 
-def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx):
+def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask=None):
     invstd, gamma, per_channel, k = prep
     dtype = src.dtype
     act, inplace = int(act), bool(inplace)
@@ -200,8 +218,14 @@ def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx):
         sum_gxhat = sum_ge * invstd  # e = x - mean
         k2 = -k1 * invstd * sum_gxhat / m
     k0 = -k1 * sum_g / m
-    write_dx = (write_dx_mc if _channels_last(src) else write_dx_ncs)(act, inplace, dtype)
-    write_dx(dy, src, dx, *per_channel, k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
+    coefficients = (k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
+    if mask is None:
+        write_dx = (write_dx_mc if _channels_last(src) else write_dx_ncs)(act, inplace, dtype)
+        write_dx(dy, src, dx, *per_channel, *coefficients)
+    else:
+        write_dx = (write_dx_masked_mc if _channels_last(src) else write_dx_masked_ncs)(
+            act, inplace, dtype)
+        write_dx(dy, src, dx, mask, *per_channel, *coefficients)
     return sum_gxhat, sum_g
 
 

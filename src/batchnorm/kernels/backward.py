@@ -315,3 +315,51 @@ def eval_backward_mc(act, dtype):
         return _mc_sums(_eval_row_mc, dy, x, dx, mean_hi, mean_lo, scale, shift, act, False, k)
 
     return kernel
+
+
+@njit(inline="always", cache=True)
+def _write_row_masked_ncs(xr, gr, out, mr, mh, ml, sc, sh, a1, a0, a2, act, inplace, k):
+    """dx over one plane, the statistics' part only where the mask counts."""
+    z = xr.dtype.type(0.0)
+    for t in range(xr.shape[0]):
+        g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
+        out[t] = a1 * g + ((a0 + a2 * e) if mr[t] else z)
+
+
+@specialised(parallel=True)
+def write_dx_masked_ncs(act, inplace, dtype):
+    """Kernel: dx (N, C, S) = k1 * g + m * (k0 + k2 * e), m the mask (N, S) (masked BN: only the
+    counted positions move the statistics)."""
+
+    def kernel(dy, src, dx, mask, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+        n, c, s = src.shape
+        kt = unpack(k)
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            _write_row_masked_ncs(src[i, j], dy[i, j], dx[i, j], mask[i], mean_hi[j],
+                                  mean_lo[j], scale[j], shift[j], k1[j], k0[j], k2[j], act,
+                                  inplace, kt)
+
+    return kernel
+
+
+@specialised(parallel=True)
+def write_dx_masked_mc(act, inplace, dtype):
+    """Kernel: dx (M, C) = k1 * g + m * (k0 + k2 * e), channels-last, m the mask (M,)."""
+
+    def kernel(dy, src, dx, mask, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+        m, c = src.shape
+        kt = unpack(k)
+        rows = rows_per_chunk(c)
+        zeros = np.zeros_like(k0)
+        for q in prange((m + rows - 1) // rows):
+            for r in range(q * rows, min(m, (q + 1) * rows)):
+                if mask[r]:
+                    _write_row_mc(src[r], dy[r], dx[r], mean_hi, mean_lo, scale, shift, k1, k0,
+                                  k2, act, inplace, kt)
+                else:
+                    _write_row_mc(src[r], dy[r], dx[r], mean_hi, mean_lo, scale, shift, k1,
+                                  zeros, zeros, act, inplace, kt)
+
+    return kernel

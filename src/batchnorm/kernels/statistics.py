@@ -361,3 +361,131 @@ def moments_mc_blocked(dtype):
         return _mc_moments(_rows_blocked, x)
 
     return kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# masked statistics: only the positions where the mask is True count (the same in every channel)
+#
+# Each chunk (an (n, c) plane, or a block of channels-last rows) is read twice while in cache:
+# its counted mean first, then the squared deviations from it, both in float64; the chunks'
+# partials are merged with Chan's formula in order, weighted by their counted numbers (a chunk
+# counting nothing is neutral). Same definitions as the reference's moments with a mask.
+
+
+@njit(inline="always", cache=True, fastmath=REASSOC)
+def _plane_masked(row, mrow, cnt):
+    """(mean, M2) of one plane's counted values (cnt > 0 of them), two passes: sums in the data's
+    dtype over BLOCK values, each block's sum added in float64 (float32 data: the blocks of the
+    unmasked statistics, here centred on the plane's counted mean in the second pass)."""
+    z = row.dtype.type(0.0)
+    s = row.shape[0]
+    a = 0.0
+    for t0 in range(0, s, BLOCK):
+        sa = z
+        for t in range(t0, min(s, t0 + BLOCK)):
+            sa += row[t] * mrow[t]  # the mask as 0 / 1: a multiply that vectorises, no branch
+        a += np.float64(sa)
+    mean = a / cnt
+    k = row.dtype.type(mean)
+    b = 0.0
+    for t0 in range(0, s, BLOCK):
+        sb = z
+        for t in range(t0, min(s, t0 + BLOCK)):
+            d = (row[t] - k) * mrow[t]
+            sb += d * d
+        b += np.float64(sb)
+    # the centre k is the mean rounded to the data's dtype: correct M2 for the rest
+    delta = mean - np.float64(k)
+    return mean, max(b - cnt * delta * delta, 0.0)
+
+
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_masked_ncs(dtype):
+    """Per-channel float64 (count, mean, M2) of x (N, C, S) over the positions where mask (N, S)
+    (0 / 1 bytes) is 1: each (n, c) plane's partial in memory order, then each channel's planes
+    merged in order."""
+
+    def kernel(x, mask):
+        n, c, s = x.shape
+        counts = np.zeros(n)
+        for i in range(n):
+            for t in range(s):
+                counts[i] += np.float64(mask[i, t])
+        part_mean = np.zeros((n, c))
+        part_m2 = np.zeros((n, c))
+        for p in prange(n * c):
+            i = p // c
+            j = p - i * c
+            if counts[i] > 0.0:
+                part_mean[i, j], part_m2[i, j] = _plane_masked(x[i, j], mask[i], counts[i])
+        mean = np.zeros(c)
+        m2 = np.zeros(c)
+        cnt = 0.0
+        for i in range(n):
+            nb = counts[i]
+            if nb == 0.0:
+                continue
+            for j in range(c):
+                if cnt == 0.0:
+                    mean[j], m2[j] = part_mean[i, j], part_m2[i, j]
+                else:
+                    mean[j], m2[j] = _chan(cnt, mean[j], m2[j], nb, part_mean[i, j],
+                                           part_m2[i, j])
+            cnt += nb
+        return cnt, mean, m2
+
+    return kernel
+
+
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_masked_mc(dtype):
+    """Per-channel float64 (count, mean, M2) of channels-last x (M, C) over the rows where mask
+    (M,) is True; chunks of rows_per_chunk rows, merged in order."""
+
+    def kernel(x, mask):
+        m, c = x.shape
+        rows = rows_per_chunk(c)
+        chunks = (m + rows - 1) // rows
+        part_n = np.zeros(chunks)
+        part_mean = np.zeros((chunks, c))
+        part_m2 = np.zeros((chunks, c))
+        for q in prange(chunks):
+            r0 = q * rows
+            r1 = min(m, r0 + rows)
+            acc = np.zeros(c)
+            cnt = 0.0
+            for r in range(r0, r1):
+                if mask[r]:
+                    cnt += 1.0
+                    for j in range(c):
+                        acc[j] += np.float64(x[r, j])
+            if cnt == 0.0:
+                continue
+            for j in range(c):
+                part_mean[q, j] = acc[j] / cnt
+                acc[j] = 0.0
+            for r in range(r0, r1):
+                if mask[r]:
+                    for j in range(c):
+                        d = np.float64(x[r, j]) - part_mean[q, j]
+                        acc[j] += d * d
+            part_n[q] = cnt
+            for j in range(c):
+                part_m2[q, j] = acc[j]
+        mean = np.zeros(c)
+        m2 = np.zeros(c)
+        cnt = 0.0
+        for q in range(chunks):
+            nb = part_n[q]
+            if nb == 0.0:
+                continue
+            for j in range(c):
+                if cnt == 0.0:
+                    mean[j], m2[j] = part_mean[q, j], part_m2[q, j]
+                else:
+                    mean[j], m2[j] = _chan(cnt, mean[j], m2[j], nb, part_mean[q, j],
+                                           part_m2[q, j])
+            cnt += nb
+        return cnt, mean, m2
+
+    return kernel

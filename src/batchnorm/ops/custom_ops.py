@@ -287,7 +287,7 @@ def _moments_impl(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Te
     if mask is None:
         n, mean, m2 = numba_cpu.moments_impl(x)
     else:
-        n, mean, m2 = torch_fallback.masked_moments(x, mask)
+        n, mean, m2 = numba_cpu.masked_moments_impl(x, mask)
     return mean, m2, torch.tensor(float(n), dtype=torch.float64)
 
 

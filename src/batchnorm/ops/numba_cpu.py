@@ -22,7 +22,7 @@ from .layout import as_layout_of, dense, layout
 from .memory import output_like
 
 __all__ = ["takes", "train_impl", "eval_impl", "train_backward_impl", "eval_backward_impl",
-           "stats_backward_impl", "masked_correction"]
+           "masked_moments_impl", "stats_backward_impl"]
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -202,20 +202,43 @@ def backward_sums_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
 
 def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      mean: Tensor, var: Tensor, eps: float, sum_g: Tensor, sum_gxhat: Tensor,
-                     count: float) -> Tensor:
-    """dx of the training formula from sums over ``count`` values (every rank's)."""
+                     count: float, mask: Optional[Tensor] = None) -> Tensor:
+    """dx of the training formula from sums over ``count`` values (every rank's; with a mask,
+    the counted ones, and only those get the statistics' part)."""
     x = dense(x)
+    mask_view = None if mask is None else _mask_array(mask, layout(x))
     dy = as_layout_of(dy, x)
     dx = output_like(x)
     sum_ge = sum_gxhat.numpy() * np.sqrt(var.numpy() + eps)  # back to the sums of g * (x - mean)
     _run(lambda dyv, xv, dxv: kernels.train_backward_dx(
         dyv, xv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, 0, 0.0, 1.0, False,
-        sum_g.numpy(), sum_ge, count, dxv), x, [dx], [dy, x])
+        sum_g.numpy(), sum_ge, count, dxv, mask_view), x, [dx], [dy, x])
     return dx
 
 
 # ---------------------------------------------------------------------------------------------
-# normalising with given batch statistics (masks, ghost batches, Batch Renorm)
+# masks: statistics over the counted positions, and the masked training gradient
+
+
+def _mask_array(mask: Tensor, kind: str) -> np.ndarray:
+    """A NumPy view of a bool mask (N, *) as the kernels index it: (N, S) beside an (N, C, S)
+    view, (M,) beside a channels-last (M, C) one (rows in (n, *spatial) order, the mask's)."""
+    mask = mask.detach().contiguous()
+    return mask.numpy().reshape(mask.shape[0], -1) if kind == "ncs" else mask.numpy().reshape(-1)
+
+
+def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]:
+    """``(count, mean, M2)`` per channel of x over the positions ``mask`` counts, float64, by the
+    masked statistics kernels; nothing counted gives ``(0, zeros, zeros)``."""
+    c = x.shape[1]
+    if x.numel() == 0 or not bool(mask.any()):
+        zeros = x.new_zeros(c, dtype=torch.float64)
+        return 0.0, zeros, zeros.clone()
+    x = dense(x)
+    kind = layout(x)
+    count, mean, m2 = _run(lambda xv: kernels.moments_masked(xv, _mask_array(mask, kind)), x,
+                           [], [x])
+    return count, torch.from_numpy(mean), torch.from_numpy(m2)
 
 
 def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -228,46 +251,16 @@ def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
         dx = k1 * g + m * (k0 + k2 * (x - mean)),   k1 = gamma * invstd,
         k0 = -k1 * sum(g) / n,   k2 = -k1 * invstd^2 * sum(g * (x - mean)) / n
 
-    with the sums over every position (each is normalised with the statistics). Without a
-    mask it is the training backward's two passes; with one, the eval backward's pass (k1 * g
-    and both sums) and the masked correction in PyTorch ops."""
+    with the sums over every position (each is normalised with the statistics): the training
+    backward's two passes, the second one masked."""
     if mask is None:
         return train_backward_impl(dy, x, weight, bias, mean, var, eps, act, negative_slope,
                                    alpha, False)
-    c = x.shape[1]
-    pdtype = x.dtype if weight is None else weight.dtype
-    if x.numel() == 0:
-        return torch.empty_like(x), x.new_zeros(c, dtype=pdtype), x.new_zeros(c, dtype=pdtype)
-    x = dense(x)
-    dy = as_layout_of(dy, x)
-    dx = output_like(x)
     code = REGISTRY[act].code
-    sum_gxhat, sum_g = _run(
-        lambda dyv, xv, dxv: kernels.eval_backward(
+    kind = layout(dense(x))
+    return _backward(
+        dy, x, weight,
+        lambda dyv, xv, dxv: kernels.train_backward(
             dyv, xv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, code,
-            negative_slope, alpha, dxv), x, [dx], [dy, x])
-    masked_correction(dx, x, weight, mean, var, sum_g, sum_gxhat, count, mask, eps)
-    return dx, torch.from_numpy(sum_gxhat).to(pdtype), torch.from_numpy(sum_g).to(pdtype)
-
-
-def masked_correction(dx: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor,
-                      var: Tensor, sum_g, sum_gxhat, count: float, mask: Tensor,
-                      eps: float) -> None:
-    """Add the statistics' part of the masked training gradient to ``dx`` (which holds
-    ``k1 * g``): ``dx += m * (k0 + k2 * (x - mean))`` from float64 sums over ``count`` counted
-    values (this batch's, or every rank's)."""
-    c = x.shape[1]
-    sum_g, sum_gxhat = np.asarray(sum_g, np.float64), np.asarray(sum_gxhat, np.float64)
-    invstd = 1.0 / np.sqrt(var.numpy() + eps)
-    gamma = np.ones(c) if weight is None else weight.detach().numpy().astype(np.float64)
-    k1 = gamma * invstd
-    k0 = -k1 * sum_g / count
-    k2 = -k1 * invstd * sum_gxhat / count
-    view = (1, c) + (1,) * (x.dim() - 2)
-    mean_hi = mean.to(x.dtype)
-    mean_lo = (mean - mean_hi.to(torch.float64)).to(x.dtype)
-    # centred as the kernels centre, (x - mean_hi) - mean_lo: exact at large offsets
-    e = (x.detach() - mean_hi.view(view)).sub_(mean_lo.view(view))
-    e.mul_(torch.from_numpy(k2).to(x.dtype).view(view)).add_(
-        torch.from_numpy(k0).to(x.dtype).view(view))
-    dx.addcmul_(e, mask.unsqueeze(1).to(x.dtype))
+            negative_slope, alpha, False, dxv, mask=_mask_array(mask, kind), count=count),
+    )
