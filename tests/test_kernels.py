@@ -329,3 +329,80 @@ def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
     np.testing.assert_allclose(from_kernel(dx, shape, "mc"), dx_ref, **TOL[dtype])
     np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
     np.testing.assert_allclose(db, db_ref, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# masked BN: statistics over the counted positions, dx with the statistics' part only there
+
+
+def mask_for(shape, seed=4, p=0.6):
+    mask = np.random.default_rng(seed).random((shape[0], *shape[2:])) < p
+    mask.reshape(-1)[:2] = True
+    return mask
+
+
+def mask_to_kernel(mask, layout):
+    """The mask as the kernels index it: (N, S) beside (N, C, S), (M,) beside (M, C)."""
+    return mask.reshape(mask.shape[0], -1) if layout == "ncs" else mask.reshape(-1)
+
+
+@pytest.mark.parametrize("act", ("identity", "leaky_relu", "silu"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", (*SHAPES, (3 * 128 + 5, 7, 1, 1)))
+def test_masked_statistics_and_backward(act, layout, dtype, shape):
+    x, w, b, dy = data(shape, dtype)
+    mask = mask_for(shape)
+    z_ref, state = reference.forward(x.astype(np.float64), w.astype(np.float64),
+                                     b.astype(np.float64), None, None, training=True, mask=mask)
+    xk, dyk, mk = to_kernel(x, layout), to_kernel(dy, layout), mask_to_kernel(mask, layout)
+    count, mean, m2 = kernels.moments_masked(xk, mk)
+    assert count == mask.sum()
+    np.testing.assert_allclose(mean, state.mean, **STATS_TOL[dtype])
+    np.testing.assert_allclose(m2 / count, state.var, **STATS_TOL[dtype])
+    var = m2 / count
+    g = dy.astype(np.float64) * act_grad_np(z_ref, act)
+    dx_ref, dw_ref, db_ref = reference.backward(g, state)
+    dx = np.empty_like(xk)
+    dw, db = kernels.train_backward(dyk, xk, w, b, mean, var, EPS, code(act), SLOPE, ALPHA,
+                                    False, dx, mask=mk, count=count)
+    scale = np.abs(dx_ref).max()
+    np.testing.assert_allclose(from_kernel(dx, x.shape, layout) / scale, dx_ref / scale,
+                               **TOL[dtype])
+    np.testing.assert_allclose(dw, dw_ref, **TOL[dtype])
+    np.testing.assert_allclose(db, db_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_masked_statistics_at_a_large_offset_and_planes_counting_nothing(layout):
+    shape = (6, 4, 8, 8)
+    rng = np.random.default_rng(3)
+    x = (1e4 + 1e-2 * rng.normal(size=shape)).astype(np.float32)
+    mask = mask_for(shape)
+    mask[1] = False  # a sample (a plane per channel) that counts nothing is neutral
+    _, state = reference.forward(x.astype(np.float64), None, None, None, None, training=True,
+                                 mask=mask)
+    count, mean, m2 = kernels.moments_masked(to_kernel(x, layout), mask_to_kernel(mask, layout))
+    np.testing.assert_allclose(mean, state.mean, rtol=1e-15)
+    np.testing.assert_allclose(m2 / count, state.var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_masked_kernels_give_identical_bits_on_one_and_two_threads(layout):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread")
+    shape = (3 * 128 + 5, 64, 2, 2) if layout == "mc" else (4, 8, 48, 48)
+    x, w, b, dy = data(shape, np.float32, seed=6)
+    xk, dyk = to_kernel(x, layout), to_kernel(dy, layout)
+    mk = mask_to_kernel(mask_for(shape), layout)
+    results = []
+    for threads in (1, 2):
+        kernels.set_threads(threads)
+        count, mean, m2 = kernels.moments_masked(xk, mk)
+        dx = np.empty_like(xk)
+        grads = kernels.train_backward(dyk, xk, w, b, mean, m2 / count, EPS, code("relu"),
+                                       SLOPE, ALPHA, False, dx, mask=mk, count=count)
+        results.append((mean, m2, dx, *grads))
+    kernels.set_threads(numba.config.NUMBA_NUM_THREADS)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)

@@ -373,30 +373,32 @@ def moments_mc_blocked(dtype):
 
 
 @njit(inline="always", cache=True, fastmath=REASSOC)
-def _plane_masked(row, mrow, cnt):
-    """(mean, M2) of one plane's counted values (cnt > 0 of them), two passes: sums in the data's
-    dtype over BLOCK values, each block's sum added in float64 (float32 data: the blocks of the
-    unmasked statistics, here centred on the plane's counted mean in the second pass)."""
+def _plane_masked(row, mrow, cnt, shift):
+    """(mean, M2) of one plane's counted values (cnt > 0 of them), two passes over the values
+    shifted by one sample of the channel (so float32 data far from zero keeps its precision):
+    sums in the data's dtype over BLOCK values, each block's sum added in float64; the second
+    pass centred on the plane's counted mean."""
     z = row.dtype.type(0.0)
+    k0 = row.dtype.type(shift)
     s = row.shape[0]
     a = 0.0
     for t0 in range(0, s, BLOCK):
         sa = z
         for t in range(t0, min(s, t0 + BLOCK)):
-            sa += row[t] * mrow[t]  # the mask as 0 / 1: a multiply that vectorises, no branch
+            sa += (row[t] - k0) * mrow[t]  # the mask as 0 / 1: a multiply, no branch
         a += np.float64(sa)
-    mean = a / cnt
+    mean = a / cnt  # relative to the shift
     k = row.dtype.type(mean)
     b = 0.0
     for t0 in range(0, s, BLOCK):
         sb = z
         for t in range(t0, min(s, t0 + BLOCK)):
-            d = (row[t] - k) * mrow[t]
+            d = ((row[t] - k0) - k) * mrow[t]
             sb += d * d
         b += np.float64(sb)
     # the centre k is the mean rounded to the data's dtype: correct M2 for the rest
     delta = mean - np.float64(k)
-    return mean, max(b - cnt * delta * delta, 0.0)
+    return np.float64(k0) + mean, max(b - cnt * delta * delta, 0.0)
 
 
 @specialised(parallel=True, fastmath=REASSOC)
@@ -411,13 +413,13 @@ def moments_masked_ncs(dtype):
         for i in range(n):
             for t in range(s):
                 counts[i] += np.float64(mask[i, t])
-        part_mean = np.zeros((n, c))
-        part_m2 = np.zeros((n, c))
+        shift, part_mean, part_m2 = _ncs_setup(x)
         for p in prange(n * c):
             i = p // c
             j = p - i * c
             if counts[i] > 0.0:
-                part_mean[i, j], part_m2[i, j] = _plane_masked(x[i, j], mask[i], counts[i])
+                part_mean[i, j], part_m2[i, j] = _plane_masked(x[i, j], mask[i], counts[i],
+                                                               shift[j])
         mean = np.zeros(c)
         m2 = np.zeros(c)
         cnt = 0.0

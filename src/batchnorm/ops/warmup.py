@@ -1,8 +1,8 @@
 """Compile the CPU kernels ahead of use (``batchnorm warmup``), so no training step waits for them.
 
 A case is one (dtype, layout, activation): :meth:`Case.run` calls the ops a layer calls (training
-forward and backward, eval forward and backward, and the inplace mode for the invertible
-activations) on tiny tensors, with short and long planes (the float32 kernels sum long planes
+forward and backward, eval forward and backward, the inplace mode for the invertible
+activations, and masked BN's statistics and backward) on tiny tensors, with short and long planes (the float32 kernels sum long planes
 in blocks) and once with a NaN (the float64 statistics such a batch takes), which compiles and
 caches on disk exactly the kernels a real step of that case uses.
 Kernels are cached one per file (:mod:`batchnorm.kernels._compile`), so ``jobs`` processes can
@@ -38,7 +38,7 @@ class Case:
 
     def run(self) -> float:
         """Run this case's ops once; return the seconds numba spent compiling for it."""
-        from . import bn_act_eval, bn_act_train
+        from . import bn_act_eval, bn_act_stats, bn_act_train, moments
 
         before = compiling_notice.seconds
         dtype, memory_format = DTYPES[self.dtype], LAYOUTS[self.layout]
@@ -56,6 +56,11 @@ class Case:
                 y, mean, var = bn_act_train(*leaves, 1e-5, self.act, inplace=inplace)
                 torch.autograd.grad(y, leaves, dy)
             y = bn_act_eval(*leaves, mean, var, 1e-5, self.act)
+            torch.autograd.grad(y, leaves, dy)
+            mask = torch.rand((shape[0], *shape[2:]), generator=g) < 0.7
+            mask.view(-1)[:2] = True  # masked BN: its statistics and dx kernels
+            mean, m2, count = moments(x, mask)
+            y = bn_act_stats(*leaves, mean, m2 / count, count, 1e-5, self.act, mask=mask)
             torch.autograd.grad(y, leaves, dy)
             bad = x.clone()
             bad[0, 0, 0, 0] = float("nan")  # the float64 statistics a non-finite batch takes
