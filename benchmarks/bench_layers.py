@@ -42,7 +42,10 @@ are reused instead of faulted in again; PyTorch's are not. ``--output-cache 0`` 
 (the kernels alone), ``--output-cache MB`` sets its cap.
 
     .venv/bin/python benchmarks/bench_layers.py [--quick] [--thp] [--output-cache MB]
-                                                [--threads 2] [--repeats 9]
+                                                [--threads 2] [--repeats 9] [--variants]
+
+``--variants`` times only the options for hard training conditions (Batch Renorm, a mask,
+ghost batches) against the plain layer's fwd+bwd on the same shapes (issue 14's 1.2x target).
 """
 from __future__ import annotations
 
@@ -78,6 +81,10 @@ QUICK_SHAPES = [(8, 64, 56, 56), (8, 512, 14, 14)]
 BOUND_FRACTION_TARGET = 0.9
 GLIBC_TARGETS = {"train fwd+bwd": 2.3, "bn+relu fwd+bwd": 3.2, "eval fwd": 2.0}
 CELL_FLOOR = 0.97
+# issue 14: Batch Renorm and masks within 1.2x of the plain layer's fwd+bwd on the same shape
+# (Ghost BN has no target: it normalises N / virtual_batch_size pieces one after another)
+VARIANT_SHAPES = [(32, 256, 28, 28), (32, 512, 14, 14), (64, 256, 128), (16, 64, 2048)]
+VARIANT_TARGET = 1.2
 
 
 def timed_pair(torch_fn, our_fn, repeats: int) -> tuple[float, float]:
@@ -184,6 +191,47 @@ def first_call_seconds(threads: int) -> tuple[float, float, float]:
     return runs[0][0], runs[0][1], runs[1][1]
 
 
+def variants(shape, memory_format, repeats):
+    """{option: (plain seconds, option seconds)}: our layer's fwd+bwd with Batch Renorm (rmax 3,
+    dmax 5), a mask counting ~75% of the positions, and ghost batches of N/4, each timed
+    alternately with the plain layer on the same tensor."""
+    c = shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+    xg = x.clone().requires_grad_()
+    mask = torch.rand((shape[0], *shape[2:]), generator=g) < 0.75
+    cls = batchnorm.BatchNorm2d if len(shape) == 4 else batchnorm.BatchNorm1d
+    plain = cls(c)
+    options = {"renorm": (cls(c, renorm=True, rmax=3.0, dmax=5.0), None),
+               "mask": (cls(c), mask),
+               "ghost N/4": (cls(c, virtual_batch_size=shape[0] // 4), None)}
+
+    def fwd_bwd(m, mask=None):
+        torch.autograd.grad(m(xg, mask=mask), [xg, *m.parameters()], dy)
+
+    return {name: timed_pair(lambda: fwd_bwd(plain), lambda m=m, k=k: fwd_bwd(m, k), repeats)
+            for name, (m, k) in options.items()}
+
+
+def print_variants(repeats: int) -> None:
+    header = (f"{'shape':<20} {'layout':<6} {'option':<10} {'plain ms':>9} {'option ms':>9} "
+              f"{'ratio':>6}  target")
+    print(header)
+    print("-" * len(header))
+    for shape in VARIANT_SHAPES:
+        formats = [("NCHW", torch.contiguous_format)]
+        if len(shape) == 4:
+            formats.append(("NHWC", torch.channels_last))
+        for name, mf in formats:
+            for option, (t_plain, t_option) in variants(shape, mf, repeats).items():
+                ratio = t_option / t_plain
+                verdict = "" if option.startswith("ghost") else (
+                    f"<= {VARIANT_TARGET}x: " + ("met" if ratio <= VARIANT_TARGET else "MISSED"))
+                print(f"{str(shape):<20} {name:<6} {option:<10} {t_plain * 1e3:>9.2f} "
+                      f"{t_option * 1e3:>9.2f} {ratio:>5.2f}x  {verdict}")
+
+
 def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -203,8 +251,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile-time", action="store_true",
                         help="skip the first-call subprocesses")
+    parser.add_argument("--variants", action="store_true",
+                        help="only the options of issue 14 (Batch Renorm, masks, ghost batches) "
+                             "against the plain layer, fwd+bwd")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.variants:
+        kept = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        print(f"threads={args.threads} repeats={args.repeats or 9} torch={torch.__version__} "
+              f"regime: {'freed memory kept' if kept else 'glibc defaults'}")
+        print_variants(args.repeats or 9)
+        return 0
     if args.output_cache is not None:
         batchnorm.set_output_cache(args.output_cache << 20)
     cache_mb = batchnorm.output_cache_info()["limit"] >> 20
