@@ -420,7 +420,36 @@ _BN_DOC = r"""Batch normalization over a {ranks} input, a drop-in for ``torch.nn
     value per channel in training, eps <= 0 in training) raises :class:`BatchNormError` (a
     ``ValueError``) *before* ``num_batches_tracked`` changes (PyTorch has already incremented
     it); momentum outside [0, 1] is refused; NaN/Inf batch statistics do not poison the running
-    ones (``nonfinite``).
+    ones (``nonfinite``); under ``torch.utils.checkpoint`` (reentrant or not) the running
+    statistics and ``num_batches_tracked`` are updated once per step, not twice (a training
+    forward that runs while autograd executes a backward on this thread,
+    ``torch._C._current_graph_task_id() != -1``, is the checkpointed segment run again: it
+    normalises with the same statistics, bitwise, and updates nothing).
+
+    Options for hard training conditions (keywords, plain attributes a training loop may change
+    between steps; all off by default, and the state_dict stays PyTorch's):
+
+    - **Batch Renorm** (``renorm=True``, Ioffe 2017): in training, with
+      :math:`\sigma = \sqrt{{running\_var + \epsilon}}` before this batch,
+      :math:`r = clip(\sqrt{{\sigma_B^2 + \epsilon}} / \sigma, 1/r_{{max}}, r_{{max}})` and
+      :math:`d = clip((\mu_B - running\_mean) / \sigma, -d_{{max}}, d_{{max}})`, the layer
+      computes :math:`\gamma (\hat x r + d) + \beta`, r and d constants for the gradient.
+      ``rmax=1, dmax=0`` is BN exactly; the paper ramps them to 3 and 5. Eval is BN's.
+    - **Ghost BN** (``virtual_batch_size=v``, Hoffer et al. 2017): in training the batch is cut
+      along N into pieces of v samples (the last may be smaller), each normalised with its own
+      statistics; the running statistics are updated once per call from the whole batch (the
+      pieces merged with Chan's formula, so they equal plain BN's). Keras 2 averaged the pieces'
+      means and variances instead, which leaves out the spread between the pieces' means. Eval is
+      BN's.
+    - **Masks** (``forward(x, mask)``, mask a bool tensor of x's shape without the channel dim,
+      True = counted): the statistics (and their gradient terms) cover the counted positions
+      only; every position is normalised; ``running_var`` uses the counted n for n / (n - 1).
+      In evaluation with running statistics a mask changes nothing.
+    - **Test-time statistics** (``eval_stats``): in evaluation, normalise with the running
+      statistics ("running", BN), the batch's own ("batch", gradients through them, as TENT
+      needs) or ``eval_mix * batch + (1 - eval_mix) * running`` mean and (biased batch)
+      variance ("mix"). The buffers never change in evaluation. ``fold`` and ONNX export refuse
+      a layer that is not on "running".
 
     Args:
         num_features: C, the number of channels.
@@ -433,9 +462,16 @@ _BN_DOC = r"""Batch normalization over a {ranks} input, a drop-in for ``torch.nn
         device, dtype: of the parameters and buffers. Default: None
         bias: with ``affine``, whether to learn beta too (keyword only). Default: True
         {nonfinite}
+        renorm, rmax, dmax: Batch Renorm and its clips, ``rmax >= 1``, ``dmax >= 0`` (keyword
+            only; needs ``track_running_stats``). Default: False, 1.0, 0.0
+        virtual_batch_size: Ghost BN's piece size, or None (keyword only). Default: None
+        eval_stats: "running", "batch" or "mix" (keyword only). Default: "running"
+        eval_mix: the weight of the batch statistics with "mix", in [0, 1] (keyword only).
+            Default: 0.0
 
     Shape:
         - Input: {shapes}
+        - mask (optional): the input's shape without C, bool
         - Output: same as input
 
     Examples::
