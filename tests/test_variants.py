@@ -397,3 +397,35 @@ def test_export_keeps_the_ops():
     assert "batchnorm.bn_act_stats.default" in targets
     torch.testing.assert_close(program.module()(x, mask),
                                _Masked(virtual_batch_size=2, **RENORM)(x, mask))
+
+
+@pytest.mark.parametrize("opts, masked", OPTIONS, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["strided", "bfloat16"])
+def test_pytorchs_path_takes_the_options_too(opts, masked, kind):
+    """Odd strides and half precision run on PyTorch's ops (as CUDA does): the same answers."""
+    shape = (8, 3, 5)
+    m = _layer(batchnorm.BatchNorm1d, "identity", None, **opts)
+    want = _reference_steps(shape, "identity", torch.float32, False, masked, opts,
+                            [True, True, False], m)
+    out = []
+    for step, training in enumerate([True, True, False]):
+        m.train(training)
+        x, dy, mask = _batch(shape, step, torch.float32, False, masked)
+        if kind == "strided":
+            x = x.transpose(0, 2).contiguous().transpose(0, 2)  # not a layout the kernels view
+        else:
+            x, dy = x.to(torch.bfloat16), dy.to(torch.bfloat16)
+        x.requires_grad_()
+        y = m(x, mask=mask)
+        dx, dw, db = torch.autograd.grad(y, [x, m.weight, m.bias], dy)
+        out.append((y.float(), dx.float(), dw, db, m.running_mean.clone(), m.running_var.clone(),
+                    int(m.num_batches_tracked)))
+    if kind == "strided":
+        _compare(out, want, torch.float32, "strided")
+        return
+    for step, (g, w) in enumerate(zip(out, want)):  # bfloat16: 8 bits of mantissa
+        for a, b in zip(g[:2], w[:2]):
+            np.testing.assert_allclose(a.detach().double().numpy(), b, rtol=0.05, atol=0.05)
+        for a, b in zip(g[4:6], w[4:6]):  # statistics in float32 from bfloat16 data
+            np.testing.assert_allclose(a.double().numpy(), b, rtol=0.02, atol=0.02)
+        assert g[6] == w[6]
