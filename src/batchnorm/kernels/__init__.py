@@ -46,9 +46,9 @@ from .normalize import normalize_mc, normalize_ncs
 from .statistics import (
     BLOCK,
     BLOCKED_PLANE_FROM,
-    moments_mc,
     moments_masked_mc,
     moments_masked_ncs,
+    moments_mc,
     moments_mc_blocked,
     moments_ncs,
     moments_ncs_blocked,

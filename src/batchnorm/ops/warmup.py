@@ -2,9 +2,10 @@
 
 A case is one (dtype, layout, activation): :meth:`Case.run` calls the ops a layer calls (training
 forward and backward, eval forward and backward, the inplace mode for the invertible
-activations, and masked BN's statistics and backward) on tiny tensors, with short and long planes (the float32 kernels sum long planes
-in blocks) and once with a NaN (the float64 statistics such a batch takes), which compiles and
-caches on disk exactly the kernels a real step of that case uses.
+activations, and masked BN's statistics and backward) on tiny tensors, with short and long
+planes (the float32 kernels sum long planes in blocks) and once with a NaN (the float64
+statistics such a batch takes), which compiles and caches on disk exactly the kernels a real
+step of that case uses.
 Kernels are cached one per file (:mod:`batchnorm.kernels._compile`), so ``jobs`` processes can
 compile different cases side by side.
 """
