@@ -39,6 +39,7 @@ from .errors import (
     check_virtual_batch_size,
     expected,
 )
+from .ops.torch_fallback import merge_moments
 
 __all__ = [
     "BatchNorm1d",
@@ -80,17 +81,11 @@ def _replaying() -> bool:
 
 
 def _merge(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Chan's merge of float64 ``(count, mean, M2)`` partials (count 0-d tensors): the moments of
-    their union (:func:`batchnorm.reference.merge`)."""
-    count, mean, m2 = parts[0]
-    for n_b, mean_b, m2_b in parts[1:]:
-        n = count + n_b
-        delta = mean_b - mean
-        safe = torch.where(n > 0, n, torch.ones_like(n))
-        mean = mean + delta * (n_b / safe)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / safe)
-        count = n
-    return count, mean, m2
+    """float64 ``(count, mean, M2)`` of the union of partials (count 0-d tensors)."""
+    if len(parts) == 1:
+        return parts[0]
+    counts, means, m2s = zip(*parts)
+    return merge_moments(torch.stack(counts), torch.stack(means), torch.stack(m2s))
 
 
 class _OurBatchNorm(_BatchNorm):

@@ -44,6 +44,7 @@ from .errors import check_counted, check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct, _replaying, in_onnx_export
 from .ops import check_mask, numba_cpu
 from .ops.torch_fallback import channel_view, masked_moments, shifted_moments, working
+from .ops.torch_fallback import merge_moments as _merge
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
            "local_only", "from_batchnorm"]
@@ -68,20 +69,14 @@ def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
 def merge_moments(
     count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Merge W partials ``count (W,)``, ``mean (W, C)``, ``m2 (W, C)`` into one (Chan, k-way).
+    """Merge W partials ``count (W,)``, ``mean (W, C)``, ``m2 (W, C)`` into one (Chan, k-way):
+    :func:`batchnorm.ops.torch_fallback.merge_moments` with the count as a Python float.
 
     Equal to folding :func:`batchnorm.reference.merge` over the partials. Empty partials are
     neutral; all empty gives ``(0, zeros, zeros)``.
     """
-    count = count.to(torch.float64)
-    n = float(count.sum())
-    if n == 0:
-        return 0.0, torch.zeros_like(mean[0]), torch.zeros_like(m2[0])
-    w = count[:, None]  # (W, 1)
-    total_mean = (w * mean).sum(dim=0) / n
-    # deviations from the merged mean, never E[x^2] - E[x]^2: no cancellation
-    total_m2 = m2.sum(dim=0) + (w * (mean - total_mean).square()).sum(dim=0)
-    return n, total_mean, total_m2
+    n, total_mean, total_m2 = _merge(count, mean, m2)
+    return float(n), total_mean, total_m2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from torch import Tensor
 from ..activations import REGISTRY
 from .layout import same_format
 
-__all__ = ["train", "eval_", "shifted_moments", "working", "channel_view", "masked_moments",
+__all__ = ["train", "eval_", "shifted_moments", "merge_moments", "working", "channel_view",
+           "masked_moments",
            "train_stats", "mixed"]
 
 
@@ -70,6 +71,23 @@ def shifted_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
     d_var, d_mean = torch.var_mean(d, dim=reduce_dims(d), correction=0)
     m2 = d_var.to(torch.float64) * n
     return n, shift, d, shift.to(torch.float64) + d_mean.to(torch.float64), m2
+
+
+def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge W partials ``count (W,)``, ``mean (W, C)``, ``m2 (W, C)`` into one: Chan's formula,
+    k-way, in float64 tensors (no Python number, so a compiled graph keeps it whole):
+
+        n = sum_r n_r,  mean = sum_r n_r mean_r / n,  M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2
+
+    Equal to folding :func:`batchnorm.reference.merge` over the partials; deviations are taken
+    from the merged mean, never E[x^2] - E[x]^2. Empty partials are neutral; all empty gives
+    ``(0, zeros, zeros)``."""
+    count = count.to(torch.float64)
+    n = count.sum()
+    w = count[:, None]  # (W, 1)
+    mean_all = (w * mean).sum(dim=0) / torch.where(n > 0, n, torch.ones_like(n))
+    m2_all = m2.sum(dim=0) + (w * (mean - mean_all).square()).sum(dim=0)
+    return n, mean_all, m2_all
 
 
 def working(x: Tensor) -> Tensor:
