@@ -134,6 +134,8 @@ def test_recalibrate_equals_update_bn(files, capsys, source, extra):
         "--batch-size",
         "4",
         "--json",
+        "--estimator",
+        "average",
         *extra,
     )
     assert status == 0 and json.loads(out) == {
@@ -141,10 +143,27 @@ def test_recalibrate_equals_update_bn(files, capsys, source, extra):
         "batches": 3,
         "samples": 10,
         "skipped_samples": 0,
+        "estimator": "average",
+        "skipped_layers": [],
+        "batches_all_ranks": None,
     }
     want = copy.deepcopy(model)
     update_bn(list(torch.load(d / "data.pt").split(4)), want)
     got = torch.load(d / "recal.pt", weights_only=False)
+    for k, v in want.state_dict().items():
+        assert torch.allclose(got.state_dict()[k].double(), v.double(), atol=1e-6), k
+
+
+def test_recalibrate_exact_by_default(files, capsys):
+    from batchnorm.recalibration import recalibrate
+
+    d, model, _ = files
+    status, out, _ = run(capsys, "recalibrate", d / "model.pt", "--data", d / "data.pt", "-o",
+                         d / "exact.pt", "--batch-size", "4", "--json")
+    assert status == 0 and json.loads(out)["estimator"] == "exact"
+    want = recalibrate(copy.deepcopy(model), list(torch.load(d / "data.pt").split(4)),
+                       progress=False)
+    got = torch.load(d / "exact.pt", weights_only=False)
     for k, v in want.state_dict().items():
         assert torch.allclose(got.state_dict()[k].double(), v.double(), atol=1e-6), k
 

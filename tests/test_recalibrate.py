@@ -1,4 +1,5 @@
-"""recalibrate equals torch.optim.swa_utils.update_bn, restores what it touches, fails cleanly."""
+"""recalibrate: "exact" equals BN on the concatenated inputs, "average" equals
+torch.optim.swa_utils.update_bn; it restores what it touches and fails cleanly."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_equals_update_bn(name):
     data = batches((4, *x.shape[1:]))
     want, got = copy.deepcopy(model), copy.deepcopy(model)
     update_bn(data, want)
-    assert recalibrate(got, data, progress=False) is got
+    assert recalibrate(got, data, progress=False, estimator="average") is got
     assert_same_state(got, want, tol=1e-6)
     changed = [
         k
@@ -58,7 +59,8 @@ def test_tuples_dicts_input_fn_and_batch_limit():
         ([{"pixels": t} for t in data], {"input_fn": lambda b: b["pixels"]}),
         (iter(data), {}),  # a one-shot iterator without len
     ]:
-        got = recalibrate(copy.deepcopy(model), source, batches=3, progress=False, **kwargs)
+        got = recalibrate(copy.deepcopy(model), source, batches=3, progress=False,
+                          estimator="average", **kwargs)
         assert_same_state(got, want, tol=1e-6)
 
 
@@ -74,8 +76,10 @@ def test_input_fn_tuple_and_dict_become_arguments():
     data = [(torch.randn(4, 3), torch.randn(4, 3)) for _ in range(3)]
     with torch.no_grad():
         sums = torch.stack([a + b for a, b in data])
-    m1 = recalibrate(TwoInputs(), data, input_fn=lambda t: t, progress=False)
-    m2 = recalibrate(TwoInputs(), data, input_fn=lambda t: {"a": t[0], "b": t[1]}, progress=False)
+    m1 = recalibrate(TwoInputs(), data, input_fn=lambda t: t, progress=False,
+                     estimator="average")
+    m2 = recalibrate(TwoInputs(), data, input_fn=lambda t: {"a": t[0], "b": t[1]}, progress=False,
+                     estimator="average")
     mean = sums.mean(dim=1).mean(dim=0)  # average of the per-batch means
     var = sums.var(dim=1, unbiased=True).mean(dim=0)
     for m in (m1, m2):
@@ -153,6 +157,8 @@ def test_bad_arguments_change_nothing():
         recalibrate(model, [3.0], progress=False)
     with pytest.raises(BatchNormError, match="expected an nn.Module"):
         recalibrate("model", [])
+    with pytest.raises(BatchNormError, match="estimator in"):
+        recalibrate(model, batches((2, 3, 16, 16)), estimator="precise")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -163,7 +169,7 @@ def test_a_last_batch_of_one_sample_is_skipped_and_counted():
     data = list(torch.randn(9, 3, 6, 6).split(4))  # 4 + 4 + 1
     want = copy.deepcopy(model)
     update_bn(data[:2], want)
-    got, report = recalibrate(model, data, progress=False, report=True)
+    got, report = recalibrate(model, data, progress=False, report=True, estimator="average")
     assert (report.batches, report.samples, report.skipped_samples) == (2, 8, 1)
     torch.testing.assert_close(got[3].running_mean, want[3].running_mean)
     torch.testing.assert_close(got[3].running_var, want[3].running_var)
@@ -183,3 +189,104 @@ def test_a_model_that_fails_on_the_data_is_one_clear_error():
         with pytest.raises(BatchNormError, match="expected a model that runs on batch 1 of data"):
             recalibrate(model, data, progress=False)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# the exact estimator
+
+
+def _inputs_of_every_bn(model, data):
+    """The inputs every BN of ``model`` sees over ``data`` in a train-mode pass (a copy)."""
+    model = copy.deepcopy(model).train()
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(
+        name, []).append(args[0].detach().clone()))
+             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "mobilenet_v3"])
+def test_exact_equals_bn_on_the_concatenation(name):
+    model, x = build(name)
+    model = model.double()
+    g = torch.Generator().manual_seed(3)
+    # unequal batch sizes, and batches from different places: their means differ
+    data = [torch.randn(n, *x.shape[1:], generator=g, dtype=torch.float64) * (1 + k) + k
+            for k, n in enumerate((2, 5, 3))]
+    inputs = _inputs_of_every_bn(model, data)
+    got, report = recalibrate(copy.deepcopy(model), data, progress=False, report=True)
+    assert report.estimator == "exact" and report.batches == 3
+    layers = dict(got.named_modules())
+    for bn_name, xs in inputs.items():
+        whole = torch.cat(xs)  # BN on the concatenated inputs: mean and unbiased variance
+        dims = [0, *range(2, whole.dim())]
+        bn = layers[bn_name]
+        torch.testing.assert_close(bn.running_mean, whole.mean(dims), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, whole.var(dims, unbiased=True), rtol=1e-10,
+                                   atol=1e-12)
+        assert int(bn.num_batches_tracked) == 3
+
+
+def test_exact_counts_the_spread_between_batches_where_average_does_not():
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    data = [torch.randn(50, 2) + 10.0, torch.randn(10, 2) - 10.0]  # far apart, unequal sizes
+    exact = recalibrate(copy.deepcopy(model), data, progress=False)
+    average = recalibrate(copy.deepcopy(model), data, progress=False, estimator="average")
+    whole = torch.cat(data)
+    torch.testing.assert_close(exact[0].running_mean, whole.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exact[0].running_var, whole.var(0), rtol=1e-5, atol=1e-5)
+    assert (exact[0].running_var > 30).all()  # the batch means' spread: ~ 10^2 * 50 * 10 / 60^2
+    assert (average[0].running_var < 2).all()  # each batch's own variance, ~1
+    torch.testing.assert_close(average[0].running_mean, (data[0].mean(0) + data[1].mean(0)) / 2)
+
+
+def test_exact_reports_the_layers_it_left_alone():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.frozen = FrozenBatchNorm2d(4)
+            self.stateless = nn.BatchNorm2d(4, track_running_stats=False)
+            self.used = nn.BatchNorm2d(4)
+            self.unused = nn.BatchNorm2d(4)  # a branch the data never takes
+
+        def forward(self, x):
+            return self.used(self.stateless(self.frozen(self.conv(x))))
+
+    model = Branchy()
+    with torch.no_grad():
+        model.unused.running_mean.fill_(2.0)
+    _, report = recalibrate(model, batches((2, 3, 4, 4), n=2), progress=False, report=True)
+    why = dict(report.skipped_layers)
+    assert set(why) == {"frozen", "stateless", "unused"}
+    assert "frozen" in why["frozen"] and "track_running_stats=False" in why["stateless"]
+    assert why["unused"] == "no batch reached it"
+    assert torch.equal(model.unused.running_mean, torch.full((4,), 2.0))  # left as it was
+    assert int(model.unused.num_batches_tracked) == 0
+    assert report.to_dict()["skipped_layers"][0] == {"layer": "frozen",
+                                                      "why": "frozen: fixed statistics"}
+
+
+def test_exact_uses_the_mask_of_our_layers():
+    import batchnorm
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = batchnorm.BatchNorm1d(3)
+
+        def forward(self, x, mask):
+            return self.bn(x, mask=mask)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 6, generator=g), torch.rand(4, 6, generator=g) < 0.5)
+            for _ in range(3)]
+    got = recalibrate(Masked(), data, input_fn=lambda b: b, progress=False)
+    counted = torch.cat([x.permute(0, 2, 1)[m] for x, m in data])  # (counted, C)
+    torch.testing.assert_close(got.bn.running_mean, counted.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.bn.running_var, counted.var(0), rtol=1e-5, atol=1e-6)

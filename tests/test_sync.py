@@ -461,25 +461,35 @@ def _recal_batches(rank):
 def _recal_run(rank, world):
     import batchnorm
 
-    model = batchnorm.convert(_net(), to="sync").eval()
-    batchnorm.recalibrate(model, _recal_batches(rank), progress=False,
-                          process_group=torch.distributed.group.WORLD)
-    assert not model.training
-    return {k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+    out = {}
+    for estimator in ("exact", "average"):
+        model = batchnorm.convert(_net(), to="sync").eval()
+        batchnorm.recalibrate(model, _recal_batches(rank), progress=False, estimator=estimator,
+                              process_group=torch.distributed.group.WORLD)
+        assert not model.training
+        out[estimator] = {k: v for k, v in model.state_dict().items()
+                          if "running" in k or "tracked" in k}
+    return out
 
 
-def test_distributed_recalibration_equals_one_process(suite):
+@pytest.mark.parametrize("estimator", ["exact", "average"])
+def test_distributed_recalibration_equals_one_process(suite, estimator):
     import batchnorm
 
     got = suite(3, "recal")
     single = _net().eval()
-    batchnorm.recalibrate(single, [b for r in range(3) for b in _recal_batches(r)], progress=False)
+    batchnorm.recalibrate(single, [b for r in range(3) for b in _recal_batches(r)], progress=False,
+                          estimator=estimator)
     want = single.state_dict()
-    for rank, state in enumerate(got):
+    for rank, by_estimator in enumerate(got):
+        state = by_estimator[estimator]
         assert len(state) == 9
         for k, v in state.items():
             torch.testing.assert_close(v, want[k], **TOL, msg=lambda m: f"rank {rank} {k}: {m}")
-    assert int(got[0]["1.num_batches_tracked"]) == 4
+    assert int(got[0][estimator]["1.num_batches_tracked"]) == 4
+    if estimator == "exact":  # the two estimators differ on these batches (unequal sizes)
+        assert not torch.allclose(got[0]["exact"]["1.running_var"],
+                                  got[0]["average"]["1.running_var"])
 
 
 # ---------------------------------------------------------------------------------------------

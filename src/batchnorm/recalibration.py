@@ -1,27 +1,31 @@
 """``recalibrate``: re-estimate every BN's running statistics from data.
 
 After weight averaging (SWA), pruning or a change of domain, the running statistics no longer
-describe the activations the weights produce. ``recalibrate`` resets them and runs the data
-through the model once in train mode with ``momentum=None``, so each running statistic becomes
-the plain average of the per-batch statistics (PyTorch's ``update_bn`` does the same).
+describe the activations the weights produce. ``recalibrate`` runs the data through the model
+once in train mode and sets each BN's running statistics to those of every value it saw
+(``estimator="exact"``: one Chan merge of the per-batch moments), or to the plain average of
+the per-batch statistics (``estimator="average"``, what PyTorch's ``update_bn`` computes).
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import sync
+from . import ops, sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
+from .ops.torch_fallback import merge_moments
 from .probe import failed_on, training_flags_kept
 from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 
-__all__ = ["recalibrate", "RecalibrationReport"]
+__all__ = ["recalibrate", "RecalibrationReport", "ESTIMATORS"]
+
+ESTIMATORS = ("exact", "average")
 
 _INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 
@@ -36,21 +40,41 @@ def recalibrate(
     process_group=None,
     drop_last: bool = True,
     report: bool = False,
+    estimator: str = "exact",
 ):
     r"""Recompute the running statistics of every BN in ``model`` from ``data``.
 
-    Each BN's statistics are reset (mean 0, variance 1, ``num_batches_tracked`` 0), its
-    momentum set to None (cumulative average), and the model run once over the batches in
-    train mode under ``torch.no_grad()``. Afterwards
+    The model runs once over the batches in train mode under ``torch.no_grad()`` (each BN
+    normalising with its batch's statistics, as in training, so every layer sees the inputs it
+    sees in training). Then, for each BN, over all the values x it saw in the B batches:
 
-    .. math::
-        \text{running\_mean} = \frac{1}{B}\sum_{b=1}^{B} \mathrm{E}_b[x], \qquad
-        \text{running\_var} = \frac{1}{B}\sum_{b=1}^{B} \mathrm{Var}^{\text{unbiased}}_b[x]
+    - ``estimator="exact"`` (default): the mean and the unbiased variance of all of them,
 
-    over the B batches, as PyTorch's ``torch.optim.swa_utils.update_bn`` computes. Momenta and
-    the training flag of every module are restored afterwards; if anything fails (or ``data``
-    is empty) the running statistics are restored too, so a failed call changes nothing.
-    Frozen BN and BN without running statistics are left alone.
+      .. math::
+          \text{running\_mean} = \frac{1}{n}\sum x, \qquad
+          \text{running\_var} = \frac{1}{n - 1}\sum (x - \text{running\_mean})^2
+
+      exactly what BN computes on the concatenation of the batches' inputs: the per-batch
+      ``(count, mean, M2)`` are merged with Chan's formula, so batches of unequal size weigh by
+      their size and the spread between the batch means is counted.
+    - ``estimator="average"``: the plain average of the per-batch statistics,
+      :math:`\frac{1}{B}\sum_b \mathrm{E}_b[x]` and
+      :math:`\frac{1}{B}\sum_b \mathrm{Var}^{\text{unbiased}}_b[x]`, equal to PyTorch's
+      ``torch.optim.swa_utils.update_bn`` (each batch weighs the same; the variance of the
+      batch means is left out, so it underestimates the population variance when batches
+      differ).
+
+    fvcore's precise BN offers both: its default averages the batch variances (our "average");
+    its population estimator adds the spread of the batch means through a running mean of
+    ``E[x^2]``, i.e. ``E[x^2] - E[x]^2`` (population variance = mean of batch variances +
+    variance of batch means, weighted by batch size), which loses digits to cancellation where
+    the mean is large against the spread. "exact" is that population variance computed from
+    deviations (Chan), never from ``E[x^2]``.
+
+    ``num_batches_tracked`` becomes B. Momenta and the training flag of every module are
+    restored afterwards; if anything fails (or ``data`` is empty) the running statistics are
+    restored too, so a failed call changes nothing. Frozen BN, BN without running statistics
+    and (with "exact") a BN no batch reached are left as they were, and the report says which.
 
     Args:
         model: the model; changed in place and returned.
@@ -72,7 +96,8 @@ def recalibrate(
             BN in train mode cannot normalise one value per channel, and one sample has no
             spread to measure. The report counts the samples skipped. Default: True
         report: also return a :class:`RecalibrationReport` (batches and samples used, samples
-            skipped). Default: False
+            skipped, layers left alone). Default: False
+        estimator: "exact" or "average" (see above). Default: "exact"
 
     Returns:
         ``model``, or ``(model, RecalibrationReport)`` with ``report=True``.
@@ -94,14 +119,32 @@ def recalibrate(
         raise expected("input_fn to be callable", type(input_fn).__name__)
     if not hasattr(data, "__iter__"):
         raise expected("data to be an iterable of batches", type(data).__name__)
+    if estimator not in ESTIMATORS:
+        raise expected(f"estimator in {ESTIMATORS}", repr(estimator))
+    summary = RecalibrationReport(estimator=estimator)
+    names = {}
+    for name, m in model.named_modules():
+        if not is_batchnorm(m) or id(m) in names:
+            continue
+        names[id(m)] = name or type(m).__name__
+        if bn_kind(m) == "frozen":
+            summary.skipped_layers.append((names[id(m)], "frozen: fixed statistics"))
+        elif getattr(m, "running_mean", None) is None:
+            summary.skipped_layers.append((names[id(m)], "no running statistics "
+                                           "(track_running_stats=False)"))
     layers = [m for m in model.modules() if is_batchnorm(m) and bn_kind(m) != "frozen"
               and getattr(m, "running_mean", None) is not None]
-    summary = RecalibrationReport()
+    layers = list({id(m): m for m in layers}.values())  # a layer used twice counts once
     if not layers:
         return (model, summary) if report else model
 
     momenta = [(m, m.momentum) for m in layers]
     saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in layers]
+    partials: dict[int, list] = {id(m): [] for m in layers}
+    hooks = []
+    if estimator == "exact":  # every BN's input moments, batch by batch
+        hooks = [m.register_forward_pre_hook(_collector(partials[id(m)]), with_kwargs=True)
+                 for m in layers]
     with training_flags_kept(model):
         try:
             for m in layers:
@@ -117,29 +160,111 @@ def recalibrate(
             else:  # a rank without batches still joins the merge; it raises if no rank had any
                 with sync.local_only(model):
                     _accumulate(model, data, batches, input_fn, progress, drop_last, summary)
-                _merge_running_stats(layers, process_group)
+                if estimator == "average":
+                    _merge_running_stats(layers, process_group)
+            if estimator == "exact":
+                merged = _merge_partials(layers, partials, process_group, summary)
+                _set_exact(layers, merged, saved, names, summary)
         except BaseException:
-            with torch.no_grad():
-                for m, buffers in zip(layers, saved):
-                    for k, v in buffers.items():
-                        m._buffers[k].copy_(v)
+            _restore(layers, saved)
             raise
         finally:
+            for hook in hooks:
+                hook.remove()
             for m, momentum in momenta:
                 m.momentum = momentum
     return (model, summary) if report else model
 
 
+def _collector(into: list):
+    """A forward pre-hook appending float64 ``(count, mean, M2)`` of the BN's input (over the
+    positions its ``mask`` counts, for ours) to ``into``."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        mean, m2, count = ops.moments(x, mask)
+        into.append((count, mean, m2))
+
+    return hook
+
+
+def _merge_partials(layers, partials, process_group, summary):
+    """Each layer's ``(count, mean, M2)`` over every batch (of every rank of the group)."""
+    merged = []
+    for m in layers:
+        parts = partials[id(m)]
+        c = m.num_features
+        if parts:
+            counts, means, m2s = (torch.stack(t).to(torch.float64) for t in zip(*parts))
+            merged.append(merge_moments(counts, means, m2s))
+        else:
+            zeros = torch.zeros(c, dtype=torch.float64, device=m.running_mean.device)
+            merged.append((zeros.new_zeros(()), zeros, zeros.clone()))
+    group, world = group_world(process_group)
+    if process_group is None or world == 1:
+        return merged
+    payload = torch.cat([torch.cat([n.reshape(1), mean, m2]) for n, mean, m2 in merged]
+                        + [torch.tensor([float(summary.batches)], dtype=torch.float64,
+                                        device=merged[0][1].device)])
+    link = Link(group, world, "recalibrate", layer_key("recalibrate"))
+    rows = link.gather(payload, RECALIBRATE, len(layers), sum(m.num_features for m in layers))
+    out, i = [], 0
+    for m in layers:
+        c = m.num_features
+        block = rows[:, i:i + 1 + 2 * c]
+        out.append(merge_moments(block[:, 0], block[:, 1:1 + c], block[:, 1 + c:]))
+        i += 1 + 2 * c
+    summary.batches_all_ranks = int(rows[:, i].sum())
+    if summary.batches_all_ranks == 0:
+        raise expected("at least one batch on some rank", "no batches on any rank")
+    return out
+
+
+@torch.no_grad()
+def _set_exact(layers, merged, saved, names, summary) -> None:
+    """running_mean / running_var = mean / M2 / (n - 1) of all the values each layer saw."""
+    batches = summary.batches_all_ranks if summary.batches_all_ranks is not None \
+        else summary.batches
+    for m, (n, mean, m2), buffers in zip(layers, merged, saved):
+        n = float(n)
+        if n == 0:  # no batch reached it (a branch the data never takes): as it was
+            for k, v in buffers.items():
+                m._buffers[k].copy_(v)
+            summary.skipped_layers.append((names[id(m)], "no batch reached it"))
+            continue
+        if n < 2:
+            raise expected(f"at least 2 values per channel for {names[id(m)]}",
+                           f"{int(n)} value")
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_((m2 / (n - 1)).to(m.running_var.dtype))
+        if getattr(m, "num_batches_tracked", None) is not None:
+            m.num_batches_tracked.fill_(batches)
+
+
+@torch.no_grad()
+def _restore(layers, saved) -> None:
+    for m, buffers in zip(layers, saved):
+        for k, v in buffers.items():
+            m._buffers[k].copy_(v)
+
+
 @dataclass
 class RecalibrationReport:
-    """What :func:`recalibrate` ran: batches and samples used, samples skipped (drop_last)."""
+    """What :func:`recalibrate` ran: batches and samples used (this rank's), samples skipped
+    (drop_last), the estimator, and the BN layers left as they were with the reason."""
 
     batches: int = 0
     samples: int = 0
     skipped_samples: int = 0
+    estimator: str = "exact"
+    skipped_layers: list = field(default_factory=list)  # (name, why) per layer left alone
+    batches_all_ranks: int | None = None  # with a process group
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        out = dict(vars(self))
+        out["skipped_layers"] = [{"layer": n, "why": w} for n, w in self.skipped_layers]
+        return out
 
 
 def _reset(bn: nn.Module) -> None:

@@ -22,9 +22,11 @@ def register(sub) -> None:
         "recalibrate",
         help="recompute BN running statistics from data (after SWA, pruning, domain shift)",
         description=describe(
-            "Reset every BN's running statistics and re-estimate them as the average over the "
-            "batches of --data (train mode, no gradients, momentum restored after), as PyTorch's "
-            "update_bn does. --data is a .pt tensor (or list of tensor batches), a .npy array or "
+            "Re-estimate every BN's running statistics from the batches of --data (train mode, "
+            "no gradients): by default the mean and unbiased variance of every value each BN "
+            "saw (--estimator exact, what BN computes on all the batches at once), or the "
+            "average of the per-batch statistics as PyTorch's update_bn does (--estimator "
+            "average). --data is a .pt tensor (or list of tensor batches), a .npy array or "
             "a .npz archive (first array, or --key); a single array is cut into --batch-size "
             "batches along dim 0.",
             "batchnorm recalibrate model.pt --data images.npy -o model.recal.pt",
@@ -41,6 +43,8 @@ def register(sub) -> None:
         "--batch-size", type=int, default=32, help="batch size for a single array (default 32)"
     )
     p.add_argument("--batches", type=int, default=None, help="use at most this many batches")
+    p.add_argument("--estimator", choices=("exact", "average"), default="exact",
+                   help="exact: statistics of all the values (default); average: update_bn's")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
 
@@ -57,7 +61,7 @@ def run(args) -> int:
     model = load_model(args.model)
     require_python_module(model, args.model)
     _, report = recalibrate(model, batches, batches=args.batches, progress=not args.json,
-                            report=True)
+                            report=True, estimator=args.estimator)
     save_model(model, target)
     data = {"output": str(target), **report.to_dict()}
     if args.json:
@@ -69,6 +73,8 @@ def run(args) -> int:
         text += (f"; skipped a last batch of {report.skipped_samples} sample (BN in train mode "
                  "needs more than one value per channel)")
     note(args, text)
+    for name, why in report.skipped_layers:
+        note(args, f"left {name} as it was: {why}")
     return 0
 
 
