@@ -25,7 +25,7 @@ LEVELS = [
     ["sync"],
     ["graph", "probe"],
     ["conversion", "folding", "recalibration"],
-    ["inspection", "onnx_export"],
+    ["inspection", "onnx_export", "adaptation"],
     ["cli", "tour", "__init__", "__main__"],
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}

@@ -38,6 +38,7 @@ _LAZY = {
     "fold": "folding",
     "fold_weights": "folding",
     "recalibrate": "recalibration",
+    "adapt": "adaptation",
     "export_onnx": "onnx_export",
     "set_output_cache": "ops.memory",
     "empty_output_cache": "ops.memory",

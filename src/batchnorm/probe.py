@@ -11,7 +11,11 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import BatchNormError, expected
 
-__all__ = ["as_args", "capture", "failed_on", "max_error", "tensor_leaves", "training_flags_kept"]
+__all__ = ["as_args", "batch_arguments", "capture", "failed_on", "max_error", "tensor_leaves",
+           "training_flags_kept", "INPUT_KEYS"]
+
+# the keys of a dict batch that hold the model's input
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 
 
 def as_args(example_input) -> tuple | None:
@@ -107,3 +111,33 @@ def training_flags_kept(model: nn.Module):
     finally:
         for m, training in flags:
             m.training = training
+
+
+def batch_arguments(batch, input_fn, device) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` to call a model on one batch of a data loader, on ``device``: the batch
+    itself (a tensor), its first element (tuple/list), its input key (dict: one of
+    ``INPUT_KEYS``), or what ``input_fn(batch)`` returns (a tuple: positional arguments, a dict:
+    keyword arguments)."""
+    if input_fn is not None:
+        x = input_fn(batch)
+        if isinstance(x, dict):
+            return (), {k: _to(v, device) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return tuple(_to(v, device) for v in x), {}
+        return (_to(x, device),), {}
+    if isinstance(batch, torch.Tensor):
+        return (_to(batch, device),), {}
+    if isinstance(batch, (tuple, list)) and batch:
+        return (_to(batch[0], device),), {}
+    if isinstance(batch, dict):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return (_to(batch[key], device),), {}
+        raise expected(f"a dict batch with one of the keys {INPUT_KEYS}, or an input_fn",
+                       f"keys {sorted(map(str, batch))}")
+    raise expected("batches that are tensors, tuples, lists or dicts (or an input_fn)",
+                   type(batch).__name__)
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x

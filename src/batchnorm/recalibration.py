@@ -19,7 +19,7 @@ from . import ops, sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
 from .ops.torch_fallback import merge_moments
-from .probe import failed_on, training_flags_kept
+from .probe import batch_arguments, failed_on, training_flags_kept
 from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 
@@ -27,7 +27,6 @@ __all__ = ["recalibrate", "RecalibrationReport", "ESTIMATORS"]
 
 ESTIMATORS = ("exact", "average")
 
-_INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 
 
 def recalibrate(
@@ -297,7 +296,7 @@ def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn,
         pending = next(iterator, _END)
         while pending is not _END:
             batch, pending = pending, next(iterator, _END)
-            args, kwargs = _call_args(batch, input_fn, device)
+            args, kwargs = batch_arguments(batch, input_fn, device)
             n = _samples(args, kwargs)
             if drop_last and pending is _END and n == 1:
                 summary.skipped_samples += 1
@@ -322,32 +321,6 @@ def _samples(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return None
-
-
-def _call_args(batch, input_fn, device) -> tuple[tuple, dict]:
-    if input_fn is not None:
-        x = input_fn(batch)
-        if isinstance(x, dict):
-            return (), {k: _to(v, device) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return tuple(_to(v, device) for v in x), {}
-        return (_to(x, device),), {}
-    if isinstance(batch, torch.Tensor):
-        return (_to(batch, device),), {}
-    if isinstance(batch, (tuple, list)) and batch:
-        return (_to(batch[0], device),), {}
-    if isinstance(batch, dict):
-        for key in _INPUT_KEYS:
-            if key in batch:
-                return (_to(batch[key], device),), {}
-        raise expected(f"a dict batch with one of the keys {_INPUT_KEYS}, or an input_fn",
-                       f"keys {sorted(map(str, batch))}")
-    raise expected("batches that are tensors, tuples, lists or dicts (or an input_fn)",
-                   type(batch).__name__)
-
-
-def _to(x, device):
-    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 # ------------------------------------------------------------------------------------------------
