@@ -16,7 +16,7 @@ PACKAGE = Path(batchnorm.__file__).parent
 # ops/, cli/, tour/) is one level for the modules inside it.
 LEVELS = [
     ["activations"],
-    ["errors", "files", "progress"],
+    ["errors", "files", "progress", "console"],
     ["reference"],
     ["kernels"],
     ["ops"],
@@ -25,7 +25,7 @@ LEVELS = [
     ["sync"],
     ["graph", "probe"],
     ["conversion", "folding", "recalibration"],
-    ["inspection", "onnx_export", "adaptation"],
+    ["inspection", "onnx_export", "adaptation", "diagnosis"],
     ["cli", "tour", "__init__", "__main__"],
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}

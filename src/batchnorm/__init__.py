@@ -39,6 +39,8 @@ _LAZY = {
     "fold_weights": "folding",
     "recalibrate": "recalibration",
     "adapt": "adaptation",
+    "diagnose": "diagnosis",
+    "Diagnosis": "diagnosis",
     "export_onnx": "onnx_export",
     "set_output_cache": "ops.memory",
     "empty_output_cache": "ops.memory",

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
+from .console import render_text
 from .errors import expected
 from .graph import ModelGraph, is_foldable_producer, out_channels, trace
 from .probe import as_args, capture, max_error, training_flags_kept
@@ -195,7 +196,7 @@ class FoldReport:
         return Group(*parts)
 
     def __str__(self) -> str:
-        return _render(self)
+        return render_text(self)
 
 
 @dataclass
@@ -231,16 +232,7 @@ class StripReport:
         return Group(*parts)
 
     def __str__(self) -> str:
-        return _render(self)
-
-
-def _render(obj) -> str:
-    from rich.console import Console
-
-    console = Console(width=120, force_terminal=False, color_system=None)
-    with console.capture() as cap:
-        console.print(obj)
-    return cap.get()
+        return render_text(self)
 
 
 # --------------------------------------------------------------------------- fold

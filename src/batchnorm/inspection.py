@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .console import render_text
 from .errors import expected
 from .graph import ModelGraph, Site, class_name, is_foldable_producer, out_channels, trace
 from .probe import as_args, capture
@@ -144,12 +145,7 @@ class Report:
         return Group(*parts)
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=140, force_terminal=False, color_system=None)
-        with console.capture() as cap:
-            console.print(self)
-        return cap.get()
+        return render_text(self, width=140)
 
 
 def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Report:

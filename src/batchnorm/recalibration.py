@@ -23,7 +23,7 @@ from .probe import batch_arguments, failed_on, training_flags_kept
 from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 
-__all__ = ["recalibrate", "RecalibrationReport", "ESTIMATORS"]
+__all__ = ["recalibrate", "RecalibrationReport", "ESTIMATORS", "moments_collector"]
 
 ESTIMATORS = ("exact", "average")
 
@@ -142,7 +142,7 @@ def recalibrate(
     partials: dict[int, list] = {id(m): [] for m in layers}
     hooks = []
     if estimator == "exact":  # every BN's input moments, batch by batch
-        hooks = [m.register_forward_pre_hook(_collector(partials[id(m)]), with_kwargs=True)
+        hooks = [m.register_forward_pre_hook(moments_collector(partials[id(m)]), with_kwargs=True)
                  for m in layers]
     with training_flags_kept(model):
         try:
@@ -175,7 +175,7 @@ def recalibrate(
     return (model, summary) if report else model
 
 
-def _collector(into: list):
+def moments_collector(into: list):
     """A forward pre-hook appending float64 ``(count, mean, M2)`` of the BN's input (over the
     positions its ``mask`` counts, for ours) to ``into``."""
 

@@ -8,8 +8,8 @@ import sys
 from ._errors import run_guarded
 
 # Each module defines register(subparsers) -> None, adding its parser with set_defaults(run=...).
-COMMANDS = ["demo", "experiment", "inspect", "fold", "strip_bias", "recalibrate", "export",
-            "warmup"]
+COMMANDS = ["demo", "experiment", "inspect", "fold", "strip_bias", "recalibrate", "diagnose",
+            "export", "warmup"]
 
 
 def build_parser() -> argparse.ArgumentParser:
