@@ -348,3 +348,61 @@ def test_traced_torchscript_says_its_bn_layers_keep_no_attributes():
         traced = torch.jit.trace(model, torch.randn(1, 3, 8, 8))
     report = inspect(traced)
     assert report.layers == [] and "2 BN layers (1, 4) come from torch.jit.trace" in report.warning
+
+
+# ---------------------------------------------------------------------------------------------
+# the state lint: each finding on a model built to show it, absent on one that does not
+
+
+def _codes(model):
+    return {f.code: f for f in inspect(model).findings}
+
+
+def test_frozen_parameters_in_train_mode():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))
+    assert "frozen-params-train-mode" not in _codes(model)  # trains its parameters: fine
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    found = _codes(model)["frozen-params-train-mode"]
+    assert found.layers == ["1"] and found.fix
+    model[1].eval()  # the fix: eval mode, statistics fixed
+    assert "frozen-params-train-mode" not in _codes(model)
+
+
+def test_slow_and_cumulative_momentum():
+    bn = nn.BatchNorm2d(4, momentum=0.001)
+    bn.num_batches_tracked.fill_(100)  # 0.999^100 = 90% of the initial values left
+    found = _codes(nn.Sequential(bn))["slow-momentum"]
+    assert "90%" in found.message and "2995 batches" in found.message
+    bn.num_batches_tracked.fill_(5000)  # 0.7% left: caught up
+    assert "slow-momentum" not in _codes(nn.Sequential(bn))
+    assert "slow-momentum" not in _codes(nn.Sequential(nn.BatchNorm2d(4)))  # fresh, 0.1
+    cumulative = nn.Sequential(nn.BatchNorm2d(4, momentum=None))
+    assert _codes(cumulative)["cumulative-momentum"].layers == ["0"]
+    assert "cumulative-momentum" not in _codes(cumulative.eval())  # evaluating: no drift
+
+
+def test_eps_that_underflows_in_half_precision():
+    half = nn.Sequential(nn.BatchNorm2d(4, eps=1e-8).half())
+    found = _codes(half)["eps-underflow-fp16"]
+    assert "eps=1e-08" in found.message
+    assert "eps-underflow-fp16" not in _codes(nn.Sequential(nn.BatchNorm2d(4, eps=1e-8)))
+    assert "eps-underflow-fp16" not in _codes(nn.Sequential(nn.BatchNorm2d(4).half()))
+
+
+def test_ddp_with_broadcast_buffers(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        found = _codes(wrapped)["ddp-broadcast-buffers"]
+        assert found.layers == ["module.1"] and "broadcast_buffers=False" in found.fix
+        quiet = nn.parallel.DistributedDataParallel(copy.deepcopy(model),
+                                                    broadcast_buffers=False)
+        assert "ddp-broadcast-buffers" not in _codes(quiet)
+        assert "ddp-broadcast-buffers" not in _codes(model)
+    finally:
+        dist.destroy_process_group()

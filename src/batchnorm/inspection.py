@@ -29,14 +29,25 @@ SEVERITY = {
     "redundant-bias": "warning",
     "train-mode": "warning",
     "eps-zero": "warning",
+    "eps-underflow-fp16": "warning",
+    "frozen-params-train-mode": "warning",
+    "slow-momentum": "warning",
+    "ddp-broadcast-buffers": "warning",
     "one-value-per-channel": "warning",
     "no-running-stats": "warning",
     "shared-output": "info",
     "unverified-pair": "info",
     "pre-activation": "info",
     "no-producer": "info",
+    "cumulative-momentum": "info",
     "conv-bn-act": "ok",
 }
+# an fp16 eps below the smallest subnormal half (2^-24 ~ 6e-8) rounds to 0 in running_var + eps
+FP16_TINY = 2.0 ** -24
+# slow-momentum: a momentum below SLOW_MOMENTUM whose initial running statistics still weigh
+# more than LAG_WEIGHT after the batches seen (a fresh model at momentum 0.1 is not flagged)
+SLOW_MOMENTUM = 0.01
+LAG_WEIGHT = 0.05
 
 
 @dataclass
@@ -162,7 +173,12 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     output has other users, so BN cannot fold), ``unverified-pair`` (conv then BN in module
     order on a graph fx could not trace), ``no-running-stats`` (batch statistics in eval too:
     nothing folds), ``redundant-bias`` (a conv/linear bias feeding BN, with the parameters
-    wasted), ``train-mode``, ``eps-zero``, ``channel-mismatch`` and, with ``example_input``,
+    wasted), ``train-mode``, ``eps-zero``, ``eps-underflow-fp16`` (float16 buffers with
+    0 < eps < 2^-24), ``frozen-params-train-mode`` (parameters frozen, module in train mode:
+    the statistics still move), ``slow-momentum`` (a momentum below 0.01 with which, after the
+    batches seen, the initial running statistics still weigh over 5%), ``cumulative-momentum`` (momentum=None while training),
+    ``ddp-broadcast-buffers`` (the model passed is a ``DistributedDataParallel`` with
+    ``broadcast_buffers=True``), ``channel-mismatch`` and, with ``example_input``,
     ``one-value-per-channel`` (the batch size at which training breaks).
 
     A traced TorchScript module (``torch.jit.trace``) keeps the BN tensors but none of their
@@ -197,6 +213,11 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     found: dict[str, list[str]] = {code: [] for code in SEVERITY}
     extra: dict[str, list[str]] = {code: [] for code in SEVERITY}  # details for the message
     wasted = 0
+    # DistributedDataParallel(broadcast_buffers=True) writes rank 0's buffers into every BN
+    # in place before each forward: a model whose forward runs twice per step (a GAN's
+    # discriminator on real then fake) then fails autograd's in-place check
+    ddp_buffers = isinstance(model, nn.parallel.DistributedDataParallel) and getattr(
+        model, "broadcast_buffers", False)
 
     for name, bn in model.named_modules():
         if not is_batchnorm(bn):
@@ -233,6 +254,17 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
             found["train-mode"].append(name)
         if bn.eps == 0:
             found["eps-zero"].append(name)
+        running_var = getattr(bn, "running_var", None)
+        if running_var is not None and running_var.dtype == torch.float16 \
+                and 0 < bn.eps < FP16_TINY:
+            found["eps-underflow-fp16"].append(name)
+            extra["eps-underflow-fp16"].append(f"{name} eps={bn.eps:g}")
+        params = [p for p in bn.parameters(recurse=False)]
+        if bn.training and not no_stats and params and not any(p.requires_grad for p in params):
+            found["frozen-params-train-mode"].append(name)
+        _momentum_findings(name, bn, no_stats, found, extra)
+        if ddp_buffers and not no_stats and bn_kind(bn) != "frozen":
+            found["ddp-broadcast-buffers"].append(name)
         if name in shapes:
             shape = shapes[name]
             per_channel = math.prod(shape[2:])
@@ -336,6 +368,30 @@ def _reaches_conv(site: Site) -> bool:
     return any(u.module is not None and is_foldable_producer(u.module) for u in frontier)
 
 
+def _momentum_findings(name, bn, no_stats, found, extra) -> None:
+    """slow-momentum: a momentum below SLOW_MOMENTUM with which, after the batches seen, the
+    initial running statistics still weigh more than LAG_WEIGHT ((1 - momentum)^batches);
+    cumulative-momentum: momentum=None while training (each new batch weighs 1/batches: the
+    statistics stop following the weights)."""
+    if no_stats or bn_kind(bn) == "frozen" or not hasattr(bn, "momentum"):
+        return
+    momentum = bn.momentum
+    nbt = getattr(bn, "num_batches_tracked", None)
+    seen = 0 if nbt is None else int(nbt)
+    if momentum is None:
+        if bn.training:
+            found["cumulative-momentum"].append(name)
+        return
+    if 0 < momentum < SLOW_MOMENTUM:
+        left = (1.0 - momentum) ** seen
+        if left > LAG_WEIGHT:
+            found["slow-momentum"].append(name)
+            extra["slow-momentum"].append(
+                f"{name}: momentum {momentum:g} after {seen} batches, the initial values still "
+                f"weigh {left:.0%}; about {math.ceil(math.log(LAG_WEIGHT) / math.log1p(-momentum))}"
+                " batches are needed")
+
+
 def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> Finding:
     n = len(layers)
     text = {
@@ -391,6 +447,34 @@ def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> F
             f"{n} BN have eps = 0: a running_var of 0 (e.g. fp16 underflow) divides by "
             "zero and gives inf/NaN",
             "set eps to 1e-5 (e.g. FrozenBatchNorm2d(C, eps=1e-5))",
+        ),
+        "eps-underflow-fp16": (
+            f"{n} float16 BN have 0 < eps < 6e-8 ({'; '.join(details)}): in half precision "
+            "eps rounds to 0, so a running_var of 0 divides by zero",
+            "set eps to at least 1e-5, or keep BN buffers in float32",
+        ),
+        "frozen-params-train-mode": (
+            f"{n} BN have frozen parameters (requires_grad=False) but are in train mode: "
+            "their running statistics still change with every batch (a common fine-tuning "
+            "surprise)",
+            "call .eval() on these BN after model.train(), or batchnorm.freeze(model)",
+        ),
+        "slow-momentum": (
+            f"{n} BN update their running statistics so slowly that they still hold mostly "
+            f"their initial values ({'; '.join(details)})",
+            "use momentum 0.1, or run batchnorm.recalibrate(model, data) before evaluating",
+        ),
+        "cumulative-momentum": (
+            f"{n} BN in train mode use momentum=None (a cumulative average): each new batch "
+            "weighs 1/batches, so the running statistics stop following weights that change",
+            "use a momentum such as 0.1 while training, and recalibrate afterwards if needed",
+        ),
+        "ddp-broadcast-buffers": (
+            f"{n} BN sit under DistributedDataParallel(broadcast_buffers=True), which copies "
+            "rank 0's buffers into them in place before every forward: a model whose forward "
+            "runs twice per step (GAN-style) fails autograd's in-place check",
+            "wrap with broadcast_buffers=False (SyncBatchNorm keeps the ranks' statistics "
+            "equal), or run both inputs through one forward",
         ),
         "channel-mismatch": (
             f"{n} BN do not match their producer's channels ({'; '.join(details)})",
