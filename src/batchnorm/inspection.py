@@ -176,7 +176,8 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     wasted), ``train-mode``, ``eps-zero``, ``eps-underflow-fp16`` (float16 buffers with
     0 < eps < 2^-24), ``frozen-params-train-mode`` (parameters frozen, module in train mode:
     the statistics still move), ``slow-momentum`` (a momentum below 0.01 with which, after the
-    batches seen, the initial running statistics still weigh over 5%), ``cumulative-momentum`` (momentum=None while training),
+    batches seen, the initial running statistics still weigh over 5%),
+    ``cumulative-momentum`` (momentum=None while training),
     ``ddp-broadcast-buffers`` (the model passed is a ``DistributedDataParallel`` with
     ``broadcast_buffers=True``), ``channel-mismatch`` and, with ``example_input``,
     ``one-value-per-channel`` (the batch size at which training breaks).
