@@ -1,4 +1,5 @@
-"""``batchnorm experiment``: reruns of published BN experiments (for now, the paper's Figure 1)."""
+"""``batchnorm experiment``: reruns of published BN experiments (the paper's Figure 1) and the
+data-shift experiment (diagnose, AdaBN, TENT)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import textwrap
 
 from ._errors import CLIError, require_tour_extra
 
-EXPERIMENTS = ("figure1",)
+EXPERIMENTS = ("figure1", "shift")
 
 
 def register(sub) -> None:
@@ -20,13 +21,18 @@ def register(sub) -> None:
             "figure1: Ioffe & Szegedy 2015, Figure 1 (a)-(c): 3 fully-connected hidden layers of "
             "100 sigmoid units with and without BN; test accuracy against steps, and one sigmoid "
             "input's 15/50/85th percentiles over training.", 79)
-        + "\n\nExamples:\n  batchnorm experiment figure1\n"
+        + "\n\n" + textwrap.fill(
+            "shift: the tour's digits CNN tested on shifted digits (contrast, brightness, "
+            "inversion): accuracy as is, what `batchnorm diagnose` reports, and accuracy after "
+            "AdaBN and after TENT.", 79)
+        + "\n\nExamples:\n  batchnorm experiment figure1\n  batchnorm experiment shift\n"
         "  batchnorm experiment figure1 --steps 20000 --data ~/mnist/ --out reports/fig1-mnist",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", choices=EXPERIMENTS, help="which experiment")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of each network (default 5000; the paper ran 50000)")
+                   help="training steps of each network (figure1: default 5000, the paper ran "
+                        "50000; shift: default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="MNIST IDX files (a folder or the images file, .gz or not) or an .npz "
@@ -41,11 +47,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..tour.figure1 import run_figure1
+    from ..tour.shift import run_shift
 
     if args.steps is not None and args.steps < 10:
         raise CLIError(f"expected --steps >= 10 (got {args.steps})", "try --steps 5000")
     out = Path(args.out or f"reports/{args.name}")
     if out.exists() and not out.is_dir():
         raise CLIError(f"expected --out to be a folder (got the file {out})", "pick another --out")
-    run_figure1(out, steps=args.steps, seed=args.seed, data=args.data)
+    runner = {"figure1": run_figure1, "shift": run_shift}[args.name]
+    runner(out, steps=args.steps, seed=args.seed, data=args.data)
     return 0
