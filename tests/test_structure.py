@@ -24,7 +24,7 @@ LEVELS = [
     ["protocol", "collectives"],
     ["sync"],
     ["graph", "probe"],
-    ["conversion", "folding", "recalibration"],
+    ["conversion", "folding", "recalibration", "fusion"],
     ["inspection", "onnx_export", "adaptation", "diagnosis"],
     ["cli", "tour", "__init__", "__main__"],
 ]

@@ -352,7 +352,7 @@ def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
                 _Plan(name, bn, "kept", reason="no running statistics: eval uses batch statistics")
             )
             continue
-        producer, why_not = _foldable_producer(model, graph, name, bn, captured)
+        producer, why_not = foldable_producer(model, graph, name, bn, captured)
         if producer is not None:
             kind = type(model.get_submodule(producer)).__name__
             plans.append(_Plan(name, bn, "folded", producer, f"{kind} → BN", act))
@@ -373,7 +373,7 @@ def _plan(model: nn.Module, graph: ModelGraph, captured: dict) -> list[_Plan]:
     return plans
 
 
-def _foldable_producer(model, graph: ModelGraph, name: str, bn: nn.Module, captured: dict):
+def foldable_producer(model, graph: ModelGraph, name: str, bn: nn.Module, captured: dict):
     """(producer module name, None) when ``bn`` folds into it, else (None, reason)."""
     sites = graph.calls(name)
     if not sites:
@@ -505,7 +505,7 @@ def strip_bias(model: nn.Module, example_input=None, *, report: bool = False):
         for name, bn in stripped.named_modules():
             if not is_batchnorm(bn):
                 continue
-            producer, _ = _foldable_producer(stripped, graph, name, bn, captured)
+            producer, _ = foldable_producer(stripped, graph, name, bn, captured)
             if producer is None:
                 continue
             layer = stripped.get_submodule(producer)
