@@ -286,6 +286,9 @@ def test_attributes_changed_to_bad_values_raise_at_forward_and_change_nothing():
     m.eval_mix = 2.0
     with pytest.raises(BatchNormError, match="eval_mix in"):
         m(torch.randn(4, 3, 2, 2))
+    m.eval_stats = "test-time"
+    with pytest.raises(BatchNormError, match="eval_stats in"):
+        m(torch.randn(4, 3, 2, 2))
     for key, value in m.state_dict().items():
         assert torch.equal(value, before[key]), key
 

@@ -184,6 +184,8 @@ class _OurBatchNorm(_BatchNorm):
         tracked = self.running_mean is not None or self.running_var is not None
         batch_stats = self.training or not tracked
         eval_stats = "running" if batch_stats else self.eval_stats
+        if eval_stats != "running":  # an attribute a user may have set to anything
+            eval_stats, _ = check_eval_stats(eval_stats, self.eval_mix)
         update = self.training and self.track_running_stats
         if update and _replaying():
             update = False  # the forward of a checkpointed segment, run again in backward
@@ -191,7 +193,6 @@ class _OurBatchNorm(_BatchNorm):
         act, negative_slope, alpha, inplace = self._act()
         if eval_stats == "mix" or (mask is not None and eval_stats == "running"
                                    and not batch_stats):
-            check_eval_stats(self.eval_stats, self.eval_mix)
             ops.check_mask(mask, x)
             if eval_stats == "running":  # a mask does not change running statistics
                 mask = None
