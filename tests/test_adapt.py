@@ -108,7 +108,7 @@ def test_tent_lowers_the_entropy_it_minimises(trained):
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "sar"}, "method in"),
     ({"steps": 0}, "steps to be a positive integer"),
-    ({"batches": 0}, "batches to be a positive integer"),
+    ({"batches": 0}, "batches to be None or a positive integer"),
     ({"lr": 0.0}, "lr > 0"),
     ({"lr": True}, "lr > 0"),
 ])

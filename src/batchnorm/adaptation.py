@@ -22,7 +22,7 @@ from torch import nn
 from .conversion import convert
 from .errors import expected
 from .layers import _OurBatchNorm
-from .probe import batch_arguments
+from .probe import batch_arguments, check_data_arguments
 from .progress import progress_bar
 from .protocol import is_batchnorm
 from .recalibration import recalibrate
@@ -81,19 +81,13 @@ def adapt(
 
     >>> adapted = batchnorm.adapt(model, target_loader, method="tent", steps=1)
     """
-    if not isinstance(model, nn.Module):
-        raise expected("an nn.Module", type(model).__name__)
+    check_data_arguments(model, data, batches, input_fn)
     if method not in METHODS:
         raise expected(f"method in {METHODS}", repr(method))
-    for name, value, least in (("steps", steps, 1), ("batches", batches, 1)):
-        if value is None and name == "batches":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise expected(f"{name} to be a positive integer", repr(value))
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise expected("steps to be a positive integer", repr(steps))
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise expected("lr > 0", repr(lr))
-    if not hasattr(data, "__iter__"):
-        raise expected("data to be an iterable of batches", type(data).__name__)
     if not any(is_batchnorm(m) for m in model.modules()):
         raise expected("a model with BN layers to adapt", f"{type(model).__name__} without any")
     if method == "adabn":

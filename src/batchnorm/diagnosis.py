@@ -35,7 +35,7 @@ from .console import render_text
 from .errors import expected
 from .layers import _OurBatchNorm
 from .ops.torch_fallback import merge_moments
-from .probe import batch_arguments, failed_on, tensor_leaves
+from .probe import batch_arguments, check_data_arguments, failed_on, tensor_leaves
 from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 from .recalibration import moments_collector
@@ -168,15 +168,7 @@ def diagnose(
 
     >>> print(batchnorm.diagnose(model, val_loader, batches=4))
     """
-    if not isinstance(model, nn.Module):
-        raise expected("an nn.Module", type(model).__name__)
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
-                                or batches < 1):
-        raise expected("batches to be None or a positive integer", repr(batches))
-    if input_fn is not None and not callable(input_fn):
-        raise expected("input_fn to be callable", type(input_fn).__name__)
-    if not hasattr(data, "__iter__"):
-        raise expected("data to be an iterable of batches", type(data).__name__)
+    check_data_arguments(model, data, batches, input_fn)
     names, skipped = [], []
     for name, m in model.named_modules():
         if not is_batchnorm(m):

@@ -11,8 +11,8 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import BatchNormError, expected
 
-__all__ = ["as_args", "batch_arguments", "capture", "failed_on", "max_error", "tensor_leaves",
-           "training_flags_kept", "INPUT_KEYS"]
+__all__ = ["as_args", "batch_arguments", "check_data_arguments", "capture", "failed_on",
+           "max_error", "tensor_leaves", "training_flags_kept", "INPUT_KEYS"]
 
 # the keys of a dict batch that hold the model's input
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
@@ -141,3 +141,18 @@ def batch_arguments(batch, input_fn, device) -> tuple[tuple, dict]:
 
 def _to(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def check_data_arguments(model, data, batches, input_fn) -> None:
+    """The arguments every tool that walks a model over data takes (recalibrate, diagnose,
+    adapt): an ``nn.Module``, an iterable of batches, ``batches`` None or a positive int, and an
+    optional callable ``input_fn``."""
+    if not isinstance(model, nn.Module):
+        raise expected("an nn.Module", type(model).__name__)
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
+                                or batches < 1):
+        raise expected("batches to be None or a positive integer", repr(batches))
+    if input_fn is not None and not callable(input_fn):
+        raise expected("input_fn to be callable", type(input_fn).__name__)
+    if not hasattr(data, "__iter__"):
+        raise expected("data to be an iterable of batches", type(data).__name__)

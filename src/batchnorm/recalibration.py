@@ -19,7 +19,7 @@ from . import ops, sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
 from .ops.torch_fallback import merge_moments
-from .probe import batch_arguments, failed_on, training_flags_kept
+from .probe import batch_arguments, check_data_arguments, failed_on, training_flags_kept
 from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 
@@ -109,15 +109,7 @@ def recalibrate(
     >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     >>> batchnorm.recalibrate(swa_model, loader, batches=100)
     """
-    if not isinstance(model, nn.Module):
-        raise expected("an nn.Module", type(model).__name__)
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
-                                or batches < 1):
-        raise expected("batches to be None or a positive integer", repr(batches))
-    if input_fn is not None and not callable(input_fn):
-        raise expected("input_fn to be callable", type(input_fn).__name__)
-    if not hasattr(data, "__iter__"):
-        raise expected("data to be an iterable of batches", type(data).__name__)
+    check_data_arguments(model, data, batches, input_fn)
     if estimator not in ESTIMATORS:
         raise expected(f"estimator in {ESTIMATORS}", repr(estimator))
     summary = RecalibrationReport(estimator=estimator)

@@ -401,6 +401,27 @@ def _plane_masked(row, mrow, cnt, shift):
     return np.float64(k0) + mean, max(b - cnt * delta * delta, 0.0)
 
 
+@njit(inline="always", cache=True)
+def _merge_counted(counts, part_mean, part_m2):
+    """(count, mean, M2) per channel of the (chunks, C) partials of counted values, chunk q
+    holding counts[q] of them (0: neutral), merged with Chan's formula in order."""
+    c = part_mean.shape[1]
+    mean = np.zeros(c)
+    m2 = np.zeros(c)
+    cnt = 0.0
+    for q in range(part_mean.shape[0]):
+        nb = counts[q]
+        if nb == 0.0:
+            continue
+        for j in range(c):
+            if cnt == 0.0:
+                mean[j], m2[j] = part_mean[q, j], part_m2[q, j]
+            else:
+                mean[j], m2[j] = _chan(cnt, mean[j], m2[j], nb, part_mean[q, j], part_m2[q, j])
+        cnt += nb
+    return cnt, mean, m2
+
+
 @specialised(parallel=True, fastmath=REASSOC)
 def moments_masked_ncs(dtype):
     """Per-channel float64 (count, mean, M2) of x (N, C, S) over the positions where mask (N, S)
@@ -420,21 +441,7 @@ def moments_masked_ncs(dtype):
             if counts[i] > 0.0:
                 part_mean[i, j], part_m2[i, j] = _plane_masked(x[i, j], mask[i], counts[i],
                                                                shift[j])
-        mean = np.zeros(c)
-        m2 = np.zeros(c)
-        cnt = 0.0
-        for i in range(n):
-            nb = counts[i]
-            if nb == 0.0:
-                continue
-            for j in range(c):
-                if cnt == 0.0:
-                    mean[j], m2[j] = part_mean[i, j], part_m2[i, j]
-                else:
-                    mean[j], m2[j] = _chan(cnt, mean[j], m2[j], nb, part_mean[i, j],
-                                           part_m2[i, j])
-            cnt += nb
-        return cnt, mean, m2
+        return _merge_counted(counts, part_mean, part_m2)
 
     return kernel
 
@@ -474,20 +481,6 @@ def moments_masked_mc(dtype):
             part_n[q] = cnt
             for j in range(c):
                 part_m2[q, j] = acc[j]
-        mean = np.zeros(c)
-        m2 = np.zeros(c)
-        cnt = 0.0
-        for q in range(chunks):
-            nb = part_n[q]
-            if nb == 0.0:
-                continue
-            for j in range(c):
-                if cnt == 0.0:
-                    mean[j], m2[j] = part_mean[q, j], part_m2[q, j]
-                else:
-                    mean[j], m2[j] = _chan(cnt, mean[j], m2[j], nb, part_mean[q, j],
-                                           part_m2[q, j])
-            cnt += nb
-        return cnt, mean, m2
+        return _merge_counted(part_n, part_mean, part_m2)
 
     return kernel

@@ -207,20 +207,9 @@ def train_stats(x, weight, bias, mean, eps, act, negative_slope, alpha, mask):
     xs = working(x)
     view = channel_view(xs)
     d = xs - mean.to(xs.dtype).view(view)  # small values: centred by the exact mean
-    dims = reduce_dims(xs)
-    if mask is None:
-        var, d_mean = torch.var_mean(d, dim=dims, correction=0)
-    else:
-        m = mask.unsqueeze(1).to(xs.dtype)
-        n = m.sum()
-        d_mean = (d * m).sum(dims) / n
-        var = ((d - d_mean.view(view)).square() * m).sum(dims) / n
+    var, d_mean = _counted_var_mean(d, mask)
     z = (d - d_mean.view(view)) * torch.rsqrt(var + eps).view(view)
-    if weight is not None:
-        z = z * weight.to(xs.dtype).view(view)
-    if bias is not None:
-        z = z + bias.to(xs.dtype).view(view)
-    return same_format(REGISTRY[act].apply(z, negative_slope, alpha).to(x.dtype), x)
+    return _affine_act(z, weight, bias, act, negative_slope, alpha, x)
 
 
 def mixed(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha, mix, mask):
@@ -231,20 +220,31 @@ def mixed(x, weight, bias, running_mean, running_var, eps, act, negative_slope, 
     view = channel_view(xs)
     shift = running_mean.detach().to(xs.dtype)
     d = xs - shift.view(view)
-    dims = reduce_dims(xs)
-    if mask is None:
-        var_b, mean_b = torch.var_mean(d, dim=dims, correction=0)
-    else:
-        m = mask.unsqueeze(1).to(xs.dtype)
-        n = m.sum()
-        mean_b = (d * m).sum(dims) / n
-        var_b = ((d - mean_b.view(view)).square() * m).sum(dims) / n
+    var_b, mean_b = _counted_var_mean(d, mask)
     # in d's frame the running mean is 0
     mean = mix * mean_b
     var = mix * var_b + (1.0 - mix) * running_var.detach().to(xs.dtype)
     z = (d - mean.view(view)) * torch.rsqrt(var + eps).view(view)
+    return _affine_act(z, weight, bias, act, negative_slope, alpha, x)
+
+
+def _counted_var_mean(d: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Differentiable per-channel (biased var, mean) of d (N, C, *) over the positions the mask
+    (N, *) counts (every position without one)."""
+    dims = reduce_dims(d)
+    if mask is None:
+        return torch.var_mean(d, dim=dims, correction=0)
+    m = mask.unsqueeze(1).to(d.dtype)
+    n = m.sum()
+    mean = (d * m).sum(dims) / n
+    return ((d - mean.view(channel_view(d))).square() * m).sum(dims) / n, mean
+
+
+def _affine_act(z: Tensor, weight, bias, act, negative_slope, alpha, like: Tensor) -> Tensor:
+    """act(z * weight + bias), in like's dtype and memory format."""
+    view = channel_view(z)
     if weight is not None:
-        z = z * weight.to(xs.dtype).view(view)
+        z = z * weight.to(z.dtype).view(view)
     if bias is not None:
-        z = z + bias.to(xs.dtype).view(view)
-    return same_format(REGISTRY[act].apply(z, negative_slope, alpha).to(x.dtype), x)
+        z = z + bias.to(z.dtype).view(view)
+    return same_format(REGISTRY[act].apply(z, negative_slope, alpha).to(like.dtype), like)
