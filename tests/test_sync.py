@@ -596,13 +596,9 @@ def _variant_data(n, seed=3):
 
 
 def _variant_layer(cls, opts):
-    m = cls(3, eps=1e-3, dtype=torch.float64, **opts)
-    with torch.no_grad():
-        m.weight.copy_(torch.tensor([1.2, 0.7, -0.9]))
-        m.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-        m.running_mean.copy_(torch.tensor([1.0, -0.5, 0.2]))
-        m.running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
-    return m
+    from .test_variants import _layer  # the same parameters and buffers as the layer tests
+
+    return _layer(cls, "identity", torch.float64, **opts)
 
 
 def _variant_steps(m, x, mask, dy, strided, steps=2):

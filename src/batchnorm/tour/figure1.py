@@ -108,7 +108,6 @@ def run_figure1(out: str | Path = "reports/figure1", *, steps: int | None = None
     """Train both networks, write ``out/index.html``, ``out/*.png``, ``out/results.json``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     console = console or Console()
     config = Config(seed=seed) if steps is None else Config(steps=steps, seed=seed)
@@ -187,12 +186,8 @@ def run_figure1(out: str | Path = "reports/figure1", *, steps: int | None = None
     R.write_html(out, "Batch Normalization: Ioffe & Szegedy's Figure 1, rerun", "", [sec], meta)
     R.write_json(out, results)
 
-    table = Table(title="Figure 1: the paper's claims against this run", title_justify="left")
-    table.add_column("claim")
-    table.add_column("this run")
-    for claim, v in verdicts.items():
-        table.add_row(CLAIMS[claim], "[green]shown[/]" if v["holds"] else "[red]not shown[/]")
-    console.print(table)
+    console.print(R.claims_table("Figure 1: the paper's claims against this run", CLAIMS,
+                                 verdicts))
     for key, m in measured.items():
         console.print(f"{LABELS[key]}: final test accuracy {R.fmt(m['final_test_acc'])}, "
                       "first step "

@@ -116,6 +116,19 @@ def save_figure(fig, out: Path, name: str) -> str:
     return name
 
 
+def claims_table(title: str, claims: dict[str, str], verdicts: dict[str, dict]):
+    """The terminal table of an experiment's claims: each claim's text and whether this run
+    shows it (``verdicts[key]["holds"]``)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("claim")
+    table.add_column("this run")
+    for key, v in verdicts.items():
+        table.add_row(claims[key], "[green]shown[/]" if v["holds"] else "[red]not shown[/]")
+    return table
+
+
 def write_html(out: Path, title: str, intro: str, sections: list[Section], meta: str) -> Path:
     nav = "".join(f'<li><a href="#{s.key}">{esc(s.title)}</a></li>' for s in sections)
     body = "".join(

@@ -181,12 +181,7 @@ def run_shift(out: str | Path = "reports/shift", *, steps: int | None = None, se
     for k, r in rows.items():
         table.add_row(k, R.fmt(r["eval"]), r["verdict"], R.fmt(r["adabn"]), R.fmt(r["tent"]))
     console.print(table)
-    claims = Table(title="The claims against this run", title_justify="left")
-    claims.add_column("claim")
-    claims.add_column("this run")
-    for c, v in verdicts.items():
-        claims.add_row(CLAIMS[c], "[green]shown[/]" if v["holds"] else "[red]not shown[/]")
-    console.print(claims)
+    console.print(R.claims_table("The claims against this run", CLAIMS, verdicts))
     console.print(f"Report: [bold]{out / 'index.html'}[/]  ·  {elapsed:.1f} s")
     return results
 
