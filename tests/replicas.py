@@ -496,7 +496,7 @@ REPLICAS = {
     "mobilenet_v2": (mobilenet_v2_block, (2, 3, 16, 16), 10, 0),
     "mobilenet_v3": (mobilenet_v3_block, (2, 3, 16, 16), 8, 0),
     "efficientnet": (efficientnet_block, (2, 3, 16, 16), 8, 0),
-    "densenet": (densenet, (2, 3, 16, 16), 5, 6),
+    "densenet": (densenet, (2, 3, 16, 16), 7, 4),
     "regnet": (regnet, (2, 3, 16, 16), 8, 0),
     "shufflenet": (shufflenet, (2, 3, 16, 16), 9, 0),
     "inception": (inception, (2, 3, 16, 16), 13, 0),

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from batchnorm.cli import main
@@ -101,6 +102,18 @@ def test_fold_writes_an_equal_model(files, capsys):
         assert (folded(x) - want).abs().max() <= 1e-5 * want.abs().max()
     status, out, _ = run(capsys, "fold", d / "model.pt", "-o", d / "folded2.pt")
     assert status == 0 and "8 folded" in out and "wrote" in out
+
+
+def test_fold_no_forward_leaves_a_bn_before_a_linear_frozen(tmp_path, capsys):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(16),
+                          nn.Linear(16, 2))
+    torch.save(model, tmp_path / "head.pt")
+    for flag, want in (([], "next"), (["--no-forward"], None)):
+        status, out, _ = run(capsys, "fold", tmp_path / "head.pt", "-o", tmp_path / "f.pt",
+                             "--json", *flag)
+        layer = json.loads(out)["layers"][0]
+        assert status == 0 and layer["direction"] == want
+        assert layer["action"] == ("folded" if want else "frozen")
 
 
 def test_strip_bias_writes_a_leaner_model(tmp_path, capsys):

@@ -56,8 +56,10 @@ def test_good_model_has_only_the_ok_finding():
             ),
             ["2"],
         ),
-        # BN -> conv with no activation between is not the pre-activation pattern (issue 11)
-        ("no-producer", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), ["0"]),
+        # BN -> conv with no activation between is not the pre-activation pattern: it folds
+        # forward into the conv
+        ("fold-forward", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), ["0"]),
+        ("no-producer", nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), ["0"]),
         (
             "no-producer",
             nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(8)),
@@ -87,7 +89,9 @@ def test_densenet_replica_placements():
     assert (
         len(report.finding("pre-activation").layers) == 5
     )  # norm1 of each dense layer + transition
-    assert report.finding("no-producer").layers == ["features.9"]  # final BN → relu → pool
+    # the transition and final BN read a cat whose last piece is the last conv's alone
+    assert report.finding("fold-pieces").layers == ["features.4", "features.9"]
+    assert "no-producer" not in report.codes()
 
 
 class Shared(nn.Module):
@@ -304,7 +308,7 @@ def test_untraceable_model_does_not_claim_a_shared_output():
     assert report.finding("unverified-pair").layers == ["bn"]
 
 
-def test_bn_feeding_a_linear_or_conv_directly_is_no_producer_not_pre_activation():
+def test_bn_feeding_a_linear_or_conv_directly_folds_and_is_not_pre_activation():
     head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(64),
                          nn.Linear(64, 2))
 
@@ -317,10 +321,10 @@ def test_bn_feeding_a_linear_or_conv_directly_is_no_producer_not_pre_activation(
         def forward(self, x):
             return self.conv(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
 
-    for model, name in ((head, "3"), (Cat(), "bn")):
+    for model, name, code in ((head, "3", "fold-forward"), (Cat(), "bn", "fold-pieces")):
         report = inspect(model)
         assert "pre-activation" not in report.codes(), report.codes()
-        assert name in report.finding("no-producer").layers
+        assert name in report.finding(code).layers
     pre = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
                         nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
     plain = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 1))

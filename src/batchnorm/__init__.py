@@ -37,6 +37,7 @@ _LAZY = {
     "strip_bias": "folding",
     "fold": "folding",
     "fold_weights": "folding",
+    "fold_weights_forward": "folding",
     "fuse_frozen": "fusion",
     "recalibrate": "recalibration",
     "adapt": "adaptation",

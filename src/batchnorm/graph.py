@@ -85,6 +85,10 @@ class Site:
     label: str = ""  # function / method name for non-module sites
     inputs: list["Site"] = field(default_factory=list)
     users: list["Site"] = field(default_factory=list)
+    # the call's arguments as written, other sites in place of fx nodes (torch.cat's list and
+    # dim, flatten's start_dim); empty on an approximate graph
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
 
     @property
     def is_bn(self) -> bool:
@@ -181,6 +185,8 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
         fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(n) or n)
         site.inputs = [sites[n] for n in inputs]
         site.users = [sites[u] for u in node.users]
+        site.args = fx.node.map_arg(node.args, sites.__getitem__)
+        site.kwargs = dict(fx.node.map_arg(node.kwargs, sites.__getitem__))
     ordered = list(sites.values())
     # shape queries (x.shape, x.size(), x.dim()) read no data: they do not count as users, so
     # "used only by BN" still holds for a conv whose output shape is also looked at

@@ -16,6 +16,7 @@ from torch import nn
 
 from .console import render_text
 from .errors import expected
+from .folding import plan_folds
 from .graph import ModelGraph, Site, class_name, is_foldable_producer, out_channels, trace
 from .probe import as_args, capture
 from .protocol import activation_of, bn_kind, is_batchnorm, options_of
@@ -41,6 +42,8 @@ SEVERITY = {
     "no-producer": "info",
     "cumulative-momentum": "info",
     "conv-bn-act": "ok",
+    "fold-pieces": "ok",
+    "fold-forward": "ok",
 }
 # an fp16 eps below the smallest subnormal half (2^-24 ~ 6e-8) rounds to 0 in running_var + eps
 FP16_TINY = 2.0 ** -24
@@ -166,21 +169,23 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     (``num_features``, ``eps``, ``running_mean``, ``running_var``). Learnable parameters are
     :math:`2C` with ``affine=True`` and 0 otherwise; the running statistics are buffers.
 
-    Findings (``Report.findings``, each with layer names and a one-line fix):
-    ``conv-bn-act`` (fine), ``act-before-bn`` (Conv → act → BN), ``pre-activation``
-    (BN → act → Conv: fine, but folds only as a frozen affine), ``no-producer`` (input is not a
-    conv/linear: the model's input, a concatenation, a Flatten...), ``shared-output`` (the conv
-    output has other users, so BN cannot fold), ``unverified-pair`` (conv then BN in module
-    order on a graph fx could not trace), ``no-running-stats`` (batch statistics in eval too:
-    nothing folds), ``redundant-bias`` (a conv/linear bias feeding BN, with the parameters
-    wasted), ``train-mode``, ``eps-zero``, ``eps-underflow-fp16`` (float16 buffers with
-    0 < eps < 2^-24), ``frozen-params-train-mode`` (parameters frozen, module in train mode:
-    the statistics still move), ``slow-momentum`` (a momentum below 0.01 with which, after the
-    batches seen, the initial running statistics still weigh over 5%),
-    ``cumulative-momentum`` (momentum=None while training),
-    ``ddp-broadcast-buffers`` (the model passed is a ``DistributedDataParallel`` with
-    ``broadcast_buffers=True``), ``channel-mismatch`` and, with ``example_input``,
-    ``one-value-per-channel`` (the batch size at which training breaks).
+    Findings (``Report.findings``, each with layer names and a one-line fix): ``conv-bn-act``
+    (fine), ``act-before-bn`` (Conv → act → BN), ``pre-activation`` (BN → act → Conv: fine, but
+    folds only as a frozen affine), ``fold-pieces`` (input is a channel concatenation of
+    conv/linear outputs: ``fold`` splits the BN into them), ``fold-forward`` (input from
+    elsewhere, output straight into a Linear or a conv that does not pad with zeros: ``fold``
+    folds it forward), ``no-producer`` (input is not a conv/linear and no such consumer: the
+    model's input, an add, a pooling...), ``shared-output`` (the conv output has other users, so
+    BN cannot fold), ``unverified-pair`` (conv then BN in module order on a graph fx could not
+    trace), ``no-running-stats`` (batch statistics in eval too: nothing folds),
+    ``redundant-bias`` (a conv/linear bias feeding BN, with the parameters wasted),
+    ``train-mode``, ``eps-zero``, ``eps-underflow-fp16`` (float16 buffers with 0 < eps < 2^-24),
+    ``frozen-params-train-mode`` (parameters frozen, module in train mode: the statistics still
+    move), ``slow-momentum`` (a momentum below 0.01 with which, after the batches seen, the
+    initial running statistics still weigh over 5%), ``cumulative-momentum`` (momentum=None
+    while training), ``ddp-broadcast-buffers`` (the model passed is a
+    ``DistributedDataParallel`` with ``broadcast_buffers=True``), ``channel-mismatch`` and, with
+    ``example_input``, ``one-value-per-channel`` (the batch size at which training breaks).
 
     A traced TorchScript module (``torch.jit.trace``) keeps the BN tensors but none of their
     attributes (``num_features``, ``eps``, ``momentum``): such layers cannot be listed, and
@@ -208,7 +213,13 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
     if mode not in ("auto", "inference", "training"):
         raise expected('mode "auto", "inference" or "training"', repr(mode))
     graph = trace(model)
-    shapes = _input_shapes(model, example_input) if example_input is not None else {}
+    seen = _seen_shapes(model, example_input) if example_input is not None else {}
+    bn_names = {name for name, m in model.named_modules() if is_batchnorm(m)}
+    shapes = {name: tuple(rec[0][0].shape) for name, rec in seen.items()
+              if name in bn_names and rec[0]}
+    # where fold would put each BN (fold takes no TorchScript, so neither does this)
+    folds = {} if isinstance(model, torch.jit.ScriptModule) else {
+        plan.name: plan for plan in plan_folds(model, graph, seen)}
     report = Report(approximate=graph.approximate, warning=_join(graph.warning,
                                                                  _traced_bn_warning(model)))
     found: dict[str, list[str]] = {code: [] for code in SEVERITY}
@@ -234,7 +245,14 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
             found["no-running-stats"].append(name)
         if site is not None:
             placement = _placement(graph, site)
-            if not (no_stats and placement == "conv-bn-act"):
+            direction = folds[name].direction if name in folds else None
+            if direction in ("pieces", "next"):
+                code = "fold-pieces" if direction == "pieces" else "fold-forward"
+                found[code].append(name)
+                extra[code].append(f"{name} → {folds[name].into}")
+                if placement == "no-producer":  # it does fold, after all
+                    placement = None
+            if placement and not (no_stats and placement == "conv-bn-act"):
                 found[placement].append(name)
             if (
                 producer is not None
@@ -287,7 +305,8 @@ def inspect(model: nn.Module, example_input=None, *, mode: str = "auto") -> Repo
         "bn_buffers": sum(r.buffers for r in report.layers),
         "model_params": model_params,
         "bn_param_share": bn_params / model_params if model_params else 0.0,
-        "foldable": len(found["conv-bn-act"]),
+        "foldable": len(found["conv-bn-act"]) + len(found["fold-pieces"])
+        + len(found["fold-forward"]),
         "wasted_bias_params": wasted,
     }
     return report
@@ -413,8 +432,20 @@ def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> F
         ),
         "no-producer": (
             f"{n} BN take their input from something other than a conv/linear "
-            "(input, add, concatenation, pooling)",
+            "(input, add, concatenation, pooling) and feed no Linear/conv they could fold into",
             "nothing to do; batchnorm.fold turns them into frozen per-channel affines",
+        ),
+        "fold-pieces": (
+            f"{n} BN read a channel concatenation of conv/linear outputs "
+            f"({'; '.join(details)}): fold splits each into the layers that produced its "
+            "channels (channels from anything else stay a frozen affine)",
+            "nothing to do; batchnorm.fold(model) splits them",
+        ),
+        "fold-forward": (
+            f"{n} BN feed a Linear, or a conv that pads with nothing or with the data, "
+            f"directly ({'; '.join(details)}): fold folds them forward into that layer",
+            "nothing to do; batchnorm.fold(model) folds them (forward=False keeps them as "
+            "frozen affines)",
         ),
         "shared-output": (
             f"{n} BN read a conv/linear output that other layers read too, so "
@@ -492,12 +523,18 @@ def _finding(code: str, layers: list[str], details: list[str], wasted: int) -> F
     return Finding(code, SEVERITY[code], layers, *text)
 
 
-def _input_shapes(model: nn.Module, example_input) -> dict[str, tuple[int, ...]]:
-    """Input shape of every BN on one eval-mode forward pass of a copy of ``model``."""
+def _seen_shapes(model: nn.Module, example_input) -> dict[str, tuple]:
+    """``((input,), output)`` of every BN and conv/linear on one eval-mode forward pass of a
+    copy of ``model``, as meta tensors: the shapes, no data."""
     args = as_args(example_input)
-    shapes, _ = capture(copy.deepcopy(model).eval(), args, is_batchnorm, _input_shape)
-    return {name: shape for name, shape in shapes.items() if shape is not None}
+    records, _ = capture(copy.deepcopy(model).eval(), args,
+                         lambda m: is_batchnorm(m) or is_foldable_producer(m), _as_meta)
+    return records
 
 
-def _input_shape(inputs: tuple, output) -> tuple[int, ...] | None:
-    return tuple(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else None
+def _as_meta(inputs: tuple, output) -> tuple[tuple, object]:
+    def meta(t):
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    first = inputs[:1] if inputs and isinstance(inputs[0], torch.Tensor) else ()
+    return (tuple(meta(t) for t in first),
+            meta(output) if isinstance(output, torch.Tensor) else output)

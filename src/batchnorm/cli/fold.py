@@ -1,4 +1,4 @@
-"""``batchnorm fold MODEL -o OUT``: fold BN into the convs before it; freeze the rest."""
+"""``batchnorm fold MODEL -o OUT``: fold BN into the convs around it; freeze the rest."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ def register(sub) -> None:
         help="fold every BN into the conv/linear before it (inference model)",
         description=describe(
             "Write an eval-mode copy of MODEL where every BN whose input comes only from a "
-            "Conv/ConvTranspose/Linear (subclasses too) is folded into its weights, and every "
-            "other BN is a frozen per-channel affine. With --input-shape, the error each fold "
-            "introduces is measured on a random input. The output is written atomically, never "
-            "over MODEL.",
+            "Conv/ConvTranspose/Linear (subclasses too) is folded into its weights, a BN after "
+            "a channel concatenation of such layers is split into them, a BN left over that "
+            "feeds a Linear (or a conv that does not pad with zeros) folds forward into it, "
+            "and every other BN is a frozen per-channel affine. With --input-shape, the error "
+            "each fold introduces is measured on a random input. The output is written "
+            "atomically, never over MODEL.",
             "batchnorm fold model.pt -o model.folded.pt",
             "batchnorm fold model.pt -o model.folded.pt --input-shape 1,3,224,224 --json",
+            "batchnorm fold model.pt -o model.folded.pt --no-forward",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -26,10 +29,17 @@ def register(sub) -> None:
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="where to write the folded model"
     )
+    p.add_argument(
+        "--no-forward", action="store_true",
+        help="do not fold a BN into the layer after it (it stays a frozen affine)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..folding import fold
 
-    return rewrite_model(args, fold)
+    def transform(model, example_input, report):
+        return fold(model, example_input, forward=not args.no_forward, report=report)
+
+    return rewrite_model(args, transform)
