@@ -1,6 +1,8 @@
-"""On a CUDA device (skipped without one): our layers take PyTorch's own path and match it.
+"""On a CUDA device (skipped without one): our layers run the Triton kernels (PyTorch's own
+path without ``triton``) and match PyTorch's layers.
 
-CI has no GPU; these run when a GPU machine is lent (see the issue notes for the last run).
+CI has no GPU; these run when a GPU machine is lent (see the issue notes for the last run). The
+kernels themselves are tested here without a GPU, in Triton's interpreter (test_triton.py).
 """
 from __future__ import annotations
 
@@ -87,3 +89,45 @@ def test_sync_batchnorm_single_rank_nccl(tmp_path):
         torch.testing.assert_close(sync.running_var, ref.running_var)
     finally:
         dist.destroy_process_group()
+
+
+def _triton():
+    return pytest.importorskip("triton")
+
+
+def test_cuda_runs_the_triton_kernels():
+    _triton()
+    from batchnorm import ops
+
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    assert ops._backend(x) == "triton"
+    assert ops._backend(x.bfloat16(), torch.ones(8, device="cuda")) == "triton"
+    assert ops._backend(x.transpose(2, 3)) == "torch"  # strides the kernels do not view
+
+
+@pytest.mark.parametrize("act", ["identity", "leaky_relu", "elu"])
+def test_inplace_on_cuda_equals_not_inplace(act):
+    _triton()
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 9, 9, device="cuda")
+    out = []
+    for inplace in (False, True):
+        m = batchnorm.BatchNormAct2d(16, act=act, inplace=inplace).cuda()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.ones_like(y))
+        out.append((y.detach(), xi.grad, m.weight.grad, m.running_var.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_and_export_see_one_op_on_cuda():
+    _triton()
+    torch.manual_seed(0)
+    m = batchnorm.BatchNormAct2d(8, act="relu").cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
+    want = m(x)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(x), want)
+    graph = torch.export.export(m.eval(), (x.detach(),)).graph_module.code
+    assert "batchnorm.bn_act_eval" in graph

@@ -5,9 +5,10 @@ In training, with an initialised process group of more than one rank, each rank 
 to per-channel float64 partials ``(count, mean, M2)`` with the reference's definitions, the ranks
 exchange them in ONE all-gather and merge them with Chan's formula, so every rank normalises with
 the statistics of the whole batch. A rank whose batch the CPU kernels take (float32 / float64,
-dense) computes its partials, its normalisation and its backward with the plain layer's kernels
-(:func:`batchnorm.ops.numba_cpu.moments_impl` and the backward's two passes around the
-all-reduce); any other rank (CUDA, half precision, odd strides) with PyTorch's ops on the
+dense, or a CUDA batch the Triton kernels take) computes its partials, its normalisation and
+its backward with the plain layer's kernels (:func:`batchnorm.ops.numba_cpu.moments_impl`, its
+Triton twin, and the backward's two passes around the all-reduce); any other rank (CUDA without
+triton, CPU half precision, odd strides) with PyTorch's ops on the
 shifted batch (:func:`batchnorm.ops.torch_fallback.shifted_moments`). Both send the same
 messages, so ranks may mix them::
 
@@ -42,7 +43,8 @@ from .activations import REGISTRY
 from .collectives import BACKWARD, FORWARD, Link, group_world, layer_key
 from .errors import check_counted, check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct, _replaying, in_onnx_export
-from .ops import check_mask, numba_cpu
+from .ops import check_mask
+from .ops.backends import kernels_for
 from .ops.torch_fallback import channel_view, masked_moments, shifted_moments, working
 from .ops.torch_fallback import merge_moments as _merge
 
@@ -100,17 +102,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, link, call, mask=None, renorm=None):
         c = x.shape[1]
-        ctx.kernels = numba_cpu.takes(x, weight, bias)
+        ctx.kernels = kernels = kernels_for(x, weight, bias)  # numba, Triton, or None
         shift = d = xw = None
         if mask is not None:  # statistics of the counted positions only
-            moments = numba_cpu.masked_moments_impl if ctx.kernels else masked_moments
+            moments = kernels.masked_moments_impl if kernels else masked_moments
             n_local, mean, m2 = moments(x.detach(), mask)
             if not ctx.kernels:
                 xw = working(x.detach())
                 shift = mean.to(xw.dtype)
                 d = xw - shift.view(channel_view(xw))
-        elif ctx.kernels:  # the plain layer's statistics kernel
-            n_local, mean, m2 = numba_cpu.moments_impl(x)
+        elif kernels:  # the plain layer's statistics kernel
+            n_local, mean, m2 = kernels.moments_impl(x)
         else:
             xw = working(x.detach())
             n_local, shift, d, mean, m2 = shifted_moments(xw)
@@ -131,9 +133,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         weight_eff, bias_eff = _effective(weight, bias, ctx.rd, x)
         n_out = g_mean.new_tensor(n)
         ctx.mark_non_differentiable(g_mean, var, n_out)
-        if ctx.kernels:  # the plain layer's normalising kernel, with the global statistics
-            y = numba_cpu.eval_impl(x.detach(), weight_eff, bias_eff, g_mean, var,
-                                    eps, "identity", 0.01, 1.0)
+        if kernels:  # the plain layer's normalising kernel, with the global statistics
+            y = kernels.eval_impl(x.detach(), weight_eff, bias_eff, g_mean, var, eps, "identity",
+                                  0.01, 1.0)
             ctx.save_for_backward(x, weight_eff, bias_eff, g_mean, var, mask)
             return y, g_mean, var, n_out
         # the global mean in d's frame: small, so its rounding to d's dtype costs nothing
@@ -203,10 +205,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, var, mask = ctx.saved_tensors
         c = x.shape[1]
         if x.numel() > 0:
-            sum_g, sum_gxhat = numba_cpu.backward_sums_impl(gy, x.detach(), weight, bias, mean,
-                                                            var, ctx.eps)
+            sum_g, sum_gxhat = ctx.kernels.backward_sums_impl(gy, x.detach(), weight, bias,
+                                                              mean, var, ctx.eps)
         else:
-            sum_g = torch.zeros(c, dtype=torch.float64)
+            sum_g = torch.zeros(c, dtype=torch.float64, device=x.device)
             sum_gxhat = torch.zeros_like(sum_g)
         # every rank joins, an empty one too, or its peers would wait forever
         total = ctx.link.all_reduce(torch.cat([sum_g, sum_gxhat]), BACKWARD, ctx.call, c)
@@ -215,9 +217,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x.numel() == 0:
                 dx = torch.zeros_like(x)
             else:
-                dx = numba_cpu.backward_dx_impl(gy, x.detach(), weight, bias, mean, var,
-                                                ctx.eps, total[:c].contiguous(),
-                                                total[c:].contiguous(), ctx.n, mask)
+                dx = ctx.kernels.backward_dx_impl(gy, x.detach(), weight, bias, mean, var,
+                                                  ctx.eps, total[:c].contiguous(),
+                                                  total[c:].contiguous(), ctx.n, mask)
         return (dx, *_SyncBatchNormFunction._param_grads(ctx, weight, sum_g, sum_gxhat),
                 None, None, None, None, None)
 

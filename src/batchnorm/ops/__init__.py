@@ -11,17 +11,22 @@ Both apply an optional affine transform and then an activation of the registry
 in this one place, the backend that runs:
 
 ==========================  ======================================================================
+``triton_gpu.py``           CUDA, float32 / float16 / bfloat16 / float64 (parameters in that dtype
+                            or float32), contiguous or channels-last, when ``triton`` imports: the
+                            Triton kernels of ``triton_kernels.py``, run as the same custom ops
 ``numba_cpu.py``            CPU, float32 or float64 (parameters alike), ``(N, C, *)`` contiguous or
                             channels-last: the fused numba kernels of :mod:`batchnorm.kernels`,
                             run as the custom ops of ``custom_ops.py`` (one op each for autograd,
                             ``torch.compile`` and ``torch.export``; plain eager calls skip the
                             dispatcher, same bits)
-``torch_fallback.py``       everything else: CUDA and other devices, bfloat16 / float16 (statistics
-                            in float32, as PyTorch), non-contiguous strides: ``F.batch_norm`` then
-                            the activation, the InPlace-ABN mode in PyTorch ops
+``torch_fallback.py``       everything else: other devices, CUDA without ``triton``, CPU bfloat16 /
+                            float16 (statistics in float32, as PyTorch), non-contiguous strides:
+                            ``F.batch_norm`` then the activation, the InPlace-ABN mode in PyTorch
+                            ops
 ==========================  ======================================================================
 
-So a CUDA bfloat16 tensor runs ``torch_fallback.py``. ``layout.py`` says which memory layouts the
+``backends.py`` holds that choice. So a CUDA bfloat16 tensor runs the Triton kernels, a CPU one
+``torch_fallback.py``. ``layout.py`` says which memory layouts the
 kernels view; ``memory.py`` where their outputs come from (huge pages, the bounded output cache).
 The output always has the memory format of the input.
 """
@@ -32,7 +37,8 @@ from torch import Tensor
 
 from ..activations import FUSED, INVERTIBLE
 from ..errors import check_act, check_eps, check_mask_shape, expected
-from . import custom_ops, numba_cpu, torch_fallback
+from . import custom_ops, numba_cpu, torch_fallback, triton_gpu
+from .backends import kernels_for
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments", "bn_act_stats",
            "bn_act_mixed", "renorm_factors", "check_mask"]
@@ -41,8 +47,15 @@ ACTIVATIONS = FUSED  # the act names the ops take
 
 
 def _backend(x: Tensor, *per_channel: Tensor | None) -> str:
-    """The backend for these tensors: "numba" (the fused CPU kernels) or "torch" (the fallback)."""
-    return "numba" if numba_cpu.takes(x, *per_channel) else "torch"
+    """The backend for these tensors: "triton" (the GPU kernels), "numba" (the fused CPU
+    kernels) or "torch" (the fallback)."""
+    kernels = kernels_for(x, *per_channel)
+    return {triton_gpu: "triton", numba_cpu: "numba", None: "torch"}[kernels]
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics are returned in: x's, float32 for float16 / bfloat16 (PyTorch's)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def bn_act_train(
@@ -72,8 +85,10 @@ def bn_act_train(
 
     Paths: on CPU with float32/float64 input that is contiguous or channels-last, the fused numba
     kernels run (one pass for the statistics, one for normalise + affine + activation; backward
-    one reduction pass and one pass writing ``dx``). Other devices (CUDA...), dtypes (bfloat16,
-    float16) and strides take PyTorch's own path (``F.batch_norm`` then the activation).
+    one reduction pass and one pass writing ``dx``). On CUDA with ``triton`` installed, the
+    Triton kernels do the same in float32 / float16 / bfloat16 / float64 (statistics in float32
+    tiles merged in float64). Other devices, CPU half precision and odd strides take PyTorch's
+    own path (``F.batch_norm`` then the activation).
 
     Args:
         x: input of shape ``(N, C, *)``, rank 2 to 5, floating point.
@@ -120,10 +135,10 @@ def bn_act_train(
     _check_param("bias", bias, x, c)
     negative_slope, alpha = check_act(act, negative_slope, alpha, inplace)
     args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
-    if _backend(x, weight, bias) == "numba":
+    if _backend(x, weight, bias) != "torch":
         y, mean, var = custom_ops.train(*args)
         # the op returns float64 statistics; the contract is the input's dtype, detached
-        return y, mean.detach().to(x.dtype), var.detach().to(x.dtype)
+        return y, mean.detach().to(_stat_dtype(x)), var.detach().to(_stat_dtype(x))
     return torch_fallback.train(*args)
 
 
@@ -148,8 +163,9 @@ def bn_act_eval(
     gradients flow to ``x``, ``weight`` and ``bias``: ``dx = act'(z) * dy * gamma / sigma``.
 
     Paths: on CPU with float32/float64 input that is contiguous or channels-last, one fused
-    numba pass (per-channel scale and shift precomputed); other devices, dtypes and strides take
-    PyTorch's own path (``F.batch_norm`` then the activation).
+    numba pass (per-channel scale and shift precomputed); on CUDA with ``triton``, one Triton
+    pass; other devices, dtypes and strides take PyTorch's own path (``F.batch_norm`` then the
+    activation).
 
     Args:
         x: input of shape ``(N, C, *)``, rank 2 to 5, floating point.
@@ -180,7 +196,7 @@ def bn_act_eval(
     _check_param("running_mean", running_mean, x, c, required=True)
     _check_param("running_var", running_var, x, c, required=True)
     negative_slope, alpha = check_act(act, negative_slope, alpha, inplace=False)
-    if _backend(x, weight, bias, running_mean, running_var) == "numba":
+    if _backend(x, weight, bias, running_mean, running_var) != "torch":
         return custom_ops.eval_(x, weight, bias, running_mean.detach(), running_var.detach(), eps,
                                 act, negative_slope, alpha)
     return torch_fallback.eval_(x, weight, bias, running_mean, running_var, eps, act,
@@ -198,7 +214,7 @@ def moments(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tens
     shifted two-pass float64 sums otherwise. Never differentiable."""
     _check_input(x)
     check_mask(mask, x)
-    if _backend(x) == "numba":
+    if _backend(x) != "torch":
         return custom_ops.moments(x, mask)
     if mask is None:
         n, _, _, mean, m2 = torch_fallback.shifted_moments(torch_fallback.working(x.detach()))
@@ -237,7 +253,7 @@ def bn_act_stats(
     _check_param("bias", bias, x, c)
     check_mask(mask, x)
     negative_slope, alpha = check_act(act, negative_slope, alpha, False)
-    if _backend(x, weight, bias) == "numba":
+    if _backend(x, weight, bias) != "torch":
         return custom_ops.stats(x, weight, bias, mean.detach(), var.detach(), mask,
                                 count.detach(), eps, act, negative_slope, alpha)
     return torch_fallback.train_stats(x, weight, bias, mean.detach(), eps, act, negative_slope,

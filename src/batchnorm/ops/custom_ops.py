@@ -3,7 +3,9 @@
 Four ops in the ``batchnorm`` namespace: two forwards (``bn_act_train``, ``bn_act_eval``), each
 with its backward as an op of its own, tied together with ``register_autograd``. Fake
 implementations give shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op
-as one node. The ops run the numba CPU backend (:mod:`.numba_cpu`).
+as one node. The ops run the kernels :func:`.backends.kernels_for` picks for their input: the
+numba CPU backend (:mod:`.numba_cpu`) or the Triton GPU one (:mod:`.triton_gpu`), whose
+implementations share signatures and results.
 
 In plain eager mode the same implementations run without the op's dispatcher round trip
 (:func:`train` / :func:`eval_`): directly when no gradient is recorded, through a
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from ..errors import expected
 from . import numba_cpu, torch_fallback
+from .backends import kernels_for
 
 __all__ = ["train", "eval_", "moments", "stats", "renorm_factors"]
 
@@ -58,6 +61,42 @@ def _records_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# ---------------------------------------------------------------------------------------------
+# the implementations: the kernels of the input's backend (numba on CPU, Triton on CUDA)
+
+
+def _kernels(x: Tensor):
+    return kernels_for(x) or numba_cpu
+
+
+def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                act: str, negative_slope: float, alpha: float,
+                inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels(x).train_impl(x, weight, bias, eps, act, negative_slope, alpha, inplace)
+
+
+def _train_backward_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor],
+                         bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float, act: str,
+                         negative_slope: float, alpha: float,
+                         inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels(src).train_backward_impl(dy, src, weight, bias, mean, var, eps, act,
+                                             negative_slope, alpha, inplace)
+
+
+def _eval_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+               running_var: Tensor, eps: float, act: str, negative_slope: float,
+               alpha: float) -> Tensor:
+    return _kernels(x).eval_impl(x, weight, bias, running_mean, running_var, eps, act,
+                                 negative_slope, alpha)
+
+
+def _eval_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        running_mean: Tensor, running_var: Tensor, eps: float, act: str,
+                        negative_slope: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels(x).eval_backward_impl(dy, x, weight, bias, running_mean, running_var, eps,
+                                          act, negative_slope, alpha)
+
+
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
     """The training op, or its implementation when nothing needs the op: ``(y, mean, var)``,
     statistics in float64."""
@@ -66,7 +105,7 @@ def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
         return torch.ops.batchnorm.bn_act_train(*args)
     if _records_grad(x, weight, bias):
         return _EagerTrain.apply(*args)
-    return numba_cpu.train_impl(*args)
+    return _train_impl(*args)
 
 
 def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
@@ -76,7 +115,7 @@ def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, 
         return torch.ops.batchnorm.bn_act_eval(*args)
     if _records_grad(x, weight, bias):
         return _EagerEval.apply(*args)
-    return numba_cpu.eval_impl(*args)
+    return _eval_impl(*args)
 
 
 def _first_order(impl, op):
@@ -147,7 +186,7 @@ def _eval_backward_derivative(ctx, gdx, gdw, gdb):
 # training: forward op, backward op, autograd
 
 _train_op = torch.library.custom_op(
-    "batchnorm::bn_act_train", numba_cpu.train_impl, mutates_args=())
+    "batchnorm::bn_act_train", _train_impl, mutates_args=())
 
 
 @_train_op.register_fake
@@ -158,7 +197,7 @@ def _(x, weight, bias, eps, act, negative_slope, alpha, inplace):
 
 
 _train_backward_op = torch.library.custom_op(
-    "batchnorm::bn_act_train_backward", numba_cpu.train_backward_impl, mutates_args=())
+    "batchnorm::bn_act_train_backward", _train_backward_impl, mutates_args=())
 
 
 @_train_backward_op.register_fake
@@ -209,20 +248,20 @@ class _EagerTrain(torch.autograd.Function):
     # forward's signature with inspect on every call (measured 40 us a call here)
     @staticmethod
     def forward(ctx, *inputs):
-        output = numba_cpu.train_impl(*inputs)
+        output = _train_impl(*inputs)
         _train_setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        return _train_grads(ctx, dy, _first_order(numba_cpu.train_backward_impl,
+        return _train_grads(ctx, dy, _first_order(_train_backward_impl,
                                                   torch.ops.batchnorm.bn_act_train_backward))
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluation: forward op, backward op, autograd
 
-_eval_op = torch.library.custom_op("batchnorm::bn_act_eval", numba_cpu.eval_impl, mutates_args=())
+_eval_op = torch.library.custom_op("batchnorm::bn_act_eval", _eval_impl, mutates_args=())
 
 
 @_eval_op.register_fake
@@ -231,7 +270,7 @@ def _(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alph
 
 
 _eval_backward_op = torch.library.custom_op(
-    "batchnorm::bn_act_eval_backward", numba_cpu.eval_backward_impl, mutates_args=())
+    "batchnorm::bn_act_eval_backward", _eval_backward_impl, mutates_args=())
 
 
 @_eval_backward_op.register_fake
@@ -268,13 +307,13 @@ class _EagerEval(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = numba_cpu.eval_impl(*inputs)
+        output = _eval_impl(*inputs)
         _eval_setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, dy):
-        return _eval_grads(ctx, dy, _first_order(numba_cpu.eval_backward_impl,
+        return _eval_grads(ctx, dy, _first_order(_eval_backward_impl,
                                                  torch.ops.batchnorm.bn_act_eval_backward))
 
 
@@ -284,11 +323,12 @@ class _EagerEval(torch.autograd.Function):
 
 
 def _moments_impl(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = _kernels(x)
     if mask is None:
-        n, mean, m2 = numba_cpu.moments_impl(x)
+        n, mean, m2 = kernels.moments_impl(x)
     else:
-        n, mean, m2 = numba_cpu.masked_moments_impl(x, mask)
-    return mean, m2, torch.tensor(float(n), dtype=torch.float64)
+        n, mean, m2 = kernels.masked_moments_impl(x, mask)
+    return mean, m2, torch.tensor(float(n), dtype=torch.float64, device=x.device)
 
 
 _moments_op = torch.library.custom_op("batchnorm::moments", _moments_impl, mutates_args=())
@@ -312,15 +352,15 @@ def moments(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 def _stats_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 var: Tensor, mask: Optional[Tensor], count: Tensor, eps: float, act: str,
                 negative_slope: float, alpha: float) -> Tensor:
-    return numba_cpu.eval_impl(x, weight, bias, mean, var, eps, act, negative_slope, alpha)
+    return _eval_impl(x, weight, bias, mean, var, eps, act, negative_slope, alpha)
 
 
 def _stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor],
                          bias: Optional[Tensor], mean: Tensor, var: Tensor,
                          mask: Optional[Tensor], count: Tensor, eps: float, act: str,
                          negative_slope: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    return numba_cpu.stats_backward_impl(dy, x, weight, bias, mean, var, mask, float(count), eps,
-                                         act, negative_slope, alpha)
+    return _kernels(x).stats_backward_impl(dy, x, weight, bias, mean, var, mask, float(count),
+                                           eps, act, negative_slope, alpha)
 
 
 _stats_op = torch.library.custom_op("batchnorm::bn_act_stats", _stats_impl, mutates_args=())
