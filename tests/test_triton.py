@@ -22,15 +22,12 @@ import batchnorm  # noqa: E402
 from batchnorm import ops, reference  # noqa: E402
 from batchnorm.activations import FUSED, INVERTIBLE, REGISTRY  # noqa: E402
 from batchnorm.ops import numba_cpu, triton_gpu  # noqa: E402
+from tests import test_layers  # noqa: E402
 from tests.cases import CASES, assert_steps_close, module_trajectory, torch_trajectory  # noqa: E402
 from tests.test_kernels import ALPHA, EPS, SLOPE, act_grad_np, act_np, mask_for  # noqa: E402
 from tests.test_layers import OURS, our_module  # noqa: E402
-from tests.test_variants import LAYERS  # noqa: E402
+from tests.test_variants import LAYERS, check_options  # noqa: E402
 from tests.test_variants import OPTIONS as VARIANT_OPTIONS  # noqa: E402
-from tests.test_variants import _compare as compare  # noqa: E402
-from tests.test_variants import _layer as variant_layer  # noqa: E402
-from tests.test_variants import _layer_steps as layer_steps  # noqa: E402
-from tests.test_variants import _reference_steps as reference_steps  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 STATS_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -246,7 +243,8 @@ def test_half_precision_within_pytorchs_own_error(dtype, act):
 # the layers: the case table's small shapes through the Triton kernels
 
 
-TABLE = [c for c in CASES if c.momentum == 0.1 and c.eps == 1e-5]
+# momentum never reaches a kernel (the layer updates its buffers): one momentum, both eps
+TABLE = [c for c in CASES if c.momentum == 0.1]
 
 
 @pytest.mark.parametrize("case", TABLE, ids=lambda c: c.id)
@@ -295,10 +293,29 @@ def test_layer_options_equal_reference(cls, shape, act, opts, masked, dtype, mon
     calls = []
     real = triton_gpu._moments
     monkeypatch.setattr(triton_gpu, "_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
-    steps = [True, True, True, False]
-    for channels_last in (False, True) if len(shape) == 4 else (False,):
-        m = variant_layer(cls, act, dtype, **opts)
-        want = reference_steps(shape, act, dtype, channels_last, masked, opts, steps, m)
-        got = layer_steps(m, shape, dtype, channels_last, masked, steps)
-        compare(got, want, dtype, f"{cls.__name__} channels_last={channels_last}")
+    check_options(cls, shape, act, opts, masked, dtype)
     assert calls, "the statistics did not come from the Triton kernels"
+
+
+def test_export_keeps_one_op_and_runs_the_triton_kernels(monkeypatch):
+    calls = []
+    real = triton_gpu.eval_impl
+    monkeypatch.setattr(triton_gpu, "eval_impl", lambda *a: calls.append(1) or real(*a))
+    m = batchnorm.BatchNormAct2d(3, act="silu").eval()
+    x = torch.randn(2, 3, 4, 4)
+    exported = torch.export.export(m, (x,))
+    assert "batchnorm.bn_act_eval" in exported.graph_module.code
+    calls.clear()
+    torch.testing.assert_close(exported.module()(x), m(x))
+    assert len(calls) == 2  # the exported op and the eager layer both ran the Triton kernel
+
+
+@pytest.mark.parametrize("check", [test_layers.test_guard_skip_keeps_buffers_and_warns_once,
+                                   test_layers.test_guard_raise_changes_nothing],
+                         ids=lambda f: f.__name__)
+def test_the_non_finite_guard_behaves_as_on_cpu(check, monkeypatch):
+    calls = []
+    real = triton_gpu.train_impl
+    monkeypatch.setattr(triton_gpu, "train_impl", lambda *a: calls.append(1) or real(*a))
+    check()  # the layer tests' own check, here on the Triton kernels
+    assert calls

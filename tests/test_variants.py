@@ -123,6 +123,12 @@ def _compare(got, want, dtype, label):
 @pytest.mark.parametrize("opts, masked", OPTIONS, ids=lambda v: str(v))
 @pytest.mark.parametrize("cls, shape, act", LAYERS, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_layer_options_equal_reference(cls, shape, act, opts, masked, dtype):
+    check_options(cls, shape, act, opts, masked, dtype)
+
+
+def check_options(cls, shape, act, opts, masked, dtype):
+    """Three training steps and an eval step of the layer against the reference, in both
+    layouts where there are two."""
     steps = [True, True, True, False]
     for channels_last in (False, True) if len(shape) == 4 else (False,):
         m = _layer(cls, act, dtype, **opts)

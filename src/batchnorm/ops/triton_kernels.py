@@ -121,14 +121,21 @@ def derivative_from_output(y, ACT: tl.constexpr, slope, alpha):
 
 @triton.jit
 def _tile(i_total, S, C, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(offsets, valid, i, c) of this program's tile: program_id(0) over channel blocks,
-    program_id(1) over blocks of i."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    """(offsets, valid, i, c) of this program's tile: program_id(0) over blocks of i (the long
+    axis: a grid's axis 0 may exceed 65535 programs, its axis 1 may not), program_id(1) over
+    channel blocks."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s64 = S.to(tl.int64)
     offsets = (i // s64 * (C * s64) + i % s64)[:, None] + (c.to(tl.int64) * s64)[None, :]
     valid = (i < i_total)[:, None] & (c < C)[None, :]
     return offsets, valid, i, c
+
+
+@triton.jit
+def _channel(ptr, c, C):
+    """A per-channel value as a (1, BLOCK_C) row."""
+    return tl.load(ptr + c, mask=c < C, other=0.0)[None, :]
 
 
 @triton.jit
@@ -142,7 +149,7 @@ def moments_kernel(x_ptr, shift_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, i_to
     if HAS_MASK:
         counted = tl.load(mask_ptr + i, mask=i < i_total, other=0) != 0
         valid = valid & counted[:, None]
-    k = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
+    k = _channel(shift_ptr, c, C)
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
     x = x.to(tl.float64) if F64 else x.to(tl.float32)
     x = tl.where(valid, x - k, 0.0)
@@ -151,7 +158,7 @@ def moments_kernel(x_ptr, shift_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, i_to
     mean = tl.sum(x, axis=0) / tl.where(n > 0.0, n, 1.0)
     e = tl.where(valid, x - mean[None, :], 0.0)
     m2 = tl.sum(e * e, axis=0)
-    out = tl.program_id(1) * C + c
+    out = tl.program_id(0) * C + c
     keep = c < C
     tl.store(count_ptr + out, n, mask=keep)
     tl.store(mean_ptr + out, mean, mask=keep)
@@ -165,29 +172,36 @@ def normalize_kernel(x_ptr, y_ptr, mean_hi_ptr, mean_lo_ptr, scale_ptr, shift_pt
     """y = act(((x - mean_hi) - mean_lo) * scale + shift)."""
     offsets, valid, i, c = _tile(i_total, S, C, BLOCK_I, BLOCK_C)
     slope, alpha = tl.load(consts_ptr), tl.load(consts_ptr + 1)
-    keep = c < C
-    mh = tl.load(mean_hi_ptr + c, mask=keep, other=0.0)[None, :]
-    ml = tl.load(mean_lo_ptr + c, mask=keep, other=0.0)[None, :]
-    sc = tl.load(scale_ptr + c, mask=keep, other=0.0)[None, :]
-    sh = tl.load(shift_ptr + c, mask=keep, other=0.0)[None, :]
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
     x = x.to(tl.float64) if F64 else x.to(tl.float32)
-    z = ((x - mh) - ml) * sc + sh
+    z = ((x - _channel(mean_hi_ptr, c, C)) - _channel(mean_lo_ptr, c, C)) \
+        * _channel(scale_ptr, c, C) + _channel(shift_ptr, c, C)
     y = activate(z, ACT, slope, alpha)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _grad_centred(src, dy, mh, ml, sc, sh, slope, alpha, floor, ACT: tl.constexpr,
-                  INPLACE: tl.constexpr):
-    """(g, e): g = dL/dz, e = x - mean, or gamma * x_hat = act^-1(y) - beta from the output."""
+def _gradient_tile(dy_ptr, src_ptr, mean_hi_ptr, mean_lo_ptr, scale_ptr, shift_ptr, consts_ptr,
+                   offsets, valid, c, C, ACT: tl.constexpr, INPLACE: tl.constexpr,
+                   F64: tl.constexpr):
+    """(g, e) of the tile: g = dL/dz, e = x - mean, or gamma * x_hat = act^-1(y) - beta from
+    the output (``INPLACE``); both 0 outside it."""
+    slope, alpha = tl.load(consts_ptr), tl.load(consts_ptr + 1)
+    floor = tl.load(consts_ptr + 2)
+    sh = _channel(shift_ptr, c, C)
+    src = tl.load(src_ptr + offsets, mask=valid, other=0.0)
+    dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
+    if F64:
+        src, dy = src.to(tl.float64), dy.to(tl.float64)
+    else:
+        src, dy = src.to(tl.float32), dy.to(tl.float32)
     if INPLACE:
         g = dy * derivative_from_output(src, ACT, slope, alpha)
         e = inverse(src, ACT, slope, alpha, floor) - sh
     else:
-        e = (src - mh) - ml
-        g = dy * derivative(e * sc + sh, ACT, slope, alpha)
-    return g, e
+        e = (src - _channel(mean_hi_ptr, c, C)) - _channel(mean_lo_ptr, c, C)
+        g = dy * derivative(e * _channel(scale_ptr, c, C) + sh, ACT, slope, alpha)
+    return tl.where(valid, g, 0.0), tl.where(valid, e, 0.0)
 
 
 @triton.jit
@@ -197,24 +211,11 @@ def grad_sums_kernel(dy_ptr, src_ptr, sum_g_ptr, sum_ge_ptr, mean_hi_ptr, mean_l
                      BLOCK_C: tl.constexpr):
     """Per tile and channel: sum(g) and sum(g * e), over every position."""
     offsets, valid, i, c = _tile(i_total, S, C, BLOCK_I, BLOCK_C)
-    slope, alpha = tl.load(consts_ptr), tl.load(consts_ptr + 1)
-    floor = tl.load(consts_ptr + 2)
-    keep = c < C
-    mh = tl.load(mean_hi_ptr + c, mask=keep, other=0.0)[None, :]
-    ml = tl.load(mean_lo_ptr + c, mask=keep, other=0.0)[None, :]
-    sc = tl.load(scale_ptr + c, mask=keep, other=0.0)[None, :]
-    sh = tl.load(shift_ptr + c, mask=keep, other=0.0)[None, :]
-    src = tl.load(src_ptr + offsets, mask=valid, other=0.0)
-    dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
-    if F64:
-        src, dy = src.to(tl.float64), dy.to(tl.float64)
-    else:
-        src, dy = src.to(tl.float32), dy.to(tl.float32)
-    g, e = _grad_centred(src, dy, mh, ml, sc, sh, slope, alpha, floor, ACT, INPLACE)
-    g = tl.where(valid, g, 0.0)
-    out = tl.program_id(1) * C + c
-    tl.store(sum_g_ptr + out, tl.sum(g, axis=0), mask=keep)
-    tl.store(sum_ge_ptr + out, tl.sum(g * tl.where(valid, e, 0.0), axis=0), mask=keep)
+    g, e = _gradient_tile(dy_ptr, src_ptr, mean_hi_ptr, mean_lo_ptr, scale_ptr, shift_ptr,
+                          consts_ptr, offsets, valid, c, C, ACT, INPLACE, F64)
+    out = tl.program_id(0) * C + c
+    tl.store(sum_g_ptr + out, tl.sum(g, axis=0), mask=c < C)
+    tl.store(sum_ge_ptr + out, tl.sum(g * e, axis=0), mask=c < C)
 
 
 @triton.jit
@@ -224,26 +225,11 @@ def write_dx_kernel(dy_ptr, src_ptr, dx_ptr, mask_ptr, mean_hi_ptr, mean_lo_ptr,
                     F64: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = k1 * g + m * (k0 + k2 * e), m the mask (1 without one)."""
     offsets, valid, i, c = _tile(i_total, S, C, BLOCK_I, BLOCK_C)
-    slope, alpha = tl.load(consts_ptr), tl.load(consts_ptr + 1)
-    floor = tl.load(consts_ptr + 2)
-    keep = c < C
-    mh = tl.load(mean_hi_ptr + c, mask=keep, other=0.0)[None, :]
-    ml = tl.load(mean_lo_ptr + c, mask=keep, other=0.0)[None, :]
-    sc = tl.load(scale_ptr + c, mask=keep, other=0.0)[None, :]
-    sh = tl.load(shift_ptr + c, mask=keep, other=0.0)[None, :]
-    k1 = tl.load(k1_ptr + c, mask=keep, other=0.0)[None, :]
-    k0 = tl.load(k0_ptr + c, mask=keep, other=0.0)[None, :]
-    k2 = tl.load(k2_ptr + c, mask=keep, other=0.0)[None, :]
-    src = tl.load(src_ptr + offsets, mask=valid, other=0.0)
-    dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
-    if F64:
-        src, dy = src.to(tl.float64), dy.to(tl.float64)
-    else:
-        src, dy = src.to(tl.float32), dy.to(tl.float32)
-    g, e = _grad_centred(src, dy, mh, ml, sc, sh, slope, alpha, floor, ACT, INPLACE)
-    rest = k0 + k2 * e
+    g, e = _gradient_tile(dy_ptr, src_ptr, mean_hi_ptr, mean_lo_ptr, scale_ptr, shift_ptr,
+                          consts_ptr, offsets, valid, c, C, ACT, INPLACE, F64)
+    rest = _channel(k0_ptr, c, C) + _channel(k2_ptr, c, C) * e
     if HAS_MASK:
         counted = tl.load(mask_ptr + i, mask=i < i_total, other=0) != 0
         rest = tl.where(counted[:, None], rest, 0.0)
-    dx = k1 * g + rest
+    dx = _channel(k1_ptr, c, C) * g + rest
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
