@@ -3,7 +3,8 @@ executes the kernels on CPU tensors, and ``triton_gpu.on_cpu()`` routes the ops 
 
 Checked against the NumPy reference in float64 (kernels) and PyTorch (the layers through the
 case table), as the CPU kernels are; half precision against the error PyTorch's own kernels
-reach on the same input.
+reach on the same input. The last test compiles the kernels with Triton's real compiler for a
+GPU target (no GPU needed), which the interpreter does not exercise.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def close(got, want, dtype, tol=TOL):
 def test_activation_codes_match_the_registry():
     kernels = triton_gpu._kernels()
     for name in FUSED:
-        assert getattr(kernels, name.upper()) == REGISTRY[name].code
+        assert getattr(kernels, name.upper()).value == REGISTRY[name].code
 
 
 def test_routing_takes_cpu_tensors_only_inside_on_cpu(monkeypatch):
@@ -291,8 +292,9 @@ VARIANT_LAYERS = [LAYERS[2], LAYERS[5], LAYERS[6]]  # BatchNorm2d, BatchNormAct1
                          ids=lambda v: getattr(v, "__name__", str(v)))
 def test_layer_options_equal_reference(cls, shape, act, opts, masked, dtype, monkeypatch):
     calls = []
-    real = triton_gpu._moments
-    monkeypatch.setattr(triton_gpu, "_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = triton_gpu._statistics
+    monkeypatch.setattr(triton_gpu, "_statistics",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     check_options(cls, shape, act, opts, masked, dtype)
     assert calls, "the statistics did not come from the Triton kernels"
 
@@ -319,3 +321,66 @@ def test_the_non_finite_guard_behaves_as_on_cpu(check, monkeypatch):
     monkeypatch.setattr(triton_gpu, "train_impl", lambda *a: calls.append(1) or real(*a))
     check()  # the layer tests' own check, here on the Triton kernels
     assert calls
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled, not interpreted: Triton's real compiler turns each kernel into GPU code here too
+# (no GPU needed), which catches what the interpreter lets through (e.g. a global that is not
+# a tl.constexpr, a method called on a scalar argument Triton made a constant)
+
+_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from batchnorm.ops import triton_kernels as k
+
+def build(fn, data, acc, **consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("i_total", "first"):
+            sig[name] = "i64"
+        elif name in ("S", "C", "tiles"):
+            sig[name] = "i32"
+        elif name.endswith("64_ptr") or name in ("eps_ptr", "consts64_ptr"):
+            sig[name] = "*fp64"
+        elif name == "mask_ptr":
+            sig[name] = "*u8"
+        elif name in ("x_ptr", "y_ptr", "dy_ptr", "src_ptr", "dx_ptr"):
+            sig[name] = "*" + data
+        else:
+            sig[name] = "*" + acc
+    index = {(fn.arg_names.index(n),): v for n, v in consts.items()}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=index),
+                   target=GPUTarget("cuda", 90, 32))
+
+tiles = dict(BLOCK_I=1024, BLOCK_C=1)
+build(k.moments_kernel, "fp32", "fp32", HAS_MASK=True, F64=False, BLOCK_I=64, BLOCK_C=64)
+for act in range(7):  # every activation's forward and derivative
+    build(k.normalize_kernel, "bf16", "fp32", ACT=act, F64=False, **tiles)
+    build(k.grad_sums_kernel, "fp32", "fp32", ACT=act, INPLACE=False, F64=False, **tiles)
+for act in (0, 2, 3):  # the invertible ones, from the output
+    build(k.write_dx_kernel, "fp16", "fp32", ACT=act, INPLACE=True, HAS_MASK=True, F64=False,
+          **tiles)
+build(k.normalize_kernel, "fp64", "fp64", ACT=3, F64=True, BLOCK_I=64, BLOCK_C=64)
+merge = dict(BLOCK_T=16, BLOCK_C=64)
+for flags in (dict(HAS_W=True, HAS_B=True), dict(HAS_W=False, HAS_B=False)):
+    build(k.finalize_moments_kernel, "fp32", "fp32", COEFFICIENTS=True, F64=False, **flags,
+          **merge)
+    build(k.coefficients_kernel, "fp32", "fp32", BLOCK_C=64, **flags)
+for mode in (0, 1, 2):
+    build(k.finalize_grads_kernel, "fp32", "fp32", MODE=mode, HAS_W=mode != 2, **merge)
+print("compiled")
+"""
+
+
+def test_the_kernels_compile_for_a_gpu():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -136,27 +136,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _per_channel(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-                 bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """mean split as hi + lo in the compute dtype, scale = gamma * invstd, shift = beta (from
-    float64 mean and invstd)."""
-    dt = _compute_dtype(x)
-    gamma = _gamma(weight, x)
-    mean_hi = mean.to(dt)
-    mean_lo = (mean - mean_hi.to(torch.float64)).to(dt)
-    scale = (gamma * invstd).to(dt)
-    shift = torch.zeros_like(mean, dtype=dt) if bias is None else bias.detach().to(dt)
-    return mean_hi.contiguous(), mean_lo.contiguous(), scale.contiguous(), shift.contiguous()
+# the merge and coefficient kernels take a block of channels each, over every tile
+_MERGE_C, _MERGE_T = 64, 16
 
 
-def _gamma(weight: Tensor | None, x: Tensor) -> Tensor:
-    if weight is None:
-        return torch.ones(x.shape[1], dtype=torch.float64, device=x.device)
-    return weight.detach().to(torch.float64)
-
-
-def _invstd(var: Tensor, eps: float) -> Tensor:
-    return torch.rsqrt(var.to(torch.float64) + eps)
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of constants (eps, a count, an activation's slope...) in ``dtype`` on the
+    device: kernels read them from memory, since a Python float argument reaches Triton as
+    float32. Cached: a layer's constants do not change, so no copy to the device per call."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _consts(negative_slope: float, alpha: float, x: Tensor) -> Tensor:
@@ -164,52 +153,81 @@ def _consts(negative_slope: float, alpha: float, x: Tensor) -> Tensor:
     dtype's eps so log1p stays finite."""
     dt = _compute_dtype(x)
     floor = -1.0 + torch.finfo(dt).eps
-    return torch.tensor([negative_slope, alpha, floor], dtype=dt, device=x.device)
+    return _constant((float(negative_slope), float(alpha), floor), dt, x.device)
+
+
+def _eps(eps: float, device, count: float = 0.0) -> Tensor:
+    return _constant((float(eps), float(count)), torch.float64, device)
 
 
 def _mask_bytes(mask: Tensor) -> Tensor:
     return mask.detach().contiguous().view(torch.uint8)
 
 
+def _coefficients(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
+                  bias: Tensor | None) -> list[Tensor]:
+    """(mean_hi, mean_lo, scale, shift) in x's compute dtype, from given statistics: one
+    launch."""
+    c = x.shape[1]
+    out = [torch.empty(c, dtype=_compute_dtype(x), device=x.device) for _ in range(4)]
+    _kernels().coefficients_kernel[(_cdiv(c, _MERGE_C),)](
+        mean.detach(), var.detach(), c, _eps(eps, x.device), _or(weight, mean), _or(bias, mean),
+        *out, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=_MERGE_C)
+    return out
+
+
+def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
+    """t detached, or a tensor to pass where a kernel's HAS_* flag says it reads nothing."""
+    return stand_in if t is None else t.detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # statistics
 
 
-def _moments(x: Tensor, mask: Tensor | None, force64: bool = False):
-    """float64 (count per channel, mean, M2) of a dense non-empty x by tiles merged with Chan's
-    formula; a non-finite float32 result is computed again with float64 tiles (as on CPU)."""
+def _statistics(x: Tensor, mask: Tensor | None, eps: float | None = None,
+                weight: Tensor | None = None, bias: Tensor | None = None,
+                force64: bool = False):
+    """float64 (count, mean, M2) per channel of a dense non-empty x: tiles, then one merge
+    launch (Chan's formula); with ``eps``, also the normalising pass's coefficients for
+    var = M2 / count (else None). ``force64``: float64 tiles (the non-finite guard's retry)."""
     k = _kernels()
     i_total, c, s = _view(x)
     block_i, block_c, grid = _tiles(i_total, c, s)
     dt = torch.float64 if force64 else _compute_dtype(x)
-    parts = [torch.empty((grid[0], c), dtype=dt, device=x.device) for _ in range(3)]
     src = x.to(torch.float64) if force64 and x.dtype != torch.float64 else x
-    shift = _first_values(src, mask).to(dt).contiguous()
+    parts = [torch.empty((grid[0], c), dtype=dt, device=x.device) for _ in range(3)]
+    first = _first_offset(x, mask)
     mask_arg = _mask_bytes(mask) if mask is not None else src
-    k.moments_kernel[grid](src, shift, mask_arg, *parts, i_total, s, c,
+    k.moments_kernel[grid](src, first, mask_arg, *parts, i_total, s, c,
                            HAS_MASK=mask is not None, F64=dt == torch.float64, BLOCK_I=block_i,
                            BLOCK_C=block_c)
-    n_t, mean_t, m2_t = (p.to(torch.float64) for p in parts)  # (tiles, C)
-    # Chan's merge of every tile at once: mean = sum n_t mean_t / n, M2 = sum M2_t + sum n_t
-    # (mean_t - mean)^2, in float64, then the shift added back
-    n = n_t.sum(0)
-    centred = (n_t * mean_t).sum(0) / n.clamp(min=1.0)
-    m2 = m2_t.sum(0) + (n_t * (mean_t - centred) ** 2).sum(0)
-    mean = centred + shift.to(torch.float64)
-    if not force64 and dt != torch.float64 and not bool(
-            torch.isfinite(mean).all() & torch.isfinite(m2).all()):
-        return _moments(x, mask, force64=True)
-    return n, mean, m2
+    n, mean, m2 = (torch.empty(c, dtype=torch.float64, device=x.device) for _ in range(3))
+    coefficients = None
+    if eps is not None:
+        coefficients = [torch.empty(c, dtype=_compute_dtype(x), device=x.device)
+                        for _ in range(4)]
+    k.finalize_moments_kernel[(_cdiv(c, _MERGE_C),)](
+        src, first, *parts, grid[0], s, c, _eps(eps or 0.0, x.device), _or(weight, n),
+        _or(bias, n), n, mean, m2, *(coefficients or [n] * 4),
+        COEFFICIENTS=eps is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        F64=dt == torch.float64, BLOCK_T=_MERGE_T, BLOCK_C=_MERGE_C)
+    return n, mean, m2, coefficients
 
 
-def _first_values(x: Tensor, mask: Tensor | None) -> Tensor:
-    """(C,): each channel's first value (the first counted one with a mask), the shift of the
-    statistics' sums."""
-    first = 0
-    if mask is not None:
-        first = int(mask.detach().reshape(-1).to(torch.uint8).argmax())  # the first True
-    index = torch.unravel_index(torch.tensor(first), (x.shape[0], *x.shape[2:]))
-    return x[(int(index[0]), slice(None), *(int(j) for j in index[1:]))]
+def _finite(*tensors: Tensor) -> bool:
+    """Whether every value is finite (one sum, one read back)."""
+    return bool(torch.isfinite(sum(tensors)).all())
+
+
+def _first_offset(x: Tensor, mask: Tensor | None) -> int:
+    """The offset of channel 0's first value (its first counted one with a mask): each
+    channel's value there shifts its sums."""
+    if mask is None:
+        return 0  # (0, 0, ...) in both layouts
+    first = int(mask.detach().reshape(-1).to(torch.uint8).argmax())  # the first True
+    i_total, c, s = _view(x)
+    return first // s * c * s + first % s
 
 
 def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -219,7 +237,9 @@ def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
         zeros = x.new_zeros(c, dtype=torch.float64)
         return 0, zeros, zeros.clone()
     x = dense(x)
-    _, mean, m2 = _moments(x, None)
+    _, mean, m2, _ = _statistics(x, None)
+    if not _finite(mean, m2):
+        _, mean, m2, _ = _statistics(x, None, force64=True)
     return x.numel() // c, mean, m2
 
 
@@ -230,7 +250,9 @@ def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]
         zeros = x.new_zeros(c, dtype=torch.float64)
         return 0.0, zeros, zeros.clone()
     x = dense(x)
-    n, mean, m2 = _moments(x, mask)
+    n, mean, m2, _ = _statistics(x, mask)
+    if not _finite(mean, m2):
+        n, mean, m2, _ = _statistics(x, mask, force64=True)
     return float(n[0]), mean, m2
 
 
@@ -238,12 +260,13 @@ def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]
 # forwards
 
 
-def _normalize(x: Tensor, per_channel, act: str, negative_slope: float, alpha: float) -> Tensor:
+def _normalize(x: Tensor, coefficients, act: str, negative_slope: float, alpha: float,
+               y: Tensor | None = None) -> Tensor:
     k = _kernels()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if y is None else y
     i_total, c, s = _view(x)
     block_i, block_c, grid = _tiles(i_total, c, s)
-    k.normalize_kernel[grid](x, y, *per_channel, _consts(negative_slope, alpha, x), i_total, s,
+    k.normalize_kernel[grid](x, y, *coefficients, _consts(negative_slope, alpha, x), i_total, s,
                              c, ACT=REGISTRY[act].code, F64=x.dtype == torch.float64,
                              BLOCK_I=block_i, BLOCK_C=block_c)
     return y
@@ -257,11 +280,14 @@ def train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         return torch.empty_like(x), x.new_zeros(c, dtype=torch.float64), x.new_full(
             (c,), math.nan, dtype=torch.float64)
     x = dense(x)
-    n, mean, m2 = _moments(x, None)
-    var = m2 / n
-    y = _normalize(x, _per_channel(x, mean, _invstd(var, eps), weight, bias), act,
-                   negative_slope, alpha)
-    return y, mean, var
+    n, mean, m2, coefficients = _statistics(x, None, eps, weight, bias)
+    y = _normalize(x, coefficients, act, negative_slope, alpha)
+    # the non-finite guard, read after the normalising pass is queued: a non-finite float32
+    # result (NaN/Inf data, or squares past float32's range) is computed again in float64
+    if not _finite(mean, m2):
+        n, mean, m2, coefficients = _statistics(x, None, eps, weight, bias, force64=True)
+        _normalize(x, coefficients, act, negative_slope, alpha, y)
+    return y, mean, m2 / n
 
 
 def eval_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
@@ -270,63 +296,65 @@ def eval_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
     if x.numel() == 0:
         return torch.empty_like(x)
     x = dense(x)
-    mean = running_mean.detach().to(torch.float64)
-    per_channel = _per_channel(x, mean, _invstd(running_var.detach(), eps), weight, bias)
-    return _normalize(x, per_channel, act, negative_slope, alpha)
+    coefficients = _coefficients(x, running_mean, running_var, eps, weight, bias)
+    return _normalize(x, coefficients, act, negative_slope, alpha)
 
 
 # ---------------------------------------------------------------------------------------------
-# backwards: sums (float32 tiles, float64 across), then dx = k1 g + m (k0 + k2 e)
+# backwards: sums (float32 tiles), one launch adding them in float64 and making the
+# coefficients, then dx = k1 g + m (k0 + k2 e)
+
+_TRAIN, _FROM_OUTPUT, _EVAL = 0, 1, 2  # finalize_grads_kernel's modes
 
 
-def _sums(dy: Tensor, src: Tensor, per_channel, act, negative_slope, alpha,
+def _sums(dy: Tensor, src: Tensor, coefficients, act, negative_slope, alpha,
           inplace) -> tuple[Tensor, Tensor]:
+    """The (tiles, C) partial sums of g and g * e."""
     k = _kernels()
     i_total, c, s = _view(src)
     block_i, block_c, grid = _tiles(i_total, c, s)
     dt = _compute_dtype(src)
     sum_g = torch.empty((grid[0], c), dtype=dt, device=src.device)
     sum_ge = torch.empty_like(sum_g)
-    k.grad_sums_kernel[grid](dy, src, sum_g, sum_ge, *per_channel,
+    k.grad_sums_kernel[grid](dy, src, sum_g, sum_ge, *coefficients,
                              _consts(negative_slope, alpha, src), i_total, s, c,
                              ACT=REGISTRY[act].code, INPLACE=bool(inplace),
                              F64=dt == torch.float64, BLOCK_I=block_i, BLOCK_C=block_c)
-    return sum_g.to(torch.float64).sum(0), sum_ge.to(torch.float64).sum(0)
+    return sum_g, sum_ge
 
 
-def _write_dx(dy, src, per_channel, k1, k0, k2, act, negative_slope, alpha, inplace,
+def _grad_coefficients(sum_g, sum_ge, var, eps, weight, count, mode, dtype):
+    """(k1, k0, k2) in the compute dtype and (sum g * x_hat, sum g) in ``dtype``, from the
+    tiles' sums: one launch."""
+    c = sum_g.shape[1]
+    device = sum_g.device
+    ks = [torch.empty(c, dtype=sum_g.dtype, device=device) for _ in range(3)]
+    sums = [torch.empty(c, dtype=dtype, device=device) for _ in range(2)]
+    _kernels().finalize_grads_kernel[(_cdiv(c, _MERGE_C),)](
+        sum_g, sum_ge, sum_g.shape[0], c, var.detach(), _eps(eps, device, count),
+        _or(weight, var), *ks, sums[1], sums[0], MODE=mode, HAS_W=weight is not None,
+        BLOCK_T=_MERGE_T, BLOCK_C=_MERGE_C)
+    return ks, sums
+
+
+def _write_dx(dy, src, coefficients, ks, act, negative_slope, alpha, inplace,
               mask=None) -> Tensor:
     k = _kernels()
     dx = torch.empty_like(src)
     i_total, c, s = _view(src)
     block_i, block_c, grid = _tiles(i_total, c, s)
-    dt = _compute_dtype(src)
-    coefficients = [t.to(dt).contiguous() for t in (k1, k0, k2)]
     mask_arg = _mask_bytes(mask) if mask is not None else src
-    k.write_dx_kernel[grid](dy, src, dx, mask_arg, *per_channel, *coefficients,
+    k.write_dx_kernel[grid](dy, src, dx, mask_arg, *coefficients, *ks,
                             _consts(negative_slope, alpha, src), i_total, s, c,
                             ACT=REGISTRY[act].code, INPLACE=bool(inplace),
-                            HAS_MASK=mask is not None, F64=dt == torch.float64,
+                            HAS_MASK=mask is not None, F64=src.dtype == torch.float64,
                             BLOCK_I=block_i, BLOCK_C=block_c)
     return dx
 
 
-def _coefficients(gamma, invstd, sum_g, sum_ge, m, eps, inplace):
-    """(k1, k0, k2, sum g * x_hat) of the training backward (see kernels/__init__.py)."""
-    k1 = gamma * invstd
-    if inplace:
-        safe = torch.where(gamma.abs() < eps, torch.where(gamma < 0, -eps, eps), gamma)
-        sum_gxhat = sum_ge / safe  # e = gamma * x_hat
-        k2 = -k1 * sum_gxhat / (m * safe)
-    else:
-        sum_gxhat = sum_ge * invstd  # e = x - mean
-        k2 = -k1 * invstd * sum_gxhat / m
-    return k1, -k1 * sum_g / m, k2, sum_gxhat
-
-
 def _empty_grads(src: Tensor, weight: Tensor | None):
     c = src.shape[1]
-    pdtype = src.dtype if weight is None else weight.dtype
+    pdtype = _pdtype(src, weight)
     return torch.empty_like(src), src.new_zeros(c, dtype=pdtype), src.new_zeros(c, dtype=pdtype)
 
 
@@ -342,15 +370,14 @@ def train_backward_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor], bias:
         return _empty_grads(src, weight)
     src = dense(src)
     dy = as_layout_of(dy, src)
-    invstd = _invstd(var, eps)
-    per_channel = _per_channel(src, mean.to(torch.float64), invstd, weight, bias)
-    sum_g, sum_ge = _sums(dy, src, per_channel, act, negative_slope, alpha, inplace)
+    coefficients = _coefficients(src, mean, var, eps, weight, bias)
+    sums = _sums(dy, src, coefficients, act, negative_slope, alpha, inplace)
     m = src.numel() // src.shape[1] if mask is None else count
-    k1, k0, k2, sum_gxhat = _coefficients(_gamma(weight, src), invstd, sum_g, sum_ge, m, eps,
-                                          inplace)
-    dx = _write_dx(dy, src, per_channel, k1, k0, k2, act, negative_slope, alpha, inplace, mask)
-    pdtype = _pdtype(src, weight)
-    return dx, sum_gxhat.to(pdtype), sum_g.to(pdtype)
+    ks, (dweight, dbias) = _grad_coefficients(*sums, var, eps, weight, m,
+                                              _FROM_OUTPUT if inplace else _TRAIN,
+                                              _pdtype(src, weight))
+    dx = _write_dx(dy, src, coefficients, ks, act, negative_slope, alpha, inplace, mask)
+    return dx, dweight, dbias
 
 
 def eval_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -360,14 +387,12 @@ def eval_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
         return _empty_grads(x, weight)
     x = dense(x)
     dy = as_layout_of(dy, x)
-    invstd = _invstd(running_var.detach(), eps)
-    per_channel = _per_channel(x, running_mean.detach().to(torch.float64), invstd, weight, bias)
-    sum_g, sum_ge = _sums(dy, x, per_channel, act, negative_slope, alpha, False)
-    k1 = _gamma(weight, x) * invstd
-    zeros = torch.zeros_like(k1)
-    dx = _write_dx(dy, x, per_channel, k1, zeros, zeros, act, negative_slope, alpha, False)
-    pdtype = _pdtype(x, weight)
-    return dx, (sum_ge * invstd).to(pdtype), sum_g.to(pdtype)
+    coefficients = _coefficients(x, running_mean, running_var, eps, weight, bias)
+    sums = _sums(dy, x, coefficients, act, negative_slope, alpha, False)
+    ks, (dweight, dbias) = _grad_coefficients(*sums, running_var, eps, weight, 1.0, _EVAL,
+                                              _pdtype(x, weight))
+    dx = _write_dx(dy, x, coefficients, ks, act, negative_slope, alpha, False)
+    return dx, dweight, dbias
 
 
 def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -390,10 +415,11 @@ def backward_sums_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
     (float64, global) statistics."""
     x = dense(x)
     dy = as_layout_of(dy, x)
-    invstd = _invstd(var, eps)
-    per_channel = _per_channel(x, mean.to(torch.float64), invstd, weight, bias)
-    sum_g, sum_ge = _sums(dy, x, per_channel, "identity", 0.0, 1.0, False)
-    return sum_g, sum_ge * invstd
+    coefficients = _coefficients(x, mean, var, eps, weight, bias)
+    sums = _sums(dy, x, coefficients, "identity", 0.0, 1.0, False)
+    _, (sum_gxhat, sum_g) = _grad_coefficients(*sums, var, eps, weight, 1.0, _EVAL,
+                                               torch.float64)
+    return sum_g, sum_gxhat
 
 
 def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -402,9 +428,10 @@ def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opti
     """dx of the training formula from sums over ``count`` values (every rank's)."""
     x = dense(x)
     dy = as_layout_of(dy, x)
-    invstd = _invstd(var, eps)
-    per_channel = _per_channel(x, mean.to(torch.float64), invstd, weight, bias)
-    gamma = _gamma(weight, x)
-    k1, k0, k2, _ = _coefficients(gamma, invstd, sum_g, sum_gxhat / invstd, count, eps, False)
-    return _write_dx(dy, x, per_channel, k1, k0, k2, "identity", 0.0, 1.0, False, mask)
-
+    coefficients = _coefficients(x, mean, var, eps, weight, bias)
+    # the global sums as one "tile": sum g and sum g * (x - mean) = sum g * x_hat * sigma
+    sum_ge = sum_gxhat * torch.sqrt(var.to(torch.float64) + eps)
+    ks, _ = _grad_coefficients(sum_g.view(1, -1), sum_ge.view(1, -1), var, eps, weight, count,
+                               _TRAIN, torch.float64)
+    ks = [t.to(_compute_dtype(x)) for t in ks]
+    return _write_dx(dy, x, coefficients, ks, "identity", 0.0, 1.0, False, mask)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# the codes of batchnorm.activations.REGISTRY (a test checks they agree)
-IDENTITY, RELU, LEAKY_RELU, ELU, SILU, RELU6, HARDSWISH = 0, 1, 2, 3, 4, 5, 6
+# the codes of batchnorm.activations.REGISTRY (a test checks they agree); a global a kernel
+# reads must be a tl.constexpr
+IDENTITY, RELU, LEAKY_RELU, ELU, SILU, RELU6, HARDSWISH = (tl.constexpr(code) for code in range(7))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,10 +125,12 @@ def _tile(i_total, S, C, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
     """(offsets, valid, i, c) of this program's tile: program_id(0) over blocks of i (the long
     axis: a grid's axis 0 may exceed 65535 programs, its axis 1 may not), program_id(1) over
     channel blocks."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I).to(tl.int64)
+    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)  # int64
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s64 = S.to(tl.int64)
-    offsets = (i // s64 * (C * s64) + i % s64)[:, None] + (c.to(tl.int64) * s64)[None, :]
+    # int64 throughout: the scalars meet int64 tensors first (no method on a scalar argument,
+    # which Triton may have specialised into a constant, e.g. S = 1)
+    row = i // S
+    offsets = (row * C * S + (i - row * S))[:, None] + (c.to(tl.int64) * S)[None, :]
     valid = (i < i_total)[:, None] & (c < C)[None, :]
     return offsets, valid, i, c
 
@@ -139,7 +142,15 @@ def _channel(ptr, c, C):
 
 
 @triton.jit
-def moments_kernel(x_ptr, shift_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, i_total, S, C,
+def _shift(x_ptr, first, c, S, C, F64: tl.constexpr):
+    """(BLOCK_C,): each channel's value at offset ``first`` of channel 0 (its first value, or
+    its first counted one), the shift of the statistics' sums, in the compute dtype."""
+    k = tl.load(x_ptr + first + c.to(tl.int64) * S, mask=c < C, other=0.0)
+    return k.to(tl.float64) if F64 else k.to(tl.float32)
+
+
+@triton.jit
+def moments_kernel(x_ptr, first, mask_ptr, count_ptr, mean_ptr, m2_ptr, i_total, S, C,
                    HAS_MASK: tl.constexpr, F64: tl.constexpr, BLOCK_I: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """Per tile and channel: the count, mean and M2 of x - shift (two passes over the tile in
@@ -149,13 +160,16 @@ def moments_kernel(x_ptr, shift_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, i_to
     if HAS_MASK:
         counted = tl.load(mask_ptr + i, mask=i < i_total, other=0) != 0
         valid = valid & counted[:, None]
-    k = _channel(shift_ptr, c, C)
+    k = _shift(x_ptr, first, c, S, C, F64)[None, :]
     x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
     x = x.to(tl.float64) if F64 else x.to(tl.float32)
     x = tl.where(valid, x - k, 0.0)
     ones = tl.where(valid, 1.0, 0.0).to(x.dtype)
     n = tl.sum(ones, axis=0)
-    mean = tl.sum(x, axis=0) / tl.where(n > 0.0, n, 1.0)
+    if F64:
+        mean = tl.sum(x, axis=0) / tl.where(n > 0.0, n, 1.0)
+    else:  # IEEE division: float32's "/" may be the approximate one on a GPU
+        mean = tl.div_rn(tl.sum(x, axis=0), tl.where(n > 0.0, n, 1.0))
     e = tl.where(valid, x - mean[None, :], 0.0)
     m2 = tl.sum(e * e, axis=0)
     out = tl.program_id(0) * C + c
@@ -163,6 +177,129 @@ def moments_kernel(x_ptr, shift_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, i_to
     tl.store(count_ptr + out, n, mask=keep)
     tl.store(mean_ptr + out, mean, mask=keep)
     tl.store(m2_ptr + out, m2, mask=keep)
+
+
+@triton.jit
+def _coefficients(mean, var, c, C, eps, weight_ptr, bias_ptr, mean_hi_ptr, mean_lo_ptr,
+                  scale_ptr, shift_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Store what the passes over the data read, from float64 mean and var: mean as hi + lo,
+    scale = gamma / sqrt(var + eps), shift = beta, in the compute dtype (the outputs')."""
+    keep = c < C
+    dt = mean_hi_ptr.dtype.element_ty
+    invstd = 1.0 / tl.sqrt(var + eps)  # float64: IEEE-rounded
+    if HAS_W:
+        scale = tl.load(weight_ptr + c, mask=keep, other=1.0).to(tl.float64) * invstd
+    else:
+        scale = invstd
+    hi = mean.to(dt)
+    tl.store(mean_hi_ptr + c, hi, mask=keep)
+    tl.store(mean_lo_ptr + c, (mean - hi.to(tl.float64)).to(dt), mask=keep)
+    tl.store(scale_ptr + c, scale.to(dt), mask=keep)
+    if HAS_B:
+        tl.store(shift_ptr + c, tl.load(bias_ptr + c, mask=keep, other=0.0).to(dt), mask=keep)
+    else:
+        tl.store(shift_ptr + c, tl.zeros(c.shape, dt), mask=keep)
+
+
+@triton.jit
+def finalize_moments_kernel(x_ptr, first, count_ptr, mean_ptr, m2_ptr, tiles, S, C, eps_ptr,
+                            weight_ptr, bias_ptr, n64_ptr, mean64_ptr, m2_64_ptr, mean_hi_ptr,
+                            mean_lo_ptr, scale_ptr, shift_ptr, COEFFICIENTS: tl.constexpr,
+                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, F64: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tiles' (count, mean, M2) merged in float64 by Chan's formula, all at once
+    (mean = sum n_t mean_t / n, M2 = sum M2_t + n_t (mean_t - mean)^2), the shift added back;
+    with COEFFICIENTS, also the normalising pass's per-channel values for var = M2 / n."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    n = tl.zeros([BLOCK_C], tl.float64)
+    total = tl.zeros([BLOCK_C], tl.float64)
+    for t0 in range(0, tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        index = t.to(tl.int64)[:, None] * C + c[None, :]
+        ok = (t < tiles)[:, None] & keep[None, :]
+        nt = tl.load(count_ptr + index, mask=ok, other=0.0).to(tl.float64)
+        n += tl.sum(nt, axis=0)
+        total += tl.sum(nt * tl.load(mean_ptr + index, mask=ok, other=0.0).to(tl.float64),
+                        axis=0)
+    centred = total / tl.where(n > 0.0, n, 1.0)
+    m2 = tl.zeros([BLOCK_C], tl.float64)
+    for t0 in range(0, tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        index = t.to(tl.int64)[:, None] * C + c[None, :]
+        ok = (t < tiles)[:, None] & keep[None, :]
+        nt = tl.load(count_ptr + index, mask=ok, other=0.0).to(tl.float64)
+        d = tl.load(mean_ptr + index, mask=ok, other=0.0).to(tl.float64) - centred[None, :]
+        m2t = tl.load(m2_ptr + index, mask=ok, other=0.0).to(tl.float64)
+        m2 += tl.sum(m2t + nt * d * d, axis=0)
+    mean = centred + _shift(x_ptr, first, c, S, C, F64).to(tl.float64)
+    tl.store(n64_ptr + c, n, mask=keep)
+    tl.store(mean64_ptr + c, mean, mask=keep)
+    tl.store(m2_64_ptr + c, m2, mask=keep)
+    if COEFFICIENTS:
+        _coefficients(mean, m2 / n, c, C, tl.load(eps_ptr), weight_ptr, bias_ptr, mean_hi_ptr,
+                      mean_lo_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B)
+
+
+@triton.jit
+def coefficients_kernel(mean_ptr, var_ptr, C, eps_ptr, weight_ptr, bias_ptr, mean_hi_ptr,
+                        mean_lo_ptr, scale_ptr, shift_ptr, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The per-channel values of the passes over the data, from given statistics."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mean = tl.load(mean_ptr + c, mask=c < C, other=0.0).to(tl.float64)
+    var = tl.load(var_ptr + c, mask=c < C, other=1.0).to(tl.float64)
+    _coefficients(mean, var, c, C, tl.load(eps_ptr), weight_ptr, bias_ptr, mean_hi_ptr,
+                  mean_lo_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B)
+
+
+@triton.jit
+def finalize_grads_kernel(sum_g_ptr, sum_ge_ptr, tiles, C, var_ptr, consts64_ptr, weight_ptr,
+                          k1_ptr, k0_ptr, k2_ptr, sum_g64_ptr, sum_gxhat64_ptr,
+                          MODE: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """The tiles' sums added in float64, then the coefficients of dx = k1 g + m (k0 + k2 e)
+    and sum(g * x_hat) (dweight) and sum(g) (dbias). MODE 0: training, e = x - mean; 1:
+    training from the output, e = gamma * x_hat (|gamma| < eps taken as sign * eps); 2:
+    evaluation (k0 = k2 = 0). consts64 = (eps, count)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = c < C
+    sg = tl.zeros([BLOCK_C], tl.float64)
+    sge = tl.zeros([BLOCK_C], tl.float64)
+    for t0 in range(0, tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        index = t.to(tl.int64)[:, None] * C + c[None, :]
+        ok = (t < tiles)[:, None] & keep[None, :]
+        sg += tl.sum(tl.load(sum_g_ptr + index, mask=ok, other=0.0).to(tl.float64), axis=0)
+        sge += tl.sum(tl.load(sum_ge_ptr + index, mask=ok, other=0.0).to(tl.float64), axis=0)
+    eps = tl.load(consts64_ptr)
+    m = tl.load(consts64_ptr + 1)
+    var = tl.load(var_ptr + c, mask=keep, other=1.0).to(tl.float64)
+    invstd = 1.0 / tl.sqrt(var + eps)  # float64: IEEE-rounded
+    if HAS_W:
+        gamma = tl.load(weight_ptr + c, mask=keep, other=1.0).to(tl.float64)
+    else:
+        gamma = tl.full([BLOCK_C], 1.0, tl.float64)
+    k1 = gamma * invstd
+    if MODE == 1:
+        safe = tl.where(tl.abs(gamma) < eps, tl.where(gamma < 0.0, -eps, eps), gamma)
+        sum_gxhat = sge / safe
+        k2 = -k1 * sum_gxhat / (m * safe)
+        k0 = -k1 * sg / m
+    elif MODE == 2:
+        sum_gxhat = sge * invstd
+        k2 = tl.zeros([BLOCK_C], tl.float64)
+        k0 = tl.zeros([BLOCK_C], tl.float64)
+    else:
+        sum_gxhat = sge * invstd
+        k2 = -k1 * invstd * sum_gxhat / m
+        k0 = -k1 * sg / m
+    dt = k1_ptr.dtype.element_ty
+    tl.store(k1_ptr + c, k1.to(dt), mask=keep)
+    tl.store(k0_ptr + c, k0.to(dt), mask=keep)
+    tl.store(k2_ptr + c, k2.to(dt), mask=keep)
+    tl.store(sum_g64_ptr + c, sg, mask=keep)
+    tl.store(sum_gxhat64_ptr + c, sum_gxhat, mask=keep)
 
 
 @triton.jit
