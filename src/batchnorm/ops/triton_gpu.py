@@ -220,6 +220,15 @@ def _finite(*tensors: Tensor) -> bool:
     return bool(torch.isfinite(sum(tensors)).all())
 
 
+def _guarded_statistics(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, M2) of :func:`_statistics`, from float64 tiles where float32's are not
+    finite (the non-finite guard)."""
+    n, mean, m2, _ = _statistics(x, mask)
+    if not _finite(mean, m2):
+        n, mean, m2, _ = _statistics(x, mask, force64=True)
+    return n, mean, m2
+
+
 def _first_offset(x: Tensor, mask: Tensor | None) -> int:
     """The offset of channel 0's first value (its first counted one with a mask): each
     channel's value there shifts its sums."""
@@ -237,9 +246,7 @@ def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
         zeros = x.new_zeros(c, dtype=torch.float64)
         return 0, zeros, zeros.clone()
     x = dense(x)
-    _, mean, m2, _ = _statistics(x, None)
-    if not _finite(mean, m2):
-        _, mean, m2, _ = _statistics(x, None, force64=True)
+    _, mean, m2 = _guarded_statistics(x, None)
     return x.numel() // c, mean, m2
 
 
@@ -250,9 +257,7 @@ def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]
         zeros = x.new_zeros(c, dtype=torch.float64)
         return 0.0, zeros, zeros.clone()
     x = dense(x)
-    n, mean, m2, _ = _statistics(x, mask)
-    if not _finite(mean, m2):
-        n, mean, m2, _ = _statistics(x, mask, force64=True)
+    n, mean, m2 = _guarded_statistics(x, mask)
     return float(n[0]), mean, m2
 
 
@@ -362,37 +367,35 @@ def _pdtype(src: Tensor, weight: Tensor | None) -> torch.dtype:
     return src.dtype if weight is None else weight.dtype
 
 
-def train_backward_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        mean: Tensor, var: Tensor, eps: float, act: str, negative_slope: float,
-                        alpha: float, inplace: bool, mask: Optional[Tensor] = None,
-                        count: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, mode,
+              mask=None, count=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias): coefficients, the sums' pass, their merge, the dx pass."""
     if src.numel() == 0:
         return _empty_grads(src, weight)
     src = dense(src)
     dy = as_layout_of(dy, src)
+    inplace = mode == _FROM_OUTPUT
     coefficients = _coefficients(src, mean, var, eps, weight, bias)
     sums = _sums(dy, src, coefficients, act, negative_slope, alpha, inplace)
-    m = src.numel() // src.shape[1] if mask is None else count
-    ks, (dweight, dbias) = _grad_coefficients(*sums, var, eps, weight, m,
-                                              _FROM_OUTPUT if inplace else _TRAIN,
+    m = src.numel() // src.shape[1] if count is None else count
+    ks, (dweight, dbias) = _grad_coefficients(*sums, var, eps, weight, m, mode,
                                               _pdtype(src, weight))
     dx = _write_dx(dy, src, coefficients, ks, act, negative_slope, alpha, inplace, mask)
     return dx, dweight, dbias
 
 
+def train_backward_impl(dy: Tensor, src: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        mean: Tensor, var: Tensor, eps: float, act: str, negative_slope: float,
+                        alpha: float, inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
+                     _FROM_OUTPUT if inplace else _TRAIN)
+
+
 def eval_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        running_mean: Tensor, running_var: Tensor, eps: float, act: str,
                        negative_slope: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    if x.numel() == 0:
-        return _empty_grads(x, weight)
-    x = dense(x)
-    dy = as_layout_of(dy, x)
-    coefficients = _coefficients(x, running_mean, running_var, eps, weight, bias)
-    sums = _sums(dy, x, coefficients, act, negative_slope, alpha, False)
-    ks, (dweight, dbias) = _grad_coefficients(*sums, running_var, eps, weight, 1.0, _EVAL,
-                                              _pdtype(x, weight))
-    dx = _write_dx(dy, x, coefficients, ks, act, negative_slope, alpha, False)
-    return dx, dweight, dbias
+    return _backward(dy, x, weight, bias, running_mean, running_var, eps, act, negative_slope,
+                     alpha, _EVAL)
 
 
 def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -401,8 +404,8 @@ def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
                         alpha: float) -> tuple[Tensor, Tensor, Tensor]:
     """The training gradient with given statistics over the positions ``mask`` counts
     (:func:`.numba_cpu.stats_backward_impl`'s)."""
-    return train_backward_impl(dy, x, weight, bias, mean, var, eps, act, negative_slope, alpha,
-                               False, mask, count)
+    return _backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alpha, _TRAIN,
+                     mask, count)
 
 
 # ---------------------------------------------------------------------------------------------

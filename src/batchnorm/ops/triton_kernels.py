@@ -202,6 +202,13 @@ def _coefficients(mean, var, c, C, eps, weight_ptr, bias_ptr, mean_hi_ptr, mean_
 
 
 @triton.jit
+def _tile_rows(t0, tiles, c, C, BLOCK_T: tl.constexpr):
+    """(index, ok) of rows t0 .. t0 + BLOCK_T of a (tiles, C) array of per-tile partials."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    return t.to(tl.int64)[:, None] * C + c[None, :], (t < tiles)[:, None] & (c < C)[None, :]
+
+
+@triton.jit
 def finalize_moments_kernel(x_ptr, first, count_ptr, mean_ptr, m2_ptr, tiles, S, C, eps_ptr,
                             weight_ptr, bias_ptr, n64_ptr, mean64_ptr, m2_64_ptr, mean_hi_ptr,
                             mean_lo_ptr, scale_ptr, shift_ptr, COEFFICIENTS: tl.constexpr,
@@ -215,9 +222,7 @@ def finalize_moments_kernel(x_ptr, first, count_ptr, mean_ptr, m2_ptr, tiles, S,
     n = tl.zeros([BLOCK_C], tl.float64)
     total = tl.zeros([BLOCK_C], tl.float64)
     for t0 in range(0, tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        index = t.to(tl.int64)[:, None] * C + c[None, :]
-        ok = (t < tiles)[:, None] & keep[None, :]
+        index, ok = _tile_rows(t0, tiles, c, C, BLOCK_T)
         nt = tl.load(count_ptr + index, mask=ok, other=0.0).to(tl.float64)
         n += tl.sum(nt, axis=0)
         total += tl.sum(nt * tl.load(mean_ptr + index, mask=ok, other=0.0).to(tl.float64),
@@ -225,9 +230,7 @@ def finalize_moments_kernel(x_ptr, first, count_ptr, mean_ptr, m2_ptr, tiles, S,
     centred = total / tl.where(n > 0.0, n, 1.0)
     m2 = tl.zeros([BLOCK_C], tl.float64)
     for t0 in range(0, tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        index = t.to(tl.int64)[:, None] * C + c[None, :]
-        ok = (t < tiles)[:, None] & keep[None, :]
+        index, ok = _tile_rows(t0, tiles, c, C, BLOCK_T)
         nt = tl.load(count_ptr + index, mask=ok, other=0.0).to(tl.float64)
         d = tl.load(mean_ptr + index, mask=ok, other=0.0).to(tl.float64) - centred[None, :]
         m2t = tl.load(m2_ptr + index, mask=ok, other=0.0).to(tl.float64)
@@ -267,9 +270,7 @@ def finalize_grads_kernel(sum_g_ptr, sum_ge_ptr, tiles, C, var_ptr, consts64_ptr
     sg = tl.zeros([BLOCK_C], tl.float64)
     sge = tl.zeros([BLOCK_C], tl.float64)
     for t0 in range(0, tiles, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        index = t.to(tl.int64)[:, None] * C + c[None, :]
-        ok = (t < tiles)[:, None] & keep[None, :]
+        index, ok = _tile_rows(t0, tiles, c, C, BLOCK_T)
         sg += tl.sum(tl.load(sum_g_ptr + index, mask=ok, other=0.0).to(tl.float64), axis=0)
         sge += tl.sum(tl.load(sum_ge_ptr + index, mask=ok, other=0.0).to(tl.float64), axis=0)
     eps = tl.load(consts64_ptr)
