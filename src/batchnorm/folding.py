@@ -758,11 +758,9 @@ def _pads(conv) -> bool:
 def _apply(model: nn.Module, plan: FoldPlan, captured: dict, uses: Counter):
     """Rewrite ``model`` for one plan; the local (max, relative) error where measured."""
     bn = plan.bn
-    stats = (bn.running_mean, bn.running_var, bn.eps, getattr(bn, "weight", None),
-             getattr(bn, "bias", None))
     if plan.direction == "previous":
-        _fold_into(model, plan.into, uses, *stats)
-        model.set_submodule(plan.name, plan.act if plan.act is not None else nn.Identity())
+        _fold_into(model, plan.into, uses, *_stats_of(bn))
+        model.set_submodule(plan.name, _with_act(nn.Identity(), plan.act))
         if plan.name in captured:
             got = model.get_submodule(plan.into)(*captured[plan.into][0])
             return max_error([_act(plan, got)], [captured[plan.name][1]])
@@ -774,11 +772,9 @@ def _apply(model: nn.Module, plan: FoldPlan, captured: dict, uses: Counter):
             return _apply(model, plan, captured, uses)
         for piece in plan.pieces:
             if piece.into is not None:
-                part = [None if t is None else t[piece.start:piece.stop] for t in
-                        (bn.running_mean, bn.running_var, stats[3], stats[4])]
-                _fold_into(model, piece.into, uses, part[0], part[1], bn.eps, part[2], part[3])
-        if plan.act is not None:
-            rest = plan.act if isinstance(rest, nn.Identity) else nn.Sequential(rest, plan.act)
+                _fold_into(model, piece.into, uses,
+                           *_stats_of(bn, slice(piece.start, piece.stop)))
+        rest = _with_act(rest, plan.act)
         model.set_submodule(plan.name, rest)
         if plan.name in captured:
             x = captured[plan.name][0][0].clone()
@@ -790,7 +786,7 @@ def _apply(model: nn.Module, plan: FoldPlan, captured: dict, uses: Counter):
     elif plan.direction == "next":
         layer = model.get_submodule(plan.into)
         before = layer(*captured[plan.into][0]) if plan.into in captured else None
-        w, b = _fold_weights_forward(layer.weight, layer.bias, *stats,
+        w, b = _fold_weights_forward(layer.weight, layer.bias, *_stats_of(bn),
                                      groups=getattr(layer, "groups", 1), repeat=plan.repeat,
                                      in_place=uses[id(layer.weight)] == 1)
         _set_weights(layer, w, b)
@@ -801,13 +797,28 @@ def _apply(model: nn.Module, plan: FoldPlan, captured: dict, uses: Counter):
                 x = step(x)
             return max_error([layer(x)], [before])
     elif plan.action == "frozen":
-        affine = _torch_affine(bn, plan.rank)
-        model.set_submodule(plan.name,
-                            affine if plan.act is None else nn.Sequential(affine, plan.act))
+        model.set_submodule(plan.name, _with_act(_torch_affine(bn, plan.rank), plan.act))
         if plan.name in captured:
             got = model.get_submodule(plan.name)(*captured[plan.name][0])
             return max_error([got], [captured[plan.name][1]])
     return None
+
+
+def _stats_of(bn: nn.Module, channels: slice = slice(None)) -> tuple:
+    """(running_mean, running_var, eps, weight, bias) of ``bn`` for these channels, the
+    arguments of the fold math."""
+    tensors = [getattr(bn, name, None) for name in ("running_mean", "running_var", "weight",
+                                                   "bias")]
+    mean, var, weight, bias = (None if t is None else t[channels] for t in tensors)
+    return mean, var, bn.eps, weight, bias
+
+
+def _with_act(module: nn.Module, act: nn.Module | None) -> nn.Module:
+    """What replaces a BN+act layer: the module, then the activation it applied (the activation
+    alone in place of an identity)."""
+    if act is None:
+        return module
+    return act if isinstance(module, nn.Identity) else nn.Sequential(module, act)
 
 
 def _fold_into(model, into: str, uses: Counter, *stats) -> None:

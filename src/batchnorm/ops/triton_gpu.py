@@ -235,7 +235,7 @@ def _first_offset(x: Tensor, mask: Tensor | None) -> int:
     if mask is None:
         return 0  # (0, 0, ...) in both layouts
     first = int(mask.detach().reshape(-1).to(torch.uint8).argmax())  # the first True
-    i_total, c, s = _view(x)
+    _, c, s = _view(x)
     return first // s * c * s + first % s
 
 
@@ -328,12 +328,12 @@ def _sums(dy: Tensor, src: Tensor, coefficients, act, negative_slope, alpha,
     return sum_g, sum_ge
 
 
-def _grad_coefficients(sum_g, sum_ge, var, eps, weight, count, mode, dtype):
-    """(k1, k0, k2) in the compute dtype and (sum g * x_hat, sum g) in ``dtype``, from the
+def _grad_coefficients(sum_g, sum_ge, var, eps, weight, count, mode, src, dtype):
+    """(k1, k0, k2) in src's compute dtype and (sum g * x_hat, sum g) in ``dtype``, from the
     tiles' sums: one launch."""
     c = sum_g.shape[1]
     device = sum_g.device
-    ks = [torch.empty(c, dtype=sum_g.dtype, device=device) for _ in range(3)]
+    ks = [torch.empty(c, dtype=_compute_dtype(src), device=device) for _ in range(3)]
     sums = [torch.empty(c, dtype=dtype, device=device) for _ in range(2)]
     _kernels().finalize_grads_kernel[(_cdiv(c, _MERGE_C),)](
         sum_g, sum_ge, sum_g.shape[0], c, var.detach(), _eps(eps, device, count),
@@ -378,7 +378,7 @@ def _backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
     coefficients = _coefficients(src, mean, var, eps, weight, bias)
     sums = _sums(dy, src, coefficients, act, negative_slope, alpha, inplace)
     m = src.numel() // src.shape[1] if count is None else count
-    ks, (dweight, dbias) = _grad_coefficients(*sums, var, eps, weight, m, mode,
+    ks, (dweight, dbias) = _grad_coefficients(*sums, var, eps, weight, m, mode, src,
                                               _pdtype(src, weight))
     dx = _write_dx(dy, src, coefficients, ks, act, negative_slope, alpha, inplace, mask)
     return dx, dweight, dbias
@@ -420,7 +420,7 @@ def backward_sums_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
     dy = as_layout_of(dy, x)
     coefficients = _coefficients(x, mean, var, eps, weight, bias)
     sums = _sums(dy, x, coefficients, "identity", 0.0, 1.0, False)
-    _, (sum_gxhat, sum_g) = _grad_coefficients(*sums, var, eps, weight, 1.0, _EVAL,
+    _, (sum_gxhat, sum_g) = _grad_coefficients(*sums, var, eps, weight, 1.0, _EVAL, x,
                                                torch.float64)
     return sum_g, sum_gxhat
 
@@ -435,6 +435,5 @@ def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opti
     # the global sums as one "tile": sum g and sum g * (x - mean) = sum g * x_hat * sigma
     sum_ge = sum_gxhat * torch.sqrt(var.to(torch.float64) + eps)
     ks, _ = _grad_coefficients(sum_g.view(1, -1), sum_ge.view(1, -1), var, eps, weight, count,
-                               _TRAIN, torch.float64)
-    ks = [t.to(_compute_dtype(x)) for t in ks]
+                               _TRAIN, x, torch.float64)
     return _write_dx(dy, x, coefficients, ks, "identity", 0.0, 1.0, False, mask)
