@@ -1,6 +1,7 @@
 # make demo  - set up .venv from nothing and run the tour on the bundled data
 # make test  - set up .venv from nothing and run the test suite
 # make test-fast - the quick subset for the inner loop (under a minute once the kernels are cached)
+# make test-newest - the quick subset again in .venv-newest, on the newest torch this machine has
 # make lint  - ruff over the sources, tests, benchmarks and examples (CI runs it)
 # make bench - run the benchmarks (ratios against PyTorch in the same run, noisy on a busy machine)
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-newest lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +37,30 @@ test: $(WARM)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # no process groups, no tour, no ONNX: the modules that run in seconds
+FAST := tests/test_reference.py tests/test_activations.py tests/test_structure.py \
+	tests/test_frozen.py tests/test_graph.py tests/test_conversion.py tests/test_fold.py \
+	tests/test_inspect.py tests/test_opcheck.py
 test-fast: $(WARM)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests/test_reference.py tests/test_activations.py \
-		tests/test_structure.py tests/test_frozen.py tests/test_graph.py tests/test_conversion.py \
-		tests/test_fold.py tests/test_inspect.py tests/test_opcheck.py
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(FAST)
+
+# The package takes the torch its user has (no upper bound): a second venv with the newest torch
+# here (the CUDA build, which imports without a GPU) proves it. Installing the package must leave
+# that torch in place; then the layers, options and compile paths run on it.
+NEWEST_TORCH ?= 2.14.1
+NEWEST := .venv-newest
+$(NEWEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST)/bin/python -m pip install -q torch==$(NEWEST_TORCH)
+	$(NEWEST)/bin/python -m pip install -q -e '.[test]'
+	$(NEWEST)/bin/python -c "import torch; print(torch.__version__)" | grep -q '^$(NEWEST_TORCH)' \
+		|| { echo "installing the package replaced torch $(NEWEST_TORCH)"; exit 1; }
+	touch $@
+
+test-newest: $(NEWEST)/.installed
+	$(NEWEST)/bin/batchnorm warmup --dtype all --jobs $(JOBS)
+	$(NEWEST)/bin/python -m pytest -q -n 2 --dist loadgroup $(FAST) tests/test_layers.py \
+		tests/test_variants.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
@@ -52,4 +73,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) build dist reports .pytest_cache .hypothesis
+	rm -rf $(VENV) $(NEWEST) build dist reports .pytest_cache .hypothesis

@@ -319,6 +319,28 @@ def test_help_has_examples(capsys):
         assert "trust" in out
 
 
+def test_help_says_what_each_command_takes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "lesson" not in top and "inspect" in top and "demo" in top
+    with pytest.raises(SystemExit):
+        main(["warmup", "--help"])
+    warmup = capsys.readouterr().out
+    assert "MODEL" not in warmup and "trust" not in warmup and "batchnorm warmup" in warmup
+
+
+@pytest.mark.parametrize("columns, widest", [("60", 60), ("150", 150)])
+def test_piped_tables_follow_columns(files, capsys, monkeypatch, columns, widest):
+    monkeypatch.setenv("COLUMNS", columns)
+    d, _, _ = files
+    status, out, _ = run(capsys, "inspect", d / "model.pt")
+    longest = max(len(line) for line in out.splitlines())
+    assert status == 0 and longest <= widest
+    # the default (200 when piped) is wider than 60: the narrow table really was folded
+    assert columns != "60" or longest > 40
+
+
 @pytest.fixture
 def umask_027():
     previous = os.umask(0o027)
@@ -409,7 +431,8 @@ def test_python_dash_m_batchnorm_runs_the_cli():
     assert done.returncode == 0 and done.stdout.startswith("batchnorm ")
 
 
-def test_piped_tables_keep_every_full_layer_name(files, capsys):
+def test_piped_tables_keep_every_full_layer_name(files, capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
     d, model, _ = files
     status, out, _ = run(capsys, "inspect", d / "model.pt")
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -15,7 +15,11 @@ COMMANDS = ["demo", "experiment", "inspect", "fold", "strip_bias", "recalibrate"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm",
-        description="Batch normalization, exactly and fast: the lesson's tour and BN model tools.",
+        description=(
+            "Batch normalization, exactly and fast. Model tools (inspect, fold, strip-bias, "
+            "recalibrate, diagnose, export), a kernel warm-up, and a guided demo of what BN "
+            "does, with experiments, on real data."
+        ),
     )
     from .. import __version__
 

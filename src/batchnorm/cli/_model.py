@@ -25,11 +25,13 @@ TRUST_NOTE = (
 )
 
 
-def describe(summary: str, *examples: str) -> str:
-    """A command's help text: the summary and the trust note wrapped, then the examples."""
+def describe(summary: str, *examples: str, loads_model: bool = True) -> str:
+    """A command's help text: the summary and (for a command that takes MODEL) the trust note
+    wrapped, then the examples."""
     wrap = lambda text: textwrap.fill(text, width=88)  # noqa: E731
     lines = "\n".join(f"  {e}" for e in examples)
-    return "\n\n".join([wrap(summary), wrap(TRUST_NOTE), "Examples:\n" + lines])
+    parts = [wrap(summary)] + ([wrap(TRUST_NOTE)] if loads_model else [])
+    return "\n\n".join(parts + ["Examples:\n" + lines])
 
 
 def add_model_arguments(parser, *, input_shape_required: bool = False) -> None:

@@ -13,10 +13,7 @@ def emit(args, data: dict, renderable=None) -> None:
         json.dump(_plain(data), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    from rich.console import Console
-
-    # piped or redirected: wide enough that layer names are not folded into pieces
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = _console()
     if renderable is not None:
         console.print(renderable)
     else:
@@ -27,9 +24,21 @@ def emit(args, data: dict, renderable=None) -> None:
 def note(args, message: str) -> None:
     """A line for humans; silent under --json so stdout stays valid JSON."""
     if not getattr(args, "json", False):
-        from rich.console import Console
+        _console().print(message)
 
-        (Console() if sys.stdout.isatty() else Console(width=200)).print(message)
+
+def _console():
+    """A rich console for stdout: the terminal's width; piped, ``$COLUMNS`` or else 200."""
+    import os
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    # piped or redirected: wide enough that layer names are not folded into pieces, unless the
+    # user says how wide (rich reads COLUMNS itself, but only when no width is given)
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else 200)
 
 
 def _plain(value):

@@ -10,9 +10,9 @@ from ._errors import CLIError, require_tour_extra
 def register(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the lesson end to end on real data and write a report",
+        help="a guided tour of batch normalization on real data, with a report",
         description=textwrap.fill(
-            "Run every section of the lesson on Batch Normalization for real: train a small CNN "
+            "A guided tour of Batch Normalization, every step run for real: train a small CNN "
             "with and without BN on scikit-learn's digits, work one channel through the "
             "formulas, count parameters, prove train/eval behaviour against "
             "torch.nn.BatchNorm2d, compare BN placements, strip the conv bias and fold BN. "

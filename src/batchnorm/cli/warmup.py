@@ -24,6 +24,7 @@ def register(sub) -> None:
             "batchnorm warmup",
             "batchnorm warmup --dtype all --jobs 2",
             "batchnorm warmup --dtype float32 --layout nchw --act relu identity",
+            loads_model=False,
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
