@@ -159,6 +159,8 @@ def test_recalibrate_equals_update_bn(files, capsys, source, extra):
         "estimator": "average",
         "skipped_layers": [],
         "batches_all_ranks": None,
+        "nonfinite": "raise",
+        "skipped_batches": {},
     }
     want = copy.deepcopy(model)
     update_bn(list(torch.load(d / "data.pt").split(4)), want)

@@ -5,6 +5,8 @@ describe the activations the weights produce. ``recalibrate`` runs the data thro
 once in train mode and sets each BN's running statistics to those of every value it saw
 (``estimator="exact"``: one Chan merge of the per-batch moments), or to the plain average of
 the per-batch statistics (``estimator="average"``, what PyTorch's ``update_bn`` computes).
+A batch with NaN/Inf in a BN's input is refused, or left out of that BN's statistics
+(``nonfinite``).
 """
 from __future__ import annotations
 
@@ -15,18 +17,25 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import ops, sync
+from . import sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
 from .ops.torch_fallback import merge_moments
-from .probe import batch_arguments, check_data_arguments, failed_on, training_flags_kept
+from .probe import (
+    NonFiniteBatch,
+    Skips,
+    batch_arguments,
+    check_data_arguments,
+    failed_on,
+    nonfinite_guard,
+    training_flags_kept,
+)
 from .progress import progress_bar
 from .protocol import bn_kind, is_batchnorm
 
-__all__ = ["recalibrate", "RecalibrationReport", "ESTIMATORS", "moments_collector"]
+__all__ = ["recalibrate", "RecalibrationReport", "ESTIMATORS"]
 
 ESTIMATORS = ("exact", "average")
-
 
 
 def recalibrate(
@@ -40,6 +49,7 @@ def recalibrate(
     drop_last: bool = True,
     report: bool = False,
     estimator: str = "exact",
+    nonfinite: str = "raise",
 ):
     r"""Recompute the running statistics of every BN in ``model`` from ``data``.
 
@@ -70,7 +80,16 @@ def recalibrate(
     the mean is large against the spread. "exact" is that population variance computed from
     deviations (Chan), never from ``E[x^2]``.
 
-    ``num_batches_tracked`` becomes B. Momenta and the training flag of every module are
+    A batch with NaN or Inf in a BN's input (so that its statistics there are not finite: over
+    the positions its ``mask`` counts, for ours) is refused with ``nonfinite="raise"`` (the
+    default): a BatchNormError names the first such layer (its qualified module name) and batch,
+    and nothing changes. With ``nonfinite="skip"`` that batch is left out of that layer's
+    statistics only (the rule of the layers' own ``nonfinite="skip"``; the layers it did not
+    poison keep it), the report lists the batches left out per layer, and a call without
+    ``report=True`` warns once; a layer left with no batch at all is an error, never NaN.
+
+    ``num_batches_tracked`` becomes B, the batches run (with "average": the batches each layer
+    kept). Momenta, the training flag and our layers' own ``nonfinite`` of every module are
     restored afterwards; if anything fails (or ``data`` is empty) the running statistics are
     restored too, so a failed call changes nothing. Frozen BN, BN without running statistics
     and (with "exact") a BN no batch reached are left as they were, and the report says which.
@@ -95,16 +114,20 @@ def recalibrate(
             BN in train mode cannot normalise one value per channel, and one sample has no
             spread to measure. The report counts the samples skipped. Default: True
         report: also return a :class:`RecalibrationReport` (batches and samples used, samples
-            skipped, layers left alone). Default: False
+            skipped, layers left alone, batches left out per layer). Default: False
         estimator: "exact" or "average" (see above). Default: "exact"
+        nonfinite: what a batch with NaN/Inf in a BN's input does: "raise" (refuse the data)
+            or "skip" (leave it out of that layer's statistics, see above). Default: "raise"
 
     Returns:
         ``model``, or ``(model, RecalibrationReport)`` with ``report=True``.
 
     Raises:
-        BatchNormError: bad arguments, no batches, or a model that fails on a batch ("expected
-            a model that runs on batch 3 of data of shape ..."); the running statistics are
-            then as they were.
+        BatchNormError: bad arguments, no batches, a model that fails on a batch ("expected
+            a model that runs on batch 3 of data of shape ..."), NaN/Inf in a BN's input
+            ("... in the input of 'layer1.0.bn1' on batch 2 of data ...") with "raise", or a
+            layer whose every batch was left out with "skip"; the running statistics are then
+            as they were.
 
     >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     >>> batchnorm.recalibrate(swa_model, loader, batches=100)
@@ -112,7 +135,8 @@ def recalibrate(
     check_data_arguments(model, data, batches, input_fn)
     if estimator not in ESTIMATORS:
         raise expected(f"estimator in {ESTIMATORS}", repr(estimator))
-    summary = RecalibrationReport(estimator=estimator)
+    skips = Skips(nonfinite)
+    summary = RecalibrationReport(estimator=estimator, nonfinite=nonfinite)
     names = {}
     for name, m in model.named_modules():
         if not is_batchnorm(m) or id(m) in names:
@@ -132,52 +156,56 @@ def recalibrate(
     momenta = [(m, m.momentum) for m in layers]
     saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in layers]
     partials: dict[int, list] = {id(m): [] for m in layers}
-    hooks = []
-    if estimator == "exact":  # every BN's input moments, batch by batch
-        hooks = [m.register_forward_pre_hook(moments_collector(partials[id(m)]), with_kwargs=True)
-                 for m in layers]
-    with training_flags_kept(model):
+    # every BN's input checked for NaN/Inf, and (exact) its moments collected, batch by batch
+    guarded = {names[id(m)]: m for m in layers}
+    collect = {names[id(m)]: partials[id(m)] for m in layers} if estimator == "exact" else None
+    with training_flags_kept(model), nonfinite_guard(guarded, skips, collect):
         try:
             for m in layers:
                 _reset(m)
                 m.momentum = None
             model.train()
             if process_group is None:
-                _accumulate(model, data, batches, input_fn, progress, drop_last, summary)
+                _accumulate(model, data, batches, input_fn, progress, drop_last, summary, skips)
                 if summary.batches == 0:
                     skipped = f" ({summary.skipped_samples} skipped)" if summary.skipped_samples \
                         else ""
                     raise expected("at least one batch in data", f"no batches{skipped}")
             else:  # a rank without batches still joins the merge; it raises if no rank had any
                 with sync.local_only(model):
-                    _accumulate(model, data, batches, input_fn, progress, drop_last, summary)
+                    _accumulate(model, data, batches, input_fn, progress, drop_last, summary,
+                                skips)
                 if estimator == "average":
                     _merge_running_stats(layers, process_group)
             if estimator == "exact":
                 merged = _merge_partials(layers, partials, process_group, summary)
-                _set_exact(layers, merged, saved, names, summary)
+                _set_exact(layers, merged, saved, names, summary, skips)
+            else:
+                _check_kept(layers, names, skips, process_group)
         except BaseException:
             _restore(layers, saved)
             raise
         finally:
-            for hook in hooks:
-                hook.remove()
             for m, momentum in momenta:
                 m.momentum = momentum
+    summary.skipped_batches = skips.batches
+    if not report:
+        skips.warn()
     return (model, summary) if report else model
 
 
-def moments_collector(into: list):
-    """A forward pre-hook appending float64 ``(count, mean, M2)`` of the BN's input (over the
-    positions its ``mask`` counts, for ours) to ``into``."""
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("input")
-        mask = args[1] if len(args) > 1 else kwargs.get("mask")
-        mean, m2, count = ops.moments(x, mask)
-        into.append((count, mean, m2))
-
-    return hook
+def _check_kept(layers, names, skips, process_group) -> None:
+    """("average") A layer that left out every batch it saw has no statistics: an error. With a
+    process group, a batch kept on any rank counts (the merged num_batches_tracked)."""
+    for m in layers:
+        name = names[id(m)]
+        if name not in skips.batches:
+            continue
+        nbt = getattr(m, "num_batches_tracked", None)
+        kept = int(nbt) if process_group is not None and nbt is not None \
+            else skips.kept.get(name, 0)
+        if kept == 0:
+            raise skips.none_left(name)
 
 
 def _merge_partials(layers, partials, process_group, summary):
@@ -213,12 +241,14 @@ def _merge_partials(layers, partials, process_group, summary):
 
 
 @torch.no_grad()
-def _set_exact(layers, merged, saved, names, summary) -> None:
-    """running_mean / running_var = mean / M2 / (n - 1) of all the values each layer saw."""
+def _set_exact(layers, merged, saved, names, summary, skips) -> None:
+    """running_mean / running_var = mean / M2 / (n - 1) of all the values each layer kept."""
     batches = summary.batches_all_ranks if summary.batches_all_ranks is not None \
         else summary.batches
     for m, (n, mean, m2), buffers in zip(layers, merged, saved):
         n = float(n)
+        if n == 0 and names[id(m)] in skips.batches:  # every batch it saw was left out
+            raise skips.none_left(names[id(m)])
         if n == 0:  # no batch reached it (a branch the data never takes): as it was
             for k, v in buffers.items():
                 m._buffers[k].copy_(v)
@@ -243,7 +273,8 @@ def _restore(layers, saved) -> None:
 @dataclass
 class RecalibrationReport:
     """What :func:`recalibrate` ran: batches and samples used (this rank's), samples skipped
-    (drop_last), the estimator, and the BN layers left as they were with the reason."""
+    (drop_last), the estimator, the BN layers left as they were with the reason, and
+    (``nonfinite="skip"``) the batches, numbered from 1, each layer left out for NaN/Inf."""
 
     batches: int = 0
     samples: int = 0
@@ -251,10 +282,13 @@ class RecalibrationReport:
     estimator: str = "exact"
     skipped_layers: list = field(default_factory=list)  # (name, why) per layer left alone
     batches_all_ranks: int | None = None  # with a process group
+    nonfinite: str = "raise"
+    skipped_batches: dict = field(default_factory=dict)  # layer name -> [batch, ...]
 
     def to_dict(self) -> dict:
         out = dict(vars(self))
         out["skipped_layers"] = [{"layer": n, "why": w} for n, w in self.skipped_layers]
+        out["skipped_batches"] = {n: list(b) for n, b in self.skipped_batches.items()}
         return out
 
 
@@ -270,7 +304,7 @@ def _reset(bn: nn.Module) -> None:
 
 
 def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn, progress: bool,
-                drop_last: bool, summary: "RecalibrationReport") -> None:
+                drop_last: bool, summary: "RecalibrationReport", skips: Skips) -> None:
     """Run every batch through ``model`` (train mode, no grad), counting them in ``summary``.
 
     With momentum None each BN's own update keeps the cumulative average, so the per-layer
@@ -294,8 +328,11 @@ def _accumulate(model: nn.Module, data: Iterable, batches: int | None, input_fn,
                 summary.skipped_samples += 1
                 advance()
                 break
+            skips.batch = summary.batches + 1
             try:
                 model(*args, **kwargs)
+            except NonFiniteBatch:
+                raise
             except Exception as exc:
                 raise failed_on(tuple(args) + tuple(kwargs.values()), exc,
                                 f"batch {summary.batches + 1} of data") from exc

@@ -211,8 +211,9 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.3g} TB"
 
 
-def check_output(out: str, inputs: list[str]) -> Path:
-    """The output path; refuses to write over an input or into a missing folder."""
+def check_output(out: str, inputs: list[str], option: str = "-o") -> Path:
+    """The output path given to ``option``; refuses to write over an input, onto a folder or
+    into a missing folder, naming the option in the message."""
     target = Path(out)
     for spec in inputs:
         source = Path(spec)
@@ -221,15 +222,17 @@ def check_output(out: str, inputs: list[str]) -> Path:
             or (target.exists() and os.path.samefile(target, source))
         ):
             raise CLIError(
-                f"expected an output path different from the input (got -o {out!r}, "
+                f"expected an output path different from the input (got {option} {out!r}, "
                 "the input file)",
                 "write to a new file",
             )
     if target.exists() and target.is_dir():
-        raise CLIError(f"expected an output file (got -o {out!r}: a directory)")
+        raise CLIError(f"expected an output file (got {option} {out!r}: a directory)")
     if not target.resolve().parent.is_dir():
         raise CLIError(
-            f"expected an existing folder for -o (got {str(target.parent)!r}: no such folder)"
+            f"expected an existing folder for {option} (got {str(target.parent)!r}: no such "
+            "folder)",
+            f"create the folder first, or give {option} a path in an existing one",
         )
     return target
 

@@ -8,7 +8,7 @@ import shlex
 from ._errors import CLIError
 from ._model import TRUST_NOTE, check_output, describe, load_model, require_python_module
 from ._output import emit, note
-from .recalibrate import load_batches
+from .recalibrate import add_nonfinite_argument, load_batches, nonfinite_refused
 
 
 def register(sub) -> None:
@@ -21,7 +21,8 @@ def register(sub) -> None:
             "deviations, log variance ratio; median and worst channel) and the output change "
             "when this layer alone uses batch statistics. A table sorted by that effect, a "
             "verdict, and the recalibrate command that fixes a drift. --data is read as by "
-            "`batchnorm recalibrate`.",
+            "`batchnorm recalibrate`; a batch with NaN/Inf in a BN's input is refused, or with "
+            "--nonfinite skip left out and reported.",
             "batchnorm diagnose model.pt --data val.npy",
             "batchnorm diagnose model.pt --data val.npz --key x --batches 4 --plot drift.png",
             "batchnorm diagnose model.pt --data val.pt --json",
@@ -38,12 +39,14 @@ def register(sub) -> None:
                         "one pass over them)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write a plot of the drift and effect per layer, in network order")
+    add_nonfinite_argument(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..diagnosis import diagnose
+    from ..probe import NonFiniteBatch
 
     if args.batch_size < 1:
         raise CLIError(f"expected --batch-size >= 1 (got {args.batch_size})")
@@ -53,12 +56,16 @@ def run(args) -> int:
     if args.plot is not None:
         if not args.plot.lower().endswith(".png"):
             raise CLIError(f"expected a .png file for --plot (got {args.plot!r})")
-        plot = check_output(args.plot, [args.model, args.data])
+        plot = check_output(args.plot, [args.model, args.data], option="--plot")
         _require_matplotlib()
     batches = load_batches(args.data, args.key, args.batch_size)
     model = load_model(args.model)
     require_python_module(model, args.model)
-    result = diagnose(model, batches, batches=args.batches, progress=not args.json)
+    try:
+        result = diagnose(model, batches, batches=args.batches, progress=not args.json,
+                          nonfinite=args.nonfinite)
+    except NonFiniteBatch as exc:
+        raise nonfinite_refused(exc) from None
     fix = _fix_command(args) if result.drifting else None
     if plot is not None:
         _write_plot(result, plot)
@@ -80,6 +87,8 @@ def _fix_command(args) -> str:
         parts += ["--key", args.key]
     if args.batch_size != 32:
         parts += ["--batch-size", str(args.batch_size)]
+    if args.nonfinite != "raise":  # the data that was diagnosed needs it to recalibrate too
+        parts += ["--nonfinite", args.nonfinite]
     return shlex.join(parts + ["-o", out])
 
 

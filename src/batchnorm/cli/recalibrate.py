@@ -28,10 +28,12 @@ def register(sub) -> None:
             "average of the per-batch statistics as PyTorch's update_bn does (--estimator "
             "average). --data is a .pt tensor (or list of tensor batches), a .npy array or "
             "a .npz archive (first array, or --key); a single array is cut into --batch-size "
-            "batches along dim 0.",
+            "batches along dim 0. A batch with NaN/Inf in a BN's input is refused (nothing is "
+            "written), or with --nonfinite skip left out of that BN's statistics and reported.",
             "batchnorm recalibrate model.pt --data images.npy -o model.recal.pt",
             "batchnorm recalibrate model.pt --data val.npz --key x --batch-size 64 --batches 50 "
             "-o out.pt",
+            "batchnorm recalibrate model.pt --data noisy.npy --nonfinite skip -o model.recal.pt",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,11 +47,25 @@ def register(sub) -> None:
     p.add_argument("--batches", type=int, default=None, help="use at most this many batches")
     p.add_argument("--estimator", choices=("exact", "average"), default="exact",
                    help="exact: statistics of all the values (default); average: update_bn's")
+    add_nonfinite_argument(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=run)
 
 
+def add_nonfinite_argument(p) -> None:
+    p.add_argument("--nonfinite", choices=("raise", "skip"), default="raise",
+                   help="a batch with NaN/Inf in a BN's input: raise (refuse the data, the "
+                        "default) or skip (leave it out of that BN's statistics)")
+
+
+def nonfinite_refused(exc) -> CLIError:
+    """The one line for NaN/Inf data under --nonfinite raise, with the next step."""
+    return CLIError(exc.reason, "remove the non-finite samples, or pass --nonfinite skip to "
+                                "leave such batches out")
+
+
 def run(args) -> int:
+    from ..probe import NonFiniteBatch
     from ..recalibration import recalibrate
 
     target = check_output(args.output, [args.model, args.data])
@@ -60,8 +76,11 @@ def run(args) -> int:
     batches = load_batches(args.data, args.key, args.batch_size)
     model = load_model(args.model)
     require_python_module(model, args.model)
-    _, report = recalibrate(model, batches, batches=args.batches, progress=not args.json,
-                            report=True, estimator=args.estimator)
+    try:
+        _, report = recalibrate(model, batches, batches=args.batches, progress=not args.json,
+                                report=True, estimator=args.estimator, nonfinite=args.nonfinite)
+    except NonFiniteBatch as exc:
+        raise nonfinite_refused(exc) from None
     save_model(model, target)
     data = {"output": str(target), **report.to_dict()}
     if args.json:
@@ -75,7 +94,14 @@ def run(args) -> int:
     note(args, text)
     for name, why in report.skipped_layers:
         note(args, f"left {name} as it was: {why}")
+    for name, numbers in report.skipped_batches.items():
+        note(args, f"left out {batch_list(numbers)} for {name} (NaN/Inf in its input)")
     return 0
+
+
+def batch_list(numbers: list[int]) -> str:
+    """'batch 2' or 'batches 2, 5'"""
+    return ("batch " if len(numbers) == 1 else "batches ") + ", ".join(map(str, numbers))
 
 
 def load_batches(spec: str, key: str | None, batch_size: int) -> list:
