@@ -24,8 +24,10 @@ after changing ``_activation.py``, ``_compile.py`` or ``statistics.py``, delete
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import threading
 
 import numba
 import numpy as np
@@ -43,6 +45,7 @@ from .backward import (
     write_dx_ncs,
 )
 from .normalize import normalize_mc, normalize_ncs
+from .per_channel import NO_PARAMETER, grad_coefficients, prepare, running_update
 from .statistics import (
     BLOCK,
     BLOCKED_PLANE_FROM,
@@ -63,6 +66,7 @@ __all__ = [
     "eval_backward",
     "moments",
     "moments_masked",
+    "running_update",
     "set_threads",
     "cache_directory",
     "compiling_notice",
@@ -97,11 +101,17 @@ def cache_directory() -> str:
         return numba.config.CACHE_DIR or os.path.join(os.path.dirname(__file__), "__pycache__")
 
 
+_THREADS = threading.local()  # numba's thread count is per Python thread: the last one set
+
+
 def set_threads(n: int) -> None:
-    """Run the kernels on ``n`` threads (clipped to numba's pool size, at least 1)."""
+    """Run the kernels on ``n`` threads (clipped to numba's pool size, at least 1). The count
+    last set on this thread is remembered: asking numba costs more (1.5 us) than a kernel call
+    on a small input; a ``numba.set_num_threads`` elsewhere is not seen."""
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
+    if getattr(_THREADS, "n", None) != n:
         numba.set_num_threads(n)
+        _THREADS.n = n
 
 
 def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,10 +200,19 @@ def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope
 def _prep(src, weight, bias, mean, var, eps, negative_slope, alpha):
     """What every pass but the statistics reads: invstd, gamma (float64), the per-channel values
     in the data's dtype (mean_hi, mean_lo, scale, shift) and the activation constants."""
-    invstd = _invstd(var, eps)
-    gamma = _gamma(weight, src)
-    return invstd, gamma, _per_channel(mean, invstd, gamma, bias, src.dtype), \
-        consts(src.dtype, negative_slope, alpha)
+    none = NO_PARAMETER[src.dtype]
+    invstd, gamma, *per_channel = prepare(src.dtype, weight is not None, bias is not None)(
+        mean, var, none if weight is None else weight, none if bias is None else bias,
+        float(eps), none)
+    return invstd, gamma, per_channel, _consts(src.dtype, float(negative_slope), float(alpha))
+
+
+@functools.lru_cache(maxsize=64)
+def _consts(dtype, negative_slope, alpha):
+    """consts(...), made once per case (the kernels only read it)."""
+    k = consts(dtype, negative_slope, alpha)
+    k.flags.writeable = False
+    return k
 
 
 def _sums(prep, dy, src, act, inplace):
@@ -209,16 +228,9 @@ def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask=None)
     invstd, gamma, per_channel, k = prep
     dtype = src.dtype
     act, inplace = int(act), bool(inplace)
-    k1 = gamma * invstd
-    if inplace:
-        safe = np.where(np.abs(gamma) < eps, np.where(gamma < 0, -eps, eps), gamma)
-        sum_gxhat = sum_ge / safe  # e = gamma * x_hat
-        k2 = -k1 * sum_gxhat / (m * safe)
-    else:
-        sum_gxhat = sum_ge * invstd  # e = x - mean
-        k2 = -k1 * invstd * sum_gxhat / m
-    k0 = -k1 * sum_g / m
-    coefficients = (k1.astype(dtype), k0.astype(dtype), k2.astype(dtype), k)
+    sum_gxhat, k1, k0, k2 = grad_coefficients(gamma, invstd, sum_g, sum_ge, float(m), float(eps),
+                                              inplace, NO_PARAMETER[dtype])
+    coefficients = (k1, k0, k2, k)
     if mask is None:
         write_dx = (write_dx_mc if _channels_last(src) else write_dx_ncs)(act, inplace, dtype)
         write_dx(dy, src, dx, *per_channel, *coefficients)
@@ -268,21 +280,3 @@ def _count(x: np.ndarray) -> int:
     return x.size // x.shape[1]
 
 
-def _invstd(var: np.ndarray, eps: float) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 / np.sqrt(var + eps)
-
-
-def _gamma(weight, x) -> np.ndarray:
-    c = x.shape[1]
-    return np.ones(c) if weight is None else np.asarray(weight, np.float64)
-
-
-def _per_channel(mean, invstd, gamma, bias, dtype):
-    """mean split as hi + lo in the data's dtype, scale = gamma * invstd, shift = beta."""
-    mean_hi = mean.astype(dtype)
-    with np.errstate(invalid="ignore"):
-        mean_lo = (mean - mean_hi).astype(dtype)
-        scale = (gamma * invstd).astype(dtype)
-    shift = np.zeros(len(mean), dtype) if bias is None else np.asarray(bias).astype(dtype)
-    return mean_hi, mean_lo, scale, shift

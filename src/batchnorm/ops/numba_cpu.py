@@ -21,8 +21,8 @@ from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
 from .memory import output_like
 
-__all__ = ["takes", "train_impl", "eval_impl", "train_backward_impl", "eval_backward_impl",
-           "masked_moments_impl", "stats_backward_impl"]
+__all__ = ["takes", "train_step", "train_impl", "eval_impl", "train_backward_impl",
+           "eval_backward_impl", "masked_moments_impl", "stats_backward_impl"]
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -31,8 +31,9 @@ def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
     """True when the fused kernels handle x: CPU, float32/float64, contiguous or channels-last."""
     if x.device.type != "cpu" or x.dtype not in DTYPES:
         return False
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in per_channel):
-        return False
+    for t in per_channel:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return False
     return layout(x) is not None
 
 
@@ -53,9 +54,14 @@ def _np(t: Tensor | None) -> np.ndarray | None:
 _SERIAL_BELOW = 1 << 16
 
 
+def _threads_for(x: Tensor) -> None:
+    """numba's thread count for a call on x."""
+    kernels.set_threads(1 if x.numel() < _SERIAL_BELOW else torch.get_num_threads())
+
+
 def _run(kernel, x: Tensor, outs: list[Tensor], inputs: list[Tensor], *args):
     """Call kernel(*inputs, *args, *outs) on kernel views; inputs/outs share x's layout."""
-    kernels.set_threads(1 if x.numel() < _SERIAL_BELOW else torch.get_num_threads())
+    _threads_for(x)
     kind = layout(x)
     return kernel(*[_kernel_array(t, kind) for t in inputs], *args,
                   *[_kernel_array(t, kind) for t in outs])
@@ -84,6 +90,30 @@ def train_impl(
         x, [y], [x],
     )
     return y, torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+               factor: float, check: bool, act: str, negative_slope: float, alpha: float,
+               inplace: bool) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The backends' training step (see :mod:`batchnorm.ops.step`): statistics, normalise +
+    affine + activation, then the running update of the buffers when given (one compiled call,
+    guarded when ``check``: ``ok`` False and nothing changed for NaN/Inf statistics). x
+    non-empty; ``mean`` / ``var`` float64."""
+    kind = layout(x)
+    if kind is None:
+        x = x.contiguous()
+        kind = layout(x)
+    y = output_like(x)
+    _threads_for(x)
+    mean, var = kernels.train_forward(_kernel_array(x, kind), _np(weight), _np(bias), eps,
+                                      REGISTRY[act].code, negative_slope, alpha,
+                                      _kernel_array(y, kind))
+    ok = True
+    if running_mean is not None:
+        ok = kernels.running_update(mean, var, running_mean.numpy(), running_var.numpy(),
+                                    float(factor), float(x.numel() // x.shape[1]), bool(check))
+    return y, torch.from_numpy(mean), torch.from_numpy(var), ok
 
 
 def eval_impl(

@@ -20,9 +20,8 @@ from torch import Tensor
 from ..activations import REGISTRY
 from .layout import same_format
 
-__all__ = ["train", "eval_", "shifted_moments", "merge_moments", "working", "channel_view",
-           "masked_moments",
-           "train_stats", "mixed"]
+__all__ = ["train", "train_step", "running_update", "eval_", "shifted_moments", "merge_moments",
+           "working", "channel_view", "masked_moments", "train_stats", "mixed"]
 
 
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
@@ -34,6 +33,37 @@ def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
     y = REGISTRY[act].apply(z, negative_slope, alpha)
     mean, var = _moments(x)
     return same_format(y, x), mean, var
+
+
+def train_step(x, weight, bias, running_mean, running_var, eps, factor, check, act,
+               negative_slope, alpha, inplace):
+    """The backends' training step (see :mod:`batchnorm.ops.step`): :func:`train`, then
+    :func:`running_update` of the buffers when given. ``y`` is differentiable here."""
+    y, mean, var = train(x, weight, bias, eps, act, negative_slope, alpha, inplace)
+    ok = True
+    if running_mean is not None:
+        ok = running_update(mean, var, running_mean, running_var, factor,
+                            x.numel() // x.shape[1], check)
+    return y, mean, var, ok
+
+
+@torch.no_grad()
+def running_update(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                   factor: float | Tensor, n: int | Tensor, check: bool) -> Tensor | bool:
+    """In place: ``running = lerp(running, batch, factor)`` with the unbiased ``var * n / (n - 1)``
+    in the buffers' dtype. With ``check``, a batch whose statistics (in the buffers' dtype) hold
+    NaN/Inf changes nothing, decided on the device (``torch.where`` on a flag: no host read);
+    returns that flag (a 0-d bool tensor, True when updated), or True without ``check``."""
+    mean = mean.to(running_mean.dtype)
+    unbiased = var.to(running_var.dtype) * (n / (n - 1))  # the running estimate is unbiased
+    if not check:
+        running_mean.lerp_(mean, factor)
+        running_var.lerp_(unbiased, factor)
+        return True
+    ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, factor), running_mean))
+    running_var.copy_(torch.where(ok, torch.lerp(running_var, unbiased, factor), running_var))
+    return ok
 
 
 def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
