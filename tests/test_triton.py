@@ -335,43 +335,51 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from batchnorm.ops import triton_kernels as k
 
-def build(fn, data, acc, **consts):
+KINDS = dict(i_total="i64", count="i64", S="i32", C="i32", tiles="i32", plane="i32", flags="i32",
+             parts_ptr="*fp64", consts_ptr="*fp64", mean_ptr="*fp64", var_ptr="*fp64",
+             out_ptr="*fp64", flags_ptr="*fp64", factor_ptr="*fp64", mask_ptr="*u8",
+             ok_ptr="*i1")
+DATA = ("x_ptr", "y_ptr", "dy_ptr", "src_ptr", "dx_ptr")
+
+def build(fn, data, acc, types=None, **consts):
+    kinds = dict(KINDS, **(types or {}))
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("i_total", "first"):
-            sig[name] = "i64"
-        elif name in ("S", "C", "tiles"):
-            sig[name] = "i32"
-        elif name.endswith("64_ptr") or name in ("eps_ptr", "consts64_ptr"):
-            sig[name] = "*fp64"
-        elif name == "mask_ptr":
-            sig[name] = "*u8"
-        elif name in ("x_ptr", "y_ptr", "dy_ptr", "src_ptr", "dx_ptr"):
-            sig[name] = "*" + data
+        elif name in kinds:
+            sig[name] = kinds[name]
         else:
-            sig[name] = "*" + acc
+            sig[name] = "*" + (data if name in DATA else acc)
     index = {(fn.arg_names.index(n),): v for n, v in consts.items()}
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=index),
                    target=GPUTarget("cuda", 90, 32))
 
 tiles = dict(BLOCK_I=1024, BLOCK_C=1)
-build(k.moments_kernel, "fp32", "fp32", HAS_MASK=True, F64=False, BLOCK_I=64, BLOCK_C=64)
+flags = dict(HAS_W=True, HAS_B=True)
+for data in ("fp32", "bf16"):  # the float64 retry of non-finite tiles compiles in both
+    build(k.moments_kernel, data, "fp32", HAS_MASK=True, F64=False, BLOCK_I=64, BLOCK_C=64)
 for act in range(7):  # every activation's forward and derivative
-    build(k.normalize_kernel, "bf16", "fp32", ACT=act, F64=False, **tiles)
-    build(k.grad_sums_kernel, "fp32", "fp32", ACT=act, INPLACE=False, F64=False, **tiles)
+    build(k.normalize_kernel, "bf16", "fp32", dict(mean_ptr="*fp32", var_ptr="*fp32"), ACT=act,
+          F64=False, **flags, **tiles)
+    build(k.grad_sums_kernel, "fp32", "fp32", ACT=act, INPLACE=False, F64=False, **flags,
+          **tiles)
 for act in (0, 2, 3):  # the invertible ones, from the output
     build(k.write_dx_kernel, "fp16", "fp32", ACT=act, INPLACE=True, HAS_MASK=True, F64=False,
-          **tiles)
-build(k.normalize_kernel, "fp64", "fp64", ACT=3, F64=True, BLOCK_I=64, BLOCK_C=64)
-merge = dict(BLOCK_T=16, BLOCK_C=64)
-for flags in (dict(HAS_W=True, HAS_B=True), dict(HAS_W=False, HAS_B=False)):
-    build(k.finalize_moments_kernel, "fp32", "fp32", COEFFICIENTS=True, F64=False, **flags,
-          **merge)
-    build(k.coefficients_kernel, "fp32", "fp32", BLOCK_C=64, **flags)
+          **flags, **tiles)
+build(k.normalize_kernel, "fp64", "fp64", ACT=3, F64=True, HAS_W=False, HAS_B=False,
+      BLOCK_I=64, BLOCK_C=64)
+for running, check, buffers in ((True, True, "fp32"), (True, True, "bf16"),
+                                (True, False, "fp16"), (False, True, "fp64")):
+    # the running update and its guard, buffers in each dtype
+    build(k.train_normalize_kernel, "bf16", buffers, dict(factor_ptr="*fp32"), ACT=1,
+          RUNNING=running, CHECK=check, F64=False, **flags, **tiles)
+    build(k.finalize_moments_kernel, "fp32", buffers, VAR=True, CHECK=True, BLOCK_T=16,
+          BLOCK_C=64)
+build(k.finalize_moments_kernel, "fp32", "fp64", VAR=False, CHECK=False, BLOCK_T=16, BLOCK_C=64)
 for mode in (0, 1, 2):
-    build(k.finalize_grads_kernel, "fp32", "fp32", MODE=mode, HAS_W=mode != 2, **merge)
+    build(k.finalize_grads_kernel, "fp32", "fp32", MODE=mode, HAS_W=mode != 2, BLOCK_T=16,
+          BLOCK_C=64)
 print("compiled")
 """
 

@@ -6,8 +6,14 @@ float32, when ``triton`` imports. Everything else keeps PyTorch's path (other de
 strides, a missing ``triton``). The implementations here have the signatures and results of
 :mod:`.numba_cpu`'s, so the same custom ops, autograd formulas and layers run them; statistics
 are float32 sums inside a tile and float64 across tiles (Chan's merge), returned in float64 as
-on CPU, and float16 / bfloat16 data is computed in float32 (as PyTorch's own kernels do). The
-running buffers stay the layer's, updated in float32 for half-precision input as PyTorch does.
+on CPU, and float16 / bfloat16 data is computed in float32 (as PyTorch's own kernels do).
+
+No function here reads a value back from the device on the plain path (:func:`train_step`,
+:func:`train_impl`, :func:`eval_impl`, the backwards): tiles whose float32 statistics are not
+finite are redone in float64 inside the statistics kernel, and the running update's non-finite
+guard is a flag the kernels pass along. Launches: a training forward three (running update
+included), a backward three, an evaluation forward one. Constants live in cached device tensors
+keyed by a layer's settings; counts go to the kernels as integers.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: :func:`on_cpu` (for tests)
 sets ``TRITON_INTERPRET=1`` before the kernels are first compiled and routes CPU tensors here.
@@ -29,9 +35,9 @@ from torch import Tensor
 from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
 
-__all__ = ["available", "takes", "on_cpu", "train_impl", "eval_impl", "train_backward_impl",
-           "eval_backward_impl", "moments_impl", "masked_moments_impl", "stats_backward_impl",
-           "backward_sums_impl", "backward_dx_impl"]
+__all__ = ["available", "takes", "on_cpu", "train_step", "train_impl", "eval_impl",
+           "train_backward_impl", "eval_backward_impl", "moments_impl", "masked_moments_impl",
+           "stats_backward_impl", "backward_sums_impl", "backward_dx_impl"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -102,26 +108,21 @@ def _kernels():
 # the (R, C, S) view, tiles and per-channel values
 
 
-def _view(t: Tensor) -> tuple[int, int, int]:
-    """(i_total, C, S) of a dense tensor: contiguous (N, C, S) or channels-last (M, C, 1)."""
-    c = t.shape[1]
-    if layout(t) == "ncs":
-        s = math.prod(t.shape[2:])
-        return t.shape[0] * s, c, s
-    return t.numel() // c, c, 1
-
-
-def _tiles(i_total: int, c: int, s: int) -> tuple[int, int, tuple[int, int]]:
-    """(BLOCK_I, BLOCK_C, grid): planes of contiguous memory are read along i, channels-last
-    rows along c."""
-    if s > 1:
-        block_c = 1
-        block_i = 1024
+def _plan(x: Tensor) -> tuple[int, int, int, int, int, tuple[int, int]]:
+    """(i_total, C, S, BLOCK_I, BLOCK_C, grid) of a dense tensor: its (R, C, S) view, contiguous
+    (N, C, S) or channels-last (M, C, 1), and its tiles: planes of contiguous memory are read
+    along i, channels-last rows along c."""
+    c = x.shape[1]
+    if layout(x) == "ncs":
+        s = math.prod(x.shape[2:])
+        i_total = x.shape[0] * s
+        block_c, block_i = 1, 1024
     else:
+        s, i_total = 1, x.numel() // c
         block_c = min(64, _next_power_of_2(c))
         block_i = max(16, 4096 // block_c)
     block_i = min(block_i, max(16, _next_power_of_2(i_total)))  # no idle lanes on small inputs
-    return block_i, block_c, (_cdiv(i_total, block_i), _cdiv(c, block_c))
+    return i_total, c, s, block_i, block_c, (_cdiv(i_total, block_i), _cdiv(c, block_c))
 
 
 def _next_power_of_2(n: int) -> int:
@@ -136,107 +137,64 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-# the merge and coefficient kernels take a block of channels each, over every tile
+# the merge kernels take a block of channels each, over every tile
 _MERGE_C, _MERGE_T = 64, 16
 
 
 @functools.lru_cache(maxsize=256)
-def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small tensor of constants (eps, a count, an activation's slope...) in ``dtype`` on the
-    device: kernels read them from memory, since a Python float argument reaches Triton as
-    float32. Cached: a layer's constants do not change, so no copy to the device per call."""
-    return torch.tensor(values, dtype=dtype, device=device)
+def _constant(values: tuple, device: torch.device) -> Tensor:
+    """float64 constants on the device (eps, an activation's slope, a momentum): kernels read
+    them from memory, since a Python float argument reaches Triton as float32. Cached and keyed
+    by a layer's settings only (a batch's count goes as an integer argument), so no copy to the
+    device per call, nor per new batch size."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def _consts(negative_slope: float, alpha: float, x: Tensor) -> Tensor:
-    """(slope, alpha, floor) in the compute dtype: ELU's inverse clamps y / alpha at -1 + that
+def _consts(x: Tensor, eps: float, negative_slope: float, alpha: float) -> Tensor:
+    """(eps, slope, alpha, floor), float64: ELU's inverse clamps y / alpha at -1 + the compute
     dtype's eps so log1p stays finite."""
-    dt = _compute_dtype(x)
-    floor = -1.0 + torch.finfo(dt).eps
-    return _constant((float(negative_slope), float(alpha), floor), dt, x.device)
+    floor = -1.0 + torch.finfo(_compute_dtype(x)).eps
+    return _constant((float(eps), float(negative_slope), float(alpha), floor), x.device)
 
 
-def _eps(eps: float, device, count: float = 0.0) -> Tensor:
-    return _constant((float(eps), float(count)), torch.float64, device)
+def _flags(x: Tensor, weight: Tensor | None, bias: Tensor | None, act: str, plan) -> dict:
+    """The compile-time constants of a pass over x's tiles."""
+    return dict(ACT=REGISTRY[act].code, HAS_W=weight is not None, HAS_B=bias is not None,
+                F64=x.dtype == torch.float64, BLOCK_I=plan[3], BLOCK_C=plan[4])
 
 
 def _mask_bytes(mask: Tensor) -> Tensor:
     return mask.detach().contiguous().view(torch.uint8)
 
 
-def _coefficients(x: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor | None,
-                  bias: Tensor | None) -> list[Tensor]:
-    """(mean_hi, mean_lo, scale, shift) in x's compute dtype, from given statistics: one
-    launch."""
-    c = x.shape[1]
-    out = [torch.empty(c, dtype=_compute_dtype(x), device=x.device) for _ in range(4)]
-    _kernels().coefficients_kernel[(_cdiv(c, _MERGE_C),)](
-        mean.detach(), var.detach(), c, _eps(eps, x.device), _or(weight, mean), _or(bias, mean),
-        *out, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=_MERGE_C)
-    return out
-
-
 def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
-    """t detached, or a tensor to pass where a kernel's HAS_* flag says it reads nothing."""
-    return stand_in if t is None else t.detach()
+    """t, or a tensor to pass where a kernel's HAS_* flag says it reads nothing."""
+    return stand_in if t is None else t
 
 
 # ---------------------------------------------------------------------------------------------
 # statistics
 
 
-def _statistics(x: Tensor, mask: Tensor | None, eps: float | None = None,
-                weight: Tensor | None = None, bias: Tensor | None = None,
-                force64: bool = False):
-    """float64 (count, mean, M2) per channel of a dense non-empty x: tiles, then one merge
-    launch (Chan's formula); with ``eps``, also the normalising pass's coefficients for
-    var = M2 / count (else None). ``force64``: float64 tiles (the non-finite guard's retry)."""
+def _statistics(x: Tensor, mask: Tensor | None, plan=None, var: bool = False,
+                running: tuple = (None, None), check: bool = False):
+    """float64 (mean, M2 or with ``var`` the biased variance) per channel of a dense non-empty
+    x, and the scratch buffer: the tiles' float64 (count, mean, M2) (3, tiles, C), then the
+    counts (C), then with ``check`` one non-finite flag per merge block (for the buffers'
+    dtypes of ``running``). Two launches, the tiles (float64 where float32's are not finite)
+    and their merge; returns (mean, second, scratch, where the counts start)."""
     k = _kernels()
-    i_total, c, s = _view(x)
-    block_i, block_c, grid = _tiles(i_total, c, s)
-    dt = torch.float64 if force64 else _compute_dtype(x)
-    src = x.to(torch.float64) if force64 and x.dtype != torch.float64 else x
-    parts = [torch.empty((grid[0], c), dtype=dt, device=x.device) for _ in range(3)]
-    first = _first_offset(x, mask)
-    mask_arg = _mask_bytes(mask) if mask is not None else src
-    k.moments_kernel[grid](src, first, mask_arg, *parts, i_total, s, c,
-                           HAS_MASK=mask is not None, F64=dt == torch.float64, BLOCK_I=block_i,
-                           BLOCK_C=block_c)
-    n, mean, m2 = (torch.empty(c, dtype=torch.float64, device=x.device) for _ in range(3))
-    coefficients = None
-    if eps is not None:
-        coefficients = [torch.empty(c, dtype=_compute_dtype(x), device=x.device)
-                        for _ in range(4)]
-    k.finalize_moments_kernel[(_cdiv(c, _MERGE_C),)](
-        src, first, *parts, grid[0], s, c, _eps(eps or 0.0, x.device), _or(weight, n),
-        _or(bias, n), n, mean, m2, *(coefficients or [n] * 4),
-        COEFFICIENTS=eps is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        F64=dt == torch.float64, BLOCK_T=_MERGE_T, BLOCK_C=_MERGE_C)
-    return n, mean, m2, coefficients
-
-
-def _finite(*tensors: Tensor) -> bool:
-    """Whether every value is finite (one sum, one read back)."""
-    return bool(torch.isfinite(sum(tensors)).all())
-
-
-def _guarded_statistics(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, M2) of :func:`_statistics`, from float64 tiles where float32's are not
-    finite (the non-finite guard)."""
-    n, mean, m2, _ = _statistics(x, mask)
-    if not _finite(mean, m2):
-        n, mean, m2, _ = _statistics(x, mask, force64=True)
-    return n, mean, m2
-
-
-def _first_offset(x: Tensor, mask: Tensor | None) -> int:
-    """The offset of channel 0's first value (its first counted one with a mask): each
-    channel's value there shifts its sums."""
-    if mask is None:
-        return 0  # (0, 0, ...) in both layouts
-    first = int(mask.detach().reshape(-1).to(torch.uint8).argmax())  # the first True
-    _, c, s = _view(x)
-    return first // s * c * s + first % s
+    i_total, c, s, block_i, block_c, grid = plan or _plan(x)
+    plane, blocks = grid[0] * c, _cdiv(c, _MERGE_C)
+    scratch = torch.empty(3 * plane + c + blocks, dtype=torch.float64, device=x.device)
+    k.moments_kernel[grid](x, x if mask is None else _mask_bytes(mask), scratch, plane, i_total,
+                           s, c, HAS_MASK=mask is not None, F64=x.dtype == torch.float64,
+                           BLOCK_I=block_i, BLOCK_C=block_c)
+    mean, second = (torch.empty(c, dtype=torch.float64, device=x.device) for _ in range(2))
+    k.finalize_moments_kernel[(blocks,)](scratch, plane, grid[0], c, mean, second,
+                                         _or(running[0], mean), _or(running[1], mean), VAR=var,
+                                         CHECK=check, BLOCK_T=_MERGE_T, BLOCK_C=_MERGE_C)
+    return mean, second, scratch, 3 * plane
 
 
 def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -246,114 +204,139 @@ def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
         zeros = x.new_zeros(c, dtype=torch.float64)
         return 0, zeros, zeros.clone()
     x = dense(x)
-    _, mean, m2 = _guarded_statistics(x, None)
+    mean, m2, _, _ = _statistics(x, None)
     return x.numel() // c, mean, m2
 
 
 def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]:
     """``(count, mean, M2)`` over the positions ``mask`` counts; nothing counted gives zeros."""
     c = x.shape[1]
-    if x.numel() == 0 or not bool(mask.any()):
+    if x.numel() == 0:
         zeros = x.new_zeros(c, dtype=torch.float64)
         return 0.0, zeros, zeros.clone()
     x = dense(x)
-    n, mean, m2 = _guarded_statistics(x, mask)
-    return float(n[0]), mean, m2
+    mean, m2, scratch, counts_at = _statistics(x, mask)
+    # every channel counts the same positions; the Python float of this signature is its one
+    # read back
+    return float(scratch[counts_at]), mean, m2
 
 
 # ---------------------------------------------------------------------------------------------
 # forwards
 
 
-def _normalize(x: Tensor, coefficients, act: str, negative_slope: float, alpha: float,
-               y: Tensor | None = None) -> Tensor:
-    k = _kernels()
-    y = torch.empty_like(x) if y is None else y
-    i_total, c, s = _view(x)
-    block_i, block_c, grid = _tiles(i_total, c, s)
-    k.normalize_kernel[grid](x, y, *coefficients, _consts(negative_slope, alpha, x), i_total, s,
-                             c, ACT=REGISTRY[act].code, F64=x.dtype == torch.float64,
-                             BLOCK_I=block_i, BLOCK_C=block_c)
+def _normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+               eps: float, act: str, negative_slope: float, alpha: float, plan=None) -> Tensor:
+    """act(BN(x)) with given statistics: one launch."""
+    plan = plan or _plan(x)
+    i_total, c, s, _, _, grid = plan
+    y = torch.empty_like(x)
+    _kernels().normalize_kernel[grid](x, y, mean, var, _or(weight, mean), _or(bias, mean),
+                                      _consts(x, eps, negative_slope, alpha), i_total, s, c,
+                                      **_flags(x, weight, bias, act, plan))
     return y
+
+
+def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+               factor: float | Tensor, check: bool, act: str, negative_slope: float,
+               alpha: float, inplace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A training forward in three launches and no read back: the tiles' statistics, their
+    merge (+ the guard's flags), then act(BN(x)) whose first row of programs also updates the
+    running buffers in place: ``rm += factor * (mean - rm)``, ``rv += factor * (var * n / (n -
+    1) - rv)``, in float64, rounded to the buffers' dtype. ``factor`` a Python float or a 0-d
+    tensor on x's device (1 / num_batches_tracked); buffers both None: no update. ``check``:
+    a channel whose mean or unbiased variance, rounded to the buffers' dtype, is NaN/Inf (as
+    :func:`.torch_fallback.running_update` sees them) leaves both buffers bitwise unchanged,
+    decided on the device. Returns ``(y, mean, var, ok)``: float64
+    batch statistics (biased var, as :func:`train_backward_impl` takes them) and ``ok``, a 0-d
+    bool tensor, False where the guard skipped the update (always True with check=False: a
+    tensor either way, as an op's schema wants). x is dense-able, non-empty and checked;
+    ``inplace`` only concerns the backward."""
+    x = dense(x)
+    plan = _plan(x)
+    i_total, c, s, _, _, grid = plan
+    running = running_mean is not None and running_var is not None
+    buffers = (running_mean, running_var) if running else (None, None)
+    mean, var, scratch, counts_at = _statistics(x, None, plan, var=True, running=buffers,
+                                                check=check)
+    if not running:
+        factor = mean
+    elif not isinstance(factor, Tensor):
+        factor = _constant((float(factor),), x.device)
+    y = torch.empty_like(x)
+    ok = torch.empty((), dtype=torch.bool, device=x.device)
+    _kernels().train_normalize_kernel[grid](
+        x, y, mean, var, _or(weight, mean), _or(bias, mean),
+        _consts(x, eps, negative_slope, alpha), i_total, s, c,
+        scratch[counts_at + c:] if check else mean, _cdiv(c, _MERGE_C), _or(buffers[0], mean),
+        _or(buffers[1], mean), factor, i_total, ok, RUNNING=running, CHECK=check,
+        **_flags(x, weight, bias, act, plan))
+    return y, mean, var, ok
 
 
 def train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, act: str,
                negative_slope: float, alpha: float,
                inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)``: :func:`train_step` without buffers, in three launches."""
     c = x.shape[1]
     if x.numel() == 0:
         return torch.empty_like(x), x.new_zeros(c, dtype=torch.float64), x.new_full(
             (c,), math.nan, dtype=torch.float64)
     x = dense(x)
-    n, mean, m2, coefficients = _statistics(x, None, eps, weight, bias)
-    y = _normalize(x, coefficients, act, negative_slope, alpha)
-    # the non-finite guard, read after the normalising pass is queued: a non-finite float32
-    # result (NaN/Inf data, or squares past float32's range) is computed again in float64
-    if not _finite(mean, m2):
-        n, mean, m2, coefficients = _statistics(x, None, eps, weight, bias, force64=True)
-        _normalize(x, coefficients, act, negative_slope, alpha, y)
-    return y, mean, m2 / n
+    plan = _plan(x)
+    mean, var, _, _ = _statistics(x, None, plan, var=True)
+    return _normalize(x, mean, var, weight, bias, eps, act, negative_slope, alpha, plan), mean, var
 
 
 def eval_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
               running_var: Tensor, eps: float, act: str, negative_slope: float,
               alpha: float) -> Tensor:
+    """act(BN(x)) with the running statistics: one launch."""
     if x.numel() == 0:
         return torch.empty_like(x)
     x = dense(x)
-    coefficients = _coefficients(x, running_mean, running_var, eps, weight, bias)
-    return _normalize(x, coefficients, act, negative_slope, alpha)
+    return _normalize(x, running_mean, running_var, weight, bias, eps, act, negative_slope, alpha)
 
 
 # ---------------------------------------------------------------------------------------------
-# backwards: sums (float32 tiles), one launch adding them in float64 and making the
-# coefficients, then dx = k1 g + m (k0 + k2 e)
+# backwards: sums (float32 tiles), one launch adding them in float64 and making dx's
+# coefficients, then dx = k1 g + m (k0 + k2 e): three launches, each pass over the data making
+# its channels' coefficients from (mean, var, weight, bias) itself
 
 _TRAIN, _FROM_OUTPUT, _EVAL = 0, 1, 2  # finalize_grads_kernel's modes
 
 
-def _sums(dy: Tensor, src: Tensor, coefficients, act, negative_slope, alpha,
-          inplace) -> tuple[Tensor, Tensor]:
-    """The (tiles, C) partial sums of g and g * e."""
-    k = _kernels()
-    i_total, c, s = _view(src)
-    block_i, block_c, grid = _tiles(i_total, c, s)
-    dt = _compute_dtype(src)
-    sum_g = torch.empty((grid[0], c), dtype=dt, device=src.device)
-    sum_ge = torch.empty_like(sum_g)
-    k.grad_sums_kernel[grid](dy, src, sum_g, sum_ge, *coefficients,
-                             _consts(negative_slope, alpha, src), i_total, s, c,
-                             ACT=REGISTRY[act].code, INPLACE=bool(inplace),
-                             F64=dt == torch.float64, BLOCK_I=block_i, BLOCK_C=block_c)
-    return sum_g, sum_ge
+def _sums(dy, src, mean, var, weight, bias, consts, act, inplace, plan) -> Tensor:
+    """The (2, tiles, C) partial sums of g and g * e, flat."""
+    i_total, c, s, _, _, grid = plan
+    sums = torch.empty(2 * grid[0] * c, dtype=_compute_dtype(src), device=src.device)
+    _kernels().grad_sums_kernel[grid](dy, src, sums, grid[0] * c, mean, var, _or(weight, mean),
+                                      _or(bias, mean), consts, i_total, s, c,
+                                      INPLACE=bool(inplace), **_flags(src, weight, bias, act, plan))
+    return sums
 
 
-def _grad_coefficients(sum_g, sum_ge, var, eps, weight, count, mode, src, dtype):
-    """(k1, k0, k2) in src's compute dtype and (sum g * x_hat, sum g) in ``dtype``, from the
-    tiles' sums: one launch."""
-    c = sum_g.shape[1]
-    device = sum_g.device
-    ks = [torch.empty(c, dtype=_compute_dtype(src), device=device) for _ in range(3)]
-    sums = [torch.empty(c, dtype=dtype, device=device) for _ in range(2)]
+def _grad_coefficients(sums, tiles, var, consts, weight, count, mode, src, dtype):
+    """(k1, k0, k2) flat in src's compute dtype, and (sum g * x_hat, sum g) in ``dtype``, from
+    the tiles' sums: one launch. ``count``: values per channel (integral)."""
+    c = src.shape[1]
+    ks = torch.empty(3 * c, dtype=_compute_dtype(src), device=src.device)
+    sum_g, sum_gxhat = (torch.empty(c, dtype=dtype, device=src.device) for _ in range(2))
     _kernels().finalize_grads_kernel[(_cdiv(c, _MERGE_C),)](
-        sum_g, sum_ge, sum_g.shape[0], c, var.detach(), _eps(eps, device, count),
-        _or(weight, var), *ks, sums[1], sums[0], MODE=mode, HAS_W=weight is not None,
-        BLOCK_T=_MERGE_T, BLOCK_C=_MERGE_C)
-    return ks, sums
+        sums, tiles * c, tiles, c, var, consts, _or(weight, var), int(count), ks, sum_g,
+        sum_gxhat, MODE=mode, HAS_W=weight is not None, BLOCK_T=_MERGE_T, BLOCK_C=_MERGE_C)
+    return ks, (sum_gxhat, sum_g)
 
 
-def _write_dx(dy, src, coefficients, ks, act, negative_slope, alpha, inplace,
-              mask=None) -> Tensor:
-    k = _kernels()
+def _write_dx(dy, src, mean, var, weight, bias, ks, consts, act, inplace, mask, plan) -> Tensor:
+    i_total, c, s, _, _, grid = plan
     dx = torch.empty_like(src)
-    i_total, c, s = _view(src)
-    block_i, block_c, grid = _tiles(i_total, c, s)
-    mask_arg = _mask_bytes(mask) if mask is not None else src
-    k.write_dx_kernel[grid](dy, src, dx, mask_arg, *coefficients, *ks,
-                            _consts(negative_slope, alpha, src), i_total, s, c,
-                            ACT=REGISTRY[act].code, INPLACE=bool(inplace),
-                            HAS_MASK=mask is not None, F64=src.dtype == torch.float64,
-                            BLOCK_I=block_i, BLOCK_C=block_c)
+    _kernels().write_dx_kernel[grid](dy, src, dx, src if mask is None else _mask_bytes(mask),
+                                     mean, var, _or(weight, mean), _or(bias, mean), ks, consts,
+                                     i_total, s, c, INPLACE=bool(inplace),
+                                     HAS_MASK=mask is not None,
+                                     **_flags(src, weight, bias, act, plan))
     return dx
 
 
@@ -369,18 +352,19 @@ def _pdtype(src: Tensor, weight: Tensor | None) -> torch.dtype:
 
 def _backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, mode,
               mask=None, count=None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias): coefficients, the sums' pass, their merge, the dx pass."""
+    """(dx, dweight, dbias): the sums' pass, their merge, the dx pass."""
     if src.numel() == 0:
         return _empty_grads(src, weight)
     src = dense(src)
     dy = as_layout_of(dy, src)
+    plan = _plan(src)
     inplace = mode == _FROM_OUTPUT
-    coefficients = _coefficients(src, mean, var, eps, weight, bias)
-    sums = _sums(dy, src, coefficients, act, negative_slope, alpha, inplace)
-    m = src.numel() // src.shape[1] if count is None else count
-    ks, (dweight, dbias) = _grad_coefficients(*sums, var, eps, weight, m, mode, src,
+    consts = _consts(src, eps, negative_slope, alpha)
+    sums = _sums(dy, src, mean, var, weight, bias, consts, act, inplace, plan)
+    ks, (dweight, dbias) = _grad_coefficients(sums, plan[5][0], var, consts, weight,
+                                              plan[0] if count is None else count, mode, src,
                                               _pdtype(src, weight))
-    dx = _write_dx(dy, src, coefficients, ks, act, negative_slope, alpha, inplace, mask)
+    dx = _write_dx(dy, src, mean, var, weight, bias, ks, consts, act, inplace, mask, plan)
     return dx, dweight, dbias
 
 
@@ -418,10 +402,11 @@ def backward_sums_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
     (float64, global) statistics."""
     x = dense(x)
     dy = as_layout_of(dy, x)
-    coefficients = _coefficients(x, mean, var, eps, weight, bias)
-    sums = _sums(dy, x, coefficients, "identity", 0.0, 1.0, False)
-    _, (sum_gxhat, sum_g) = _grad_coefficients(*sums, var, eps, weight, 1.0, _EVAL, x,
-                                               torch.float64)
+    plan = _plan(x)
+    consts = _consts(x, eps, 0.0, 1.0)
+    sums = _sums(dy, x, mean, var, weight, bias, consts, "identity", False, plan)
+    _, (sum_gxhat, sum_g) = _grad_coefficients(sums, plan[5][0], var, consts, weight, 1, _EVAL,
+                                               x, torch.float64)
     return sum_g, sum_gxhat
 
 
@@ -431,9 +416,9 @@ def backward_dx_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opti
     """dx of the training formula from sums over ``count`` values (every rank's)."""
     x = dense(x)
     dy = as_layout_of(dy, x)
-    coefficients = _coefficients(x, mean, var, eps, weight, bias)
+    plan = _plan(x)
+    consts = _consts(x, eps, 0.0, 1.0)
     # the global sums as one "tile": sum g and sum g * (x - mean) = sum g * x_hat * sigma
-    sum_ge = sum_gxhat * torch.sqrt(var.to(torch.float64) + eps)
-    ks, _ = _grad_coefficients(sum_g.view(1, -1), sum_ge.view(1, -1), var, eps, weight, count,
-                               _TRAIN, x, torch.float64)
-    return _write_dx(dy, x, coefficients, ks, "identity", 0.0, 1.0, False, mask)
+    sums = torch.cat([sum_g, sum_gxhat * torch.sqrt(var.to(torch.float64) + eps)])
+    ks, _ = _grad_coefficients(sums, 1, var, consts, weight, count, _TRAIN, x, torch.float64)
+    return _write_dx(dy, x, mean, var, weight, bias, ks, consts, "identity", False, mask, plan)
