@@ -54,9 +54,18 @@ __all__ = [
 
 NONFINITE = ("skip", "raise", "update")
 # the options for hard training conditions, with their defaults (all off: plain BN); constructor
-# keywords and plain attributes, never buffers, so a state_dict still loads into PyTorch's BN
+# keywords and attributes, never buffers, so a state_dict still loads into PyTorch's BN
 OPTIONS = {"renorm": False, "rmax": 1.0, "dmax": 0.0, "virtual_batch_size": None,
            "eval_stats": "running", "eval_mix": 0.0}
+# the ones a loop changes between steps (the paper ramps rmax and dmax), with their checks: floats
+# for the user, each held also as a one-element tensor that forward hands to the ops, so that a
+# compiled graph takes it as an input (dynamo makes a float attribute a constant of the graph: one
+# recompile per value)
+_RUNTIME = {
+    "rmax": lambda v: check_renorm(True, v, 0.0)[1],
+    "dmax": lambda v: check_renorm(True, 1.0, v)[2],
+    "eval_mix": lambda v: check_eval_stats("running", v)[1],
+}
 _REPLAYS_KEPT = 64  # Batch Renorm (r, d) kept per layer for a checkpointed forward to reuse
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 _REDUCED = (torch.float16, torch.bfloat16)  # may run with float32 parameters, as in PyTorch
@@ -80,6 +89,55 @@ def _replaying() -> bool:
     return not _is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def _number(name: str, value: object) -> object:
+    """A 0-d real tensor's number (the runtime options take one wherever they take a float);
+    anything else as given, for the option's own check."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+        raise expected(f"{name} to be a number or a 0-d real tensor",
+                       f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+    return value.item()
+
+
+def _check_runtime(name: str, value: object, renorm: object) -> float:
+    """A runtime option's value, checked; the clips only with renorm (else they would not act)."""
+    value = _RUNTIME[name](_number(name, value))
+    if name in ("rmax", "dmax") and not renorm and value != OPTIONS[name]:
+        raise expected(f"renorm=True to set {name} (the clips act only in Batch Renorm)",
+                       f"{name}={value!r} with renorm={renorm!r}")
+    return value
+
+
+def _runtime_tensor(value: float, device) -> Tensor:
+    """A runtime option's tensor: float64 (float32 on MPS, which has no float64) whatever the
+    layer's dtype, so that the value is the float the user set; of shape (1,), since dynamo
+    traces a 0-d CPU tensor input as a symbolic float, then specialises it and restarts."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    return torch.tensor([value], dtype=dtype, device=device)
+
+
+class _RuntimeOption:
+    """A runtime option: reads the float, and a set (a number or a 0-d tensor) is checked, then
+    written into the tensor in place (the same object: a compiled graph's input, no new guard;
+    on CUDA a fill kernel, no host sync)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"{name}, a float (see the class docstring); set it any step."
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj._option_values[self.name]
+
+    def __set__(self, obj, value) -> None:
+        value = _check_runtime(self.name, value, obj.renorm)
+        obj._option_tensors[self.name].fill_(value)
+        obj._option_values[self.name] = value
+
+
 def _merge(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """float64 ``(count, mean, M2)`` of the union of partials (count 0-d tensors)."""
     if len(parts) == 1:
@@ -92,6 +150,9 @@ class _OurBatchNorm(_BatchNorm):
     """Shared forward of BatchNorm*d and BatchNormAct*d; subclasses set ``input_ranks``."""
 
     input_ranks: tuple[int, ...] = ()  # the input ranks the class takes (the BN protocol reads it)
+    rmax = _RuntimeOption()
+    dmax = _RuntimeOption()
+    eval_mix = _RuntimeOption()
 
     def __init__(
         self,
@@ -117,12 +178,16 @@ class _OurBatchNorm(_BatchNorm):
         check_momentum(momentum)
         if nonfinite not in NONFINITE:
             raise expected(f"nonfinite in {NONFINITE}", repr(nonfinite))
-        renorm, rmax, dmax = check_renorm(renorm, rmax, dmax)
+        renorm, _, _ = check_renorm(renorm, 1.0, 0.0)
+        rmax, dmax = (_check_runtime(k, v, renorm) for k, v in (("rmax", rmax), ("dmax", dmax)))
         if renorm and not track_running_stats:
             raise expected("track_running_stats=True with renorm=True (r and d are measured "
                            "against the running statistics)", "track_running_stats=False")
         virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
-        eval_stats, eval_mix = check_eval_stats(eval_stats, eval_mix)
+        eval_stats, eval_mix = check_eval_stats(eval_stats, _number("eval_mix", eval_mix))
+        if eval_stats == "mix" and not track_running_stats:
+            raise expected("track_running_stats=True with eval_stats='mix' (it mixes the batch "
+                           "statistics with the running ones)", "track_running_stats=False")
         # PyTorch >= 2.13 takes ``bias``; older releases always learn beta with ``affine``
         extra = {"bias": bias} if _TORCH_TAKES_BIAS else {}
         if not bias and not _TORCH_TAKES_BIAS:
@@ -132,9 +197,10 @@ class _OurBatchNorm(_BatchNorm):
                          **extra)
         self.nonfinite = nonfinite
         self._warned_nonfinite = False
-        self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
+        self.renorm = renorm
         self.virtual_batch_size = virtual_batch_size
-        self.eval_stats, self.eval_mix = eval_stats, eval_mix
+        self.eval_stats = eval_stats
+        self._init_runtime({"rmax": rmax, "dmax": dmax, "eval_mix": eval_mix}, device)
         self._replays: OrderedDict = OrderedDict()  # Batch Renorm's (r, d) by batch statistics
 
     # ----------------------------------------------------------------------------------------
@@ -173,19 +239,53 @@ class _OurBatchNorm(_BatchNorm):
         if update:
             check_momentum(self.momentum)
         if batch_stats and x.numel() == x.shape[1]:  # N * prod(spatial) == 1 (a plain int test:
-            check_values_per_channel(tuple(x.shape), 1)  # the shared check is a graph break)
+            if self.training:  # the shared check is a graph break)
+                check_values_per_channel(tuple(x.shape), 1)  # PyTorch's "when training"
+            why = ("no running statistics: track_running_stats=False"
+                   if self.running_mean is None and self.running_var is None
+                   else "eval_stats='batch'")
+            raise expected(f"more than 1 value per channel for batch statistics in eval ({why})",
+                           f"input of shape {tuple(x.shape)}: 1 value per channel")
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalise ``input`` per channel (then the activation, for BatchNormAct); in training
+        with ``track_running_stats``, update the running statistics and num_batches_tracked.
+
+        Training normalises with the batch's statistics (the options of the class docstring
+        apply: Batch Renorm, ghost batches); evaluation with the running ones, or with the batch's
+        (``eval_stats``, or no running statistics).
+
+        Args:
+            input: floating point, C = ``num_features`` channels on dim 1.
+            mask: None, or a bool tensor, True where a position counts: the statistics (and
+                their gradient terms) cover the counted positions only, and every position is
+                normalised. It changes nothing where the running statistics normalise.
+                Default: None
+
+        Shape:
+            - input: ``(N, C, *)`` of a rank the class takes: 2D or 3D for BatchNorm1d, 4D for
+              2d, 5D for 3d (BatchNormAct alike)
+            - mask: ``(N, *)``, the input's shape without C
+            - output: the input's
+
+        Returns:
+            A tensor of ``input``'s shape, dtype and memory format.
+
+        Raises:
+            BatchNormError: a bad input or option (rank, channels, dtype, eps, momentum, a mask
+                of the wrong shape, one value per channel where batch statistics are needed),
+                before any buffer changes.
+        """
         x = input
         if in_onnx_export():
             return self._onnx_forward(x, mask)
         # PyTorch's rules: batch statistics in training, and in eval when there are no buffers;
         # buffers (and num_batches_tracked) change only in training with tracking on.
         tracked = self.running_mean is not None or self.running_var is not None
+        if not self.training and self.eval_stats != "running":
+            self._check_eval_stats(tracked)  # an attribute a user may have set to anything
         batch_stats = self.training or not tracked
         eval_stats = "running" if batch_stats else self.eval_stats
-        if eval_stats != "running":  # an attribute a user may have set to anything
-            eval_stats, _ = check_eval_stats(eval_stats, self.eval_mix)
         update = self.training and self.track_running_stats
         if update and _replaying():
             update = False  # the forward of a checkpointed segment, run again in backward
@@ -197,9 +297,11 @@ class _OurBatchNorm(_BatchNorm):
             if eval_stats == "running":  # a mask does not change running statistics
                 mask = None
             else:
+                # a copy: autograd keeps it, and a later ``m.eval_mix = v`` fills the original
+                mix = self._runtime("eval_mix", x)[0].clone()
                 return ops.bn_act_mixed(x, self.weight, self.bias, self.running_mean,
                                         self.running_var, self.eps, act, negative_slope, alpha,
-                                        self.eval_mix, mask)
+                                        mix, mask)
         if not (batch_stats or eval_stats == "batch"):
             return ops.bn_act_eval(x, self.weight, self.bias, self.running_mean, self.running_var,
                                    self.eps, act, negative_slope, alpha)
@@ -214,12 +316,36 @@ class _OurBatchNorm(_BatchNorm):
             self._update_running_stats(mean, var, x.numel() // x.shape[1])
         return y
 
+    def _check_eval_stats(self, tracked: bool) -> None:
+        """eval_stats (a plain attribute) in evaluation; eval_mix was checked when set."""
+        check_eval_stats(self.eval_stats, 0.0)
+        if self.eval_stats == "mix" and not tracked:
+            raise expected("track_running_stats=True with eval_stats='mix' (it mixes the batch "
+                           "statistics with the running ones)", "no running statistics")
+
     def _renorm_on(self) -> bool:
-        """Batch Renorm with clips that can move r or d (rmax=1, dmax=0 is BN exactly)."""
-        if _is_compiling():  # checked in eager; a compiled graph guards on the values
-            return bool(self.renorm) and (self.rmax > 1.0 or self.dmax > 0.0)
-        renorm, rmax, dmax = check_renorm(self.renorm, self.rmax, self.dmax)
-        return renorm and (rmax > 1.0 or dmax > 0.0)
+        """Batch Renorm with clips that can move r or d (rmax=1, dmax=0 is BN exactly: eager
+        runs plain BN's kernels then). Compiled, renorm alone decides: the clips are inputs of
+        the graph, not constants to branch on, so a ramp from (1, 0) compiles once (r = 1 and
+        d = 0 exactly at unit clips)."""
+        if _is_compiling():
+            return bool(self.renorm)
+        return self._clips_act()
+
+    def _clips_act(self) -> bool:
+        """renorm on, with clips other than (1, 0), read from the floats."""
+        renorm, _, _ = check_renorm(self.renorm, 1.0, 0.0)
+        return renorm and (self.rmax > 1.0 or self.dmax > 0.0)
+
+    def _runtime(self, name: str, like: Tensor) -> Tensor:
+        """A runtime option's tensor on ``like``'s device. A layer that ``convert`` built holds
+        moved parameters but tensors of its own on the default device: moved here, once."""
+        t = self._option_tensors[name]
+        if t.device != like.device:
+            t = t.to(like.device)
+            if not _is_compiling():  # (a compiled graph moves it on every call)
+                self._option_tensors[name] = t
+        return t
 
     def _forward_pieces(self, x: Tensor, mask: Tensor | None, renorm: bool, ghost: bool,
                         update: bool, act: tuple[str, float, float]) -> Tensor:
@@ -254,8 +380,9 @@ class _OurBatchNorm(_BatchNorm):
             ys.append(ops.bn_act_stats(xp, weight, bias, mean, var, count, self.eps, *act,
                                        mask=mp))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        if update:
-            self._update_from_moments(*_merge(parts), x.dtype)
+        if update:  # statistics of half-precision data in float32, as plain BN's (and PyTorch's)
+            self._update_from_moments(*_merge(parts),
+                                      torch.float32 if x.dtype in _REDUCED else x.dtype)
         return y
 
     def _update_from_moments(self, count: Tensor, mean: Tensor, m2: Tensor, dtype) -> None:
@@ -266,7 +393,7 @@ class _OurBatchNorm(_BatchNorm):
     def _renorm_factors(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """Batch Renorm's float64 (r, d) of batch statistics against the running ones."""
         return ops.renorm_factors(mean, var, self.running_mean, self.running_var, self.eps,
-                                  self.rmax, self.dmax)
+                                  self._runtime("rmax", mean), self._runtime("dmax", mean))
 
     def _renormed(self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                   x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
@@ -303,7 +430,7 @@ class _OurBatchNorm(_BatchNorm):
         as they do for ``torch.nn.BatchNorm2d``) and the activation's own node; the custom ops
         have no ONNX form. The options ONNX has no node for are refused."""
         if self.eval_stats != "running" or mask is not None or (self.training and (
-                self._renorm_on() or self.virtual_batch_size is not None)):
+                self._clips_act() or self.virtual_batch_size is not None)):
             raise expected("plain BN to export to ONNX: eval_stats='running', no mask, and in "
                            "training no renorm or virtual_batch_size (its BatchNormalization "
                            "has none of them)", f"{type(self).__name__}({self.num_features}) "
@@ -373,20 +500,48 @@ class _OurBatchNorm(_BatchNorm):
         text = super().extra_repr()
         if self.nonfinite != "skip":
             text += f", nonfinite={self.nonfinite!r}"
-        for name, default in OPTIONS.items():  # only the options set
-            if getattr(self, name, default) != default:
-                text += f", {name}={getattr(self, name)!r}"
+        for name, value in self.options().items():  # only the options set
+            text += f", {name}={value!r}"
         return text
 
     def options(self) -> dict:
         """The options for hard training conditions that differ from plain BN's (what
-        ``convert`` carries over and ``inspect`` shows)."""
-        return {name: getattr(self, name, default) for name, default in OPTIONS.items()
-                if getattr(self, name, default) != default}
+        ``convert`` carries over and ``inspect`` shows); the clips only with renorm on (a loop
+        may turn it off and keep them: they do not act then)."""
+        values = {name: getattr(self, name, default) for name, default in OPTIONS.items()}
+        if not values["renorm"]:
+            values["rmax"], values["dmax"] = OPTIONS["rmax"], OPTIONS["dmax"]
+        return {name: v for name, v in values.items() if v != OPTIONS[name]}
+
+    # ----------------------------------------------------------------------------------------
+    # the runtime options' tensors: not buffers (named_buffers and state_dict stay PyTorch's),
+    # so this class moves, copies and unpickles them
+
+    def _init_runtime(self, values: dict, device) -> None:
+        self._option_values = dict(values)
+        self._option_tensors = {name: _runtime_tensor(v, device) for name, v in values.items()}
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / cuda / half / to_empty...: the runtime options follow the device, and keep
+        their value and dtype (``.half()`` would round rmax=1.1 to 1.0996; ``to_empty`` would
+        leave garbage)."""
+        super()._apply(fn, recurse)
+        tensors = self.__dict__.get("_option_tensors")
+        if tensors is not None:
+            for name, t in tensors.items():
+                tensors[name] = _runtime_tensor(self._option_values[name], fn(t).device)
+        return self
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_replays", OrderedDict())  # pickles of before the options
+        for name, default in OPTIONS.items():
+            if name not in _RUNTIME:
+                self.__dict__.setdefault(name, default)
+        if "_option_values" not in self.__dict__:  # pickles of the float attributes, or older
+            values = {name: self.__dict__.pop(name, OPTIONS[name]) for name in _RUNTIME}
+            t = next(iter(list(self.parameters()) + list(self.buffers())), None)
+            self._init_runtime(values, None if t is None else t.device)
 
 
 _NONFINITE_DOC = """nonfinite: what a training batch whose mean or variance is NaN/Inf does to the
@@ -422,8 +577,11 @@ _BN_DOC = r"""Batch normalization over a {ranks} input, a drop-in for ``torch.nn
     ``torch._C._current_graph_task_id() != -1``, is the checkpointed segment run again: it
     normalises with the same statistics, bitwise, and updates nothing).
 
-    Options for hard training conditions (keywords, plain attributes a training loop may change
-    between steps; all off by default, and the state_dict stays PyTorch's):
+    Options for hard training conditions (keywords, attributes a training loop may change
+    between steps; all off by default, and the state_dict stays PyTorch's). ``rmax``, ``dmax``
+    and ``eval_mix`` take a number or a 0-d tensor and read back as floats; a value is checked
+    when set (:class:`BatchNormError`, nothing changed), and under ``torch.compile`` it is an
+    input of the graph, not a constant, so a schedule compiles once:
 
     - **Batch Renorm** (``renorm=True``, Ioffe 2017): in training, with
       :math:`\sigma = \sqrt{{running\_var + \epsilon}}` before this batch,
@@ -459,9 +617,11 @@ _BN_DOC = r"""Batch normalization over a {ranks} input, a drop-in for ``torch.nn
         bias: with ``affine``, whether to learn beta too (keyword only). Default: True
         {nonfinite}
         renorm, rmax, dmax: Batch Renorm and its clips, ``rmax >= 1``, ``dmax >= 0`` (keyword
-            only; needs ``track_running_stats``). Default: False, 1.0, 0.0
+            only; renorm needs ``track_running_stats``, clips other than 1 and 0 need
+            ``renorm=True``, when built and when set). Default: False, 1.0, 0.0
         virtual_batch_size: Ghost BN's piece size, or None (keyword only). Default: None
-        eval_stats: "running", "batch" or "mix" (keyword only). Default: "running"
+        eval_stats: "running", "batch" or "mix" ("mix" needs ``track_running_stats``; keyword
+            only). Default: "running"
         eval_mix: the weight of the batch statistics with "mix", in [0, 1] (keyword only).
             Default: 0.0
 

@@ -256,6 +256,27 @@ class _SyncBase(_OurBatchNorm):
     _local_only = False  # set by local_only() during recalibration
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise ``input`` per channel (then the activation, for SyncBatchNormAct); in
+        training with ``track_running_stats``, update the running statistics and
+        num_batches_tracked, identically on every rank.
+
+        In training with a process group of more than one rank, the statistics are those of
+        every rank's batch together (one all-gather forward, one all-reduce backward); otherwise,
+        and always in evaluation, this is :meth:`batchnorm.BatchNorm2d.forward`.
+
+        Args:
+            input: ``(N, C, *)``, 2D to 5D, floating point, C = ``num_features``; N may differ
+                between ranks and be 0 on some.
+            mask: None, or a bool tensor of ``input``'s shape without C, True where a position
+                counts: the statistics cover the counted positions of all ranks. Default: None
+
+        Returns:
+            A tensor of ``input``'s shape, dtype and memory format.
+
+        Raises:
+            BatchNormError: a bad input or option, one value per channel over all ranks, or
+                ranks out of step (naming the layer), before any buffer changes.
+        """
         if in_onnx_export():  # an ONNX file is one process: plain BN
             return self._onnx_forward(input, mask)
         group, world = group_world(self.process_group)
@@ -367,6 +388,10 @@ class SyncBatchNorm(_SyncBase):
         bias: with ``affine``, whether to learn beta too (keyword only). Default: True
         nonfinite: what NaN/Inf batch statistics do to the running ones, as in
             :class:`batchnorm.BatchNorm2d` (keyword only). Default: "skip"
+        renorm, rmax, dmax, virtual_batch_size, eval_stats, eval_mix: the options of
+            :class:`batchnorm.BatchNorm2d`, with its checks and defaults (keyword only); Batch
+            Renorm's r and d come from the statistics of all ranks, ghost batches from each
+            rank's own batch.
 
     Shape:
         - Input: :math:`(N, C, *)`, 2D to 5D; N may differ between ranks and be 0 on some.

@@ -264,7 +264,8 @@ def bn_act_mixed(x, weight, bias, running_mean, running_var, eps, act="identity"
                  negative_slope=0.01, alpha=1.0, mix=0.5, mask=None) -> Tensor:
     """Test-time mixed statistics: normalise with ``mix * batch + (1 - mix) * running`` mean and
     variance (the batch variance biased, over the counted positions), gradients through the
-    batch part; PyTorch's ops on every device (no kernel: a test-time option)."""
+    batch part; PyTorch's ops on every device (no kernel: a test-time option). ``mix``: a
+    number, or a 0-d tensor (a layer's, which a compiled graph takes as an input)."""
     eps = check_eps(eps, training=False)
     c = _check_input(x)
     _check_param("weight", weight, x, c)
@@ -274,7 +275,8 @@ def bn_act_mixed(x, weight, bias, running_mean, running_var, eps, act="identity"
     check_mask(mask, x)
     negative_slope, alpha = check_act(act, negative_slope, alpha, False)
     return torch_fallback.mixed(x, weight, bias, running_mean, running_var, eps, act,
-                                negative_slope, alpha, float(mix), mask)
+                                negative_slope, alpha,
+                                mix if isinstance(mix, Tensor) else float(mix), mask)
 
 
 renorm_factors = custom_ops.renorm_factors

@@ -448,13 +448,16 @@ def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alp
 # Batch Renorm's r and d as an op of their own: under torch.compile, AOTAutograd's partitioner
 # would otherwise recompute them in the backward from the running buffers, which the forward's
 # update has moved by then (measured: weight gradients off by 1% in the channels whose r or d
-# changed). An op's outputs are saved, not recomputed.
+# changed). An op's outputs are saved, not recomputed. The clips are tensors of one element, not
+# floats: a layer's schedule changes them every step, and a float argument would be a constant of
+# the compiled graph (one recompile per value).
 
 
 def _renorm_factors_impl(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
-                         eps: float, rmax: float, dmax: float) -> tuple[Tensor, Tensor]:
+                         eps: float, rmax: Tensor, dmax: Tensor) -> tuple[Tensor, Tensor]:
     sigma = torch.sqrt(running_var.to(torch.float64) + eps)
-    r = (torch.sqrt(var.to(torch.float64) + eps) / sigma).clamp(1.0 / rmax, rmax)
+    rmax, dmax = rmax.to(torch.float64), dmax.to(torch.float64)
+    r = (torch.sqrt(var.to(torch.float64) + eps) / sigma).clamp(rmax.reciprocal(), rmax)
     d = ((mean.to(torch.float64) - running_mean.to(torch.float64)) / sigma).clamp(-dmax, dmax)
     return r, d
 
@@ -472,9 +475,14 @@ def _(mean, var, running_mean, running_var, eps, rmax, dmax):
 def renorm_factors(mean, var, running_mean, running_var, eps, rmax, dmax):
     """Batch Renorm's float64 ``(r, d)``: ``r = clip(sqrt(var + eps) / sigma, 1/rmax, rmax)``,
     ``d = clip((mean - running_mean) / sigma, -dmax, dmax)``, ``sigma = sqrt(running_var +
-    eps)``; the op under a compiler, its implementation otherwise. Never differentiable."""
+    eps)``; the op under a compiler, its implementation otherwise. ``rmax``, ``dmax``: numbers
+    or one-element tensors (a layer's, which a compiled graph takes as inputs). Never
+    differentiable."""
+    rmax, dmax = (v.detach().to(mean.device) if isinstance(v, Tensor) else
+                  torch.tensor(float(v), dtype=torch.float64, device=mean.device)
+                  for v in (rmax, dmax))
     args = (mean.detach(), var.detach(), running_mean.detach(), running_var.detach(), float(eps),
-            float(rmax), float(dmax))
+            rmax, dmax)
     if torch.compiler.is_compiling():
         return torch.ops.batchnorm.renorm_factors(*args)
     return _renorm_factors_impl(*args)
