@@ -13,6 +13,14 @@ import batchnorm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+@pytest.fixture(autouse=True)
+def our_kernels():
+    """The Triton kernels for plain BN too ("auto" takes PyTorch's path for it on CUDA)."""
+    previous = batchnorm.set_backend("kernels")
+    yield
+    batchnorm.set_backend(previous)
+
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 

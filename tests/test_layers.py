@@ -244,6 +244,7 @@ def test_guard_branch_free_path_equals_eager(momentum, monkeypatch):
     # the guard's compiled branch, in eager (patching torch.compiler.is_compiling itself would
     # stay cached in dynamo and break later torch.compile tests in the same process)
     monkeypatch.setattr(batchnorm.layers, "_is_compiling", lambda: True)
+    monkeypatch.setattr(batchnorm.ops.custom_ops, "plain_eager", lambda *a: False)
     traced = batchnorm.BatchNorm2d(3, momentum=momentum)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning on that path

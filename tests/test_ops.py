@@ -499,7 +499,7 @@ def test_eager_autograd_route_skips_the_dispatcher(monkeypatch):
         return {e.name for e in prof.function_events if e.name.startswith("batchnorm::")}
 
     assert names() == set()
-    monkeypatch.setattr(ops.custom_ops, "_plain_eager", lambda *a: False)
+    monkeypatch.setattr(ops.custom_ops, "plain_eager", lambda *a: False)
     assert names() == {"batchnorm::bn_act_train", "batchnorm::bn_act_train_backward",
                        "batchnorm::bn_act_eval", "batchnorm::bn_act_eval_backward"}
 

@@ -38,8 +38,11 @@ SHAPES = [(5, 3, 4, 7), (2, 16, 3, 5), (7, 4), (3, 2, 9), (2, 3, 2, 3, 4), (1, 3
 
 @pytest.fixture(autouse=True)
 def interpreted():
+    # "kernels": the Triton kernels for plain BN too ("auto" takes PyTorch's path for it on CUDA)
+    previous = batchnorm.set_backend("kernels")
     with triton_gpu.on_cpu():
         yield
+    batchnorm.set_backend(previous)
 
 
 def tensors(shape, dtype, channels_last, seed=0, loc=0.7, scale=1.6):
@@ -270,7 +273,7 @@ def test_inplace_layer_equals_not_inplace(act):
 
 def test_the_kernels_run_inside_a_layer(monkeypatch):
     calls = []
-    for name in ("train_impl", "train_backward_impl", "eval_impl"):
+    for name in ("train_step", "train_backward_impl", "eval_impl"):
         real = getattr(triton_gpu, name)
         monkeypatch.setattr(triton_gpu, name,
                             lambda *a, real=real, name=name: calls.append(name) or real(*a))
@@ -278,7 +281,7 @@ def test_the_kernels_run_inside_a_layer(monkeypatch):
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     m(x).sum().backward()
     m.eval()(x)
-    assert calls == ["train_impl", "train_backward_impl", "eval_impl"]
+    assert calls == ["train_step", "train_backward_impl", "eval_impl"]
 
 
 # the options for hard training conditions (Batch Renorm, ghost batches, masks), the plain
@@ -317,8 +320,8 @@ def test_export_keeps_one_op_and_runs_the_triton_kernels(monkeypatch):
                          ids=lambda f: f.__name__)
 def test_the_non_finite_guard_behaves_as_on_cpu(check, monkeypatch):
     calls = []
-    real = triton_gpu.train_impl
-    monkeypatch.setattr(triton_gpu, "train_impl", lambda *a: calls.append(1) or real(*a))
+    real = triton_gpu.train_step
+    monkeypatch.setattr(triton_gpu, "train_step", lambda *a: calls.append(1) or real(*a))
     check()  # the layer tests' own check, here on the Triton kernels
     assert calls
 

@@ -48,6 +48,8 @@ _LAZY = {
     "empty_output_cache": "ops.memory",
     "output_cache_info": "ops.memory",
     "warmup": "ops.warmup",
+    "set_backend": "ops.backends",
+    "get_backend": "ops.backends",
 }
 
 __all__ = ["BatchNormError", "__version__", *_LAZY]

@@ -39,6 +39,7 @@ from .errors import (
     check_virtual_batch_size,
     expected,
 )
+from .ops import custom_ops, step, torch_fallback
 from .ops.torch_fallback import merge_moments
 
 __all__ = [
@@ -229,7 +230,12 @@ class _OurBatchNorm(_BatchNorm):
                            f"{x.shape[1]} channels, input of shape {tuple(x.shape)}")
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, name)
-            if t is None or t.dtype == x.dtype:
+            if t is None:
+                continue
+            if t.device != x.device:
+                raise expected(f"input on {t.device}, the device of {name}",
+                               f"input on {x.device}")
+            if t.dtype == x.dtype:
                 continue
             if x.dtype in _REDUCED and t.dtype == torch.float32:
                 continue
@@ -303,18 +309,71 @@ class _OurBatchNorm(_BatchNorm):
                                         self.running_var, self.eps, act, negative_slope, alpha,
                                         mix, mask)
         if not (batch_stats or eval_stats == "batch"):
-            return ops.bn_act_eval(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                   self.eps, act, negative_slope, alpha)
+            backend = step.backend_for(x, self.weight, self.bias, self.running_mean,
+                                       self.running_var)
+            return step.eval_step(backend, x, self.weight, self.bias, self.running_mean,
+                                  self.running_var, self.eps, act, negative_slope, alpha)
         renorm = self.training and self._renorm_on()
         ghost = self.training and self.virtual_batch_size is not None
         if mask is not None or renorm or ghost:
             return self._forward_pieces(x, mask, renorm, ghost, update,
                                         (act, negative_slope, alpha))
-        y, mean, var = ops.bn_act_train(x, self.weight, self.bias, self.eps, act, negative_slope,
-                                        alpha, inplace)
+        return self._train_step(x, update, act, negative_slope, alpha, inplace)
+
+    def _train_step(self, x: Tensor, update: bool, act: str, negative_slope: float, alpha: float,
+                    inplace: bool) -> Tensor:
+        """Plain BN's training forward: one backend call, which also updates the running
+        statistics in place (guarded); then num_batches_tracked."""
+        nbt = self.num_batches_tracked if update else None
+        rm, rv = (self.running_mean, self.running_var) if update else (None, None)
+        if x.numel() == 0:  # an empty batch: PyTorch counts it and updates nothing
+            if nbt is not None:
+                nbt.add_(1)
+            return ops.bn_act_train(x, self.weight, self.bias, self.eps, act, negative_slope,
+                                    alpha, inplace)[0]
+        backend = step.backend_for(x, self.weight, self.bias, rm, rv, fused=inplace)
+        factor = 0.0 if rm is None else self._factor(nbt, rm)
+        y, mean, var, ok = step.train_step(backend, x, self.weight, self.bias, rm, rv, self.eps,
+                                           factor, self.nonfinite != "update", act,
+                                           negative_slope, alpha, inplace)
+        if rm is None and update and self.nonfinite != "update":  # counted, no buffers
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if update:
-            self._update_running_stats(mean, var, x.numel() // x.shape[1])
+            self._count_batch(ok, mean, var)
         return y
+
+    def _factor(self, nbt: Tensor | None, like: Tensor) -> float | Tensor:
+        """The running update's factor: momentum, or the cumulative average's
+        1 / num_batches_tracked after this batch (a tensor where reading it would be a device
+        synchronisation or a graph break)."""
+        if self.momentum is not None:
+            return self.momentum
+        if nbt is None:
+            return 0.0
+        if _is_compiling() or nbt.device.type != "cpu":
+            return 1.0 / (nbt + 1).to(like.dtype)
+        return 1.0 / (int(nbt) + 1)
+
+    def _count_batch(self, ok: bool | Tensor, mean: Tensor, var: Tensor) -> None:
+        """num_batches_tracked after a guarded update whose outcome is ``ok``: +1 when the
+        buffers were updated; else ``nonfinite`` says (raise, or warn once). Where ``ok`` is a
+        device flag and reading it would synchronise (CUDA) or break a compiled graph, "skip"
+        counts on the device and does not warn; "raise" reads it."""
+        nbt = self.num_batches_tracked
+        if ok is True:
+            if nbt is not None:
+                nbt.add_(1)
+            return
+        if isinstance(ok, Tensor) and self.nonfinite != "raise" and (
+                _is_compiling() or ok.device.type != "cpu"):
+            if nbt is not None:
+                nbt.add_(ok.to(nbt.dtype))
+            return
+        if bool(ok):
+            if nbt is not None:
+                nbt.add_(1)
+            return
+        self._reject_nonfinite(mean, var)
 
     def _check_eval_stats(self, tracked: bool) -> None:
         """eval_stats (a plain attribute) in evaluation; eval_mix was checked when set."""
@@ -439,47 +498,24 @@ class _OurBatchNorm(_BatchNorm):
         return REGISTRY[act].apply(_BatchNorm.forward(self, x), negative_slope, alpha)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int) -> None:
-        """EMA (or cumulative average for momentum=None) of the batch statistics, guarded.
-
-        Eager: a non-finite batch returns early (or raises) before anything changes, and a
-        finite one updates in place. Under torch.compile the Python bool would be a graph break,
-        so the default "skip" there is branch-free (``torch.where`` on the finiteness flag) and
-        protects the buffers without warning; "raise" always reads the flag.
-        """
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: int | Tensor) -> None:
+        """The running update from batch statistics computed outside the training step (the
+        options' paths, SyncBatchNorm's global statistics): the same guarded update as the step
+        (:func:`batchnorm.ops.custom_ops.running_update`), then :meth:`_count_batch`. ``n``
+        values per channel: a tensor under torch.compile on the options' paths."""
         nbt, rm, rv = self.num_batches_tracked, self.running_mean, self.running_var
         if isinstance(n, (int, float)) and n == 0:  # empty batch: PyTorch counts it, no update
             if nbt is not None:
                 nbt.add_(1)
             return
-        ok = None  # None: known finite (or not guarded); else a 0-d bool tensor
-        if self.nonfinite != "update":
-            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-            if self.nonfinite == "raise" or not _is_compiling():
-                if not bool(ok):
-                    self._reject_nonfinite(mean, var)
-                    return
-                ok = None
-        if nbt is not None:
-            nbt.add_(1 if ok is None else ok.to(nbt.dtype))
+        check = self.nonfinite != "update"
         if rm is None:
-            return
-        mean = mean.to(rm.dtype)
-        unbiased = var.to(rv.dtype) * (n / (n - 1))  # the running estimate is unbiased
-        if self.momentum is not None:
-            factor = self.momentum
-        elif nbt is None:
-            factor = 0.0
-        elif ok is None:
-            factor = 1.0 / float(nbt)  # cumulative average, as PyTorch
+            ok = (torch.isfinite(mean).all() & torch.isfinite(var).all()) if check else True
+        elif isinstance(n, Tensor):
+            ok = torch_fallback.running_update(mean, var, rm, rv, self._factor(nbt, rm), n, check)
         else:
-            factor = (1.0 / nbt.to(rm.dtype))  # tensor: no Python float under compile
-        if ok is None:
-            rm.lerp_(mean, factor)  # rm + factor * (mean - rm)
-            rv.lerp_(unbiased, factor)
-        else:
-            rm.copy_(torch.where(ok, torch.lerp(rm, mean, factor), rm))
-            rv.copy_(torch.where(ok, torch.lerp(rv, unbiased, factor), rv))
+            ok = custom_ops.running_update(mean, var, rm, rv, self._factor(nbt, rm), int(n), check)
+        self._count_batch(ok, mean, var)
 
     def _reject_nonfinite(self, mean: Tensor, var: Tensor) -> None:
         """nonfinite="raise": raise; "skip": warn once per layer. Buffers are left alone."""
@@ -563,9 +599,13 @@ _BN_DOC = r"""Batch normalization over a {ranks} input, a drop-in for ``torch.nn
     ones when built with ``track_running_stats=False``. Behaviour, state_dict keys and version
     handling are PyTorch's; each loads the other's state_dict.
 
-    On CPU with float32/float64 input, contiguous or channels-last, it runs the fused numba
-    kernels of :mod:`batchnorm.ops` (one op for autograd and ``torch.compile``); other devices
-    (CUDA) and dtypes (bfloat16, float16) take PyTorch's own path.
+    A training forward is one call into a backend (:mod:`batchnorm.ops.step`) that computes the
+    statistics, the normalisation with the affine map and activation, and the running update;
+    a backward is one more. The backend (:func:`batchnorm.set_backend`, default "auto"): the
+    fused numba kernels on CPU for float32/float64 input, contiguous or channels-last; on CUDA
+    PyTorch's own path, or the Triton kernels with ``set_backend("kernels")`` (and for
+    ``inplace=True`` or a mask); PyTorch's path for the rest (CPU bfloat16/float16, odd
+    strides). Under ``torch.compile`` / ``torch.export`` the kernels are custom ops.
 
     Differences from PyTorch, all deliberate: a bad input (wrong rank, channels or dtype, one
     value per channel in training, eps <= 0 in training) raises :class:`BatchNormError` (a
@@ -698,7 +738,9 @@ class _OurBatchNormAct:
         self.inplace = bool(inplace)
 
     def _act(self) -> tuple[str, float, float, bool]:
-        return self.act, self.negative_slope, self.alpha, self.inplace
+        # checked each call: they are plain attributes a user may have set to anything
+        negative_slope, alpha = check_act(self.act, self.negative_slope, self.alpha, self.inplace)
+        return self.act, negative_slope, alpha, self.inplace
 
     def activation(self) -> nn.Module:
         """The activation as a separate PyTorch module (what ``convert(to="torch")`` emits)."""

@@ -46,10 +46,11 @@ __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments"
 ACTIVATIONS = FUSED  # the act names the ops take
 
 
-def _backend(x: Tensor, *per_channel: Tensor | None) -> str:
+def _backend(x: Tensor, *per_channel: Tensor | None, fused: bool = False) -> str:
     """The backend for these tensors: "triton" (the GPU kernels), "numba" (the fused CPU
-    kernels) or "torch" (the fallback)."""
-    kernels = kernels_for(x, *per_channel)
+    kernels) or "torch" (the fallback); ``fused``: the call needs what only our kernels do in
+    one pass (see :func:`.backends.kernels_for`)."""
+    kernels = kernels_for(x, *per_channel, fused=fused)
     return {triton_gpu: "triton", numba_cpu: "numba", None: "torch"}[kernels]
 
 
@@ -135,7 +136,7 @@ def bn_act_train(
     _check_param("bias", bias, x, c)
     negative_slope, alpha = check_act(act, negative_slope, alpha, inplace)
     args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
-    if _backend(x, weight, bias) != "torch":
+    if _backend(x, weight, bias, fused=inplace) != "torch":
         y, mean, var = custom_ops.train(*args)
         # the op returns float64 statistics; the contract is the input's dtype, detached
         return y, mean.detach().to(_stat_dtype(x)), var.detach().to(_stat_dtype(x))
@@ -214,7 +215,7 @@ def moments(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tens
     shifted two-pass float64 sums otherwise. Never differentiable."""
     _check_input(x)
     check_mask(mask, x)
-    if _backend(x) != "torch":
+    if _backend(x, fused=mask is not None) != "torch":
         return custom_ops.moments(x, mask)
     if mask is None:
         n, _, _, mean, m2 = torch_fallback.shifted_moments(torch_fallback.working(x.detach()))
@@ -253,7 +254,7 @@ def bn_act_stats(
     _check_param("bias", bias, x, c)
     check_mask(mask, x)
     negative_slope, alpha = check_act(act, negative_slope, alpha, False)
-    if _backend(x, weight, bias) != "torch":
+    if _backend(x, weight, bias, fused=mask is not None) != "torch":
         return custom_ops.stats(x, weight, bias, mean.detach(), var.detach(), mask,
                                 count.detach(), eps, act, negative_slope, alpha)
     return torch_fallback.train_stats(x, weight, bias, mean.detach(), eps, act, negative_slope,

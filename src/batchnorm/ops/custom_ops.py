@@ -3,7 +3,7 @@
 Four ops in the ``batchnorm`` namespace: two forwards (``bn_act_train``, ``bn_act_eval``), each
 with its backward as an op of its own, tied together with ``register_autograd``. Fake
 implementations give shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op
-as one node. The ops run the kernels :func:`.backends.kernels_for` picks for their input: the
+as one node. The ops run the kernels :func:`.backends.kernels_taking` gives for their input: the
 numba CPU backend (:mod:`.numba_cpu`) or the Triton GPU one (:mod:`.triton_gpu`), whose
 implementations share signatures and results.
 
@@ -21,16 +21,17 @@ from torch import Tensor
 
 from ..errors import expected
 from . import numba_cpu, torch_fallback
-from .backends import kernels_for
+from .backends import kernels_taking
 
-__all__ = ["train", "eval_", "moments", "stats", "renorm_factors"]
+__all__ = ["train", "eval_", "moments", "stats", "renorm_factors", "running_update",
+           "plain_eager", "records_grad"]
 
 
 # ---------------------------------------------------------------------------------------------
 # the eager route: which calls need the op
 
 
-def _plain_eager(x: Tensor, *params: Tensor | None) -> bool:
+def plain_eager(x: Tensor, *params: Tensor | None) -> bool:
     """True when nothing needs the custom op: eager, plain tensors, no mode or transform active.
 
     The op's dispatcher round trip costs about 0.1 ms a call forward and again backward (as much
@@ -56,7 +57,7 @@ def _plain_eager(x: Tensor, *params: Tensor | None) -> bool:
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _records_grad(*tensors: Tensor | None) -> bool:
+def records_grad(*tensors: Tensor | None) -> bool:
     """True when autograd records a graph for an op on these tensors."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -66,7 +67,8 @@ def _records_grad(*tensors: Tensor | None) -> bool:
 
 
 def _kernels(x: Tensor):
-    return kernels_for(x) or numba_cpu
+    # the kernels that take x whatever backend is chosen: the front chose before calling an op
+    return kernels_taking(x) or numba_cpu
 
 
 def _train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -101,9 +103,9 @@ def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
     """The training op, or its implementation when nothing needs the op: ``(y, mean, var)``,
     statistics in float64."""
     args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
-    if not _plain_eager(x, weight, bias):
+    if not plain_eager(x, weight, bias):
         return torch.ops.batchnorm.bn_act_train(*args)
-    if _records_grad(x, weight, bias):
+    if records_grad(x, weight, bias):
         return _EagerTrain.apply(*args)
     return _train_impl(*args)
 
@@ -111,9 +113,9 @@ def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
 def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
     """The eval op, or its implementation when nothing needs the op (the statistics detached)."""
     args = (x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha)
-    if not _plain_eager(x, weight, bias, running_mean, running_var):
+    if not plain_eager(x, weight, bias, running_mean, running_var):
         return torch.ops.batchnorm.bn_act_eval(*args)
-    if _records_grad(x, weight, bias):
+    if records_grad(x, weight, bias):
         return _EagerEval.apply(*args)
     return _eval_impl(*args)
 
@@ -344,7 +346,7 @@ def _(x, mask):
 def moments(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The statistics op, or its implementation when nothing needs the op: float64
     ``(mean, M2, count)`` (count a 0-d tensor), never differentiable."""
-    if not _plain_eager(x, mask):
+    if not plain_eager(x, mask):
         return torch.ops.batchnorm.moments(x.detach(), mask)  # never differentiable
     return _moments_impl(x.detach(), mask)
 
@@ -437,9 +439,9 @@ class _EagerStats(torch.autograd.Function):
 def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
     """The given-statistics op, or its implementation when nothing needs the op."""
     args = (x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha)
-    if not _plain_eager(x, weight, bias, mean, var, mask, count):
+    if not plain_eager(x, weight, bias, mean, var, mask, count):
         return torch.ops.batchnorm.bn_act_stats(*args)
-    if _records_grad(x, weight, bias):
+    if records_grad(x, weight, bias):
         return _EagerStats.apply(*args)
     return _stats_impl(*args)
 
@@ -486,3 +488,48 @@ def renorm_factors(mean, var, running_mean, running_var, eps, rmax, dmax):
     if torch.compiler.is_compiling():
         return torch.ops.batchnorm.renorm_factors(*args)
     return _renorm_factors_impl(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the running update as an op of its own (mutating the buffers, which the compiler sees): under
+# torch.compile a layer's training step is the training op, then this one, and computes the same
+# bits as the eager step, whose backend call updates the buffers itself with the same kernel
+
+
+def _running_update_impl(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                         factor: float, factor_tensor: Optional[Tensor], n: int,
+                         check: bool) -> Tensor:
+    f = factor if factor_tensor is None else factor_tensor
+    if numba_cpu.takes(running_mean, running_var) and mean.device.type == "cpu":
+        ok = numba_cpu.running_update_impl(mean, var, running_mean, running_var, float(f), n,
+                                           check)
+        return torch.tensor(ok)
+    ok = torch_fallback.running_update(mean, var, running_mean, running_var, f, n, check)
+    return ok if isinstance(ok, Tensor) else torch.ones((), dtype=torch.bool,
+                                                        device=mean.device)
+
+
+_running_update_op = torch.library.custom_op(
+    "batchnorm::running_update", _running_update_impl,
+    mutates_args=("running_mean", "running_var"))
+
+
+@_running_update_op.register_fake
+def _(mean, var, running_mean, running_var, factor, factor_tensor, n, check):
+    return mean.new_empty((), dtype=torch.bool)
+
+
+def running_update(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                   factor: float | Tensor, n: int, check: bool) -> Tensor | bool:
+    """The guarded running update in place (see :func:`.numba_cpu.running_update_impl`): the op
+    when something needs it, else its implementation; True / False in eager on CPU, a 0-d
+    bool tensor otherwise (True when the buffers were updated)."""
+    tensor = factor if isinstance(factor, Tensor) else None
+    number = 0.0 if tensor is not None else float(factor)
+    if not plain_eager(mean, running_mean, running_var):
+        return torch.ops.batchnorm.running_update(mean, var, running_mean, running_var, number,
+                                                  tensor, n, check)
+    if numba_cpu.takes(running_mean, running_var) and mean.device.type == "cpu":
+        return numba_cpu.running_update_impl(mean, var, running_mean, running_var,
+                                             float(factor), n, check)
+    return torch_fallback.running_update(mean, var, running_mean, running_var, factor, n, check)

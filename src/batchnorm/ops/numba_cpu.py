@@ -21,8 +21,9 @@ from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
 from .memory import output_like
 
-__all__ = ["takes", "train_step", "train_impl", "eval_impl", "train_backward_impl",
-           "eval_backward_impl", "masked_moments_impl", "stats_backward_impl"]
+__all__ = ["takes", "train_step", "running_update_impl", "train_impl", "eval_impl",
+           "train_backward_impl", "eval_backward_impl", "masked_moments_impl",
+           "stats_backward_impl"]
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -110,10 +111,22 @@ def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                       REGISTRY[act].code, negative_slope, alpha,
                                       _kernel_array(y, kind))
     ok = True
-    if running_mean is not None:
-        ok = kernels.running_update(mean, var, running_mean.numpy(), running_var.numpy(),
-                                    float(factor), float(x.numel() // x.shape[1]), bool(check))
+    if running_mean is not None:  # the float64 statistics as they are (running_update_impl's)
+        ok = kernels.running_update(mean, var, running_mean.detach().numpy(),
+                                    running_var.detach().numpy(), float(factor),
+                                    float(x.numel() // x.shape[1]), bool(check))
     return y, torch.from_numpy(mean), torch.from_numpy(var), ok
+
+
+def running_update_impl(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
+                        factor: float, n: int, check: bool) -> bool:
+    """In place: ``running += factor * (batch - running)`` per channel, the variance unbiased
+    (``var * n / (n - 1)``), in float64 rounded once to the buffers' dtype; with ``check``,
+    NaN/Inf statistics (as the buffers would hold them) change nothing and give False."""
+    return kernels.running_update(mean.detach().to(torch.float64).numpy(),
+                                  var.detach().to(torch.float64).numpy(),
+                                  running_mean.detach().numpy(), running_var.detach().numpy(),
+                                  float(factor), float(n), bool(check))
 
 
 def eval_impl(

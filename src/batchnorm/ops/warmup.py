@@ -22,6 +22,7 @@ from ..activations import FUSED, INVERTIBLE
 from ..errors import expected
 from ..kernels import cache_directory, compiling_notice
 from ..progress import progress_bar
+from . import numba_cpu
 
 __all__ = ["DTYPES", "LAYOUTS", "Case", "WarmupReport", "cases", "warmup"]
 
@@ -67,6 +68,10 @@ class Case:
             bad[0, 0, 0, 0] = float("nan")  # the float64 statistics a non-finite batch takes
             with torch.no_grad():
                 bn_act_train(bad, w, b, 1e-5, self.act)
+                # a layer's training step: the same kernels, and the running update's
+                rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
+                numba_cpu.train_step(x, w, b, rm, rv, 1e-5, 0.1, True, self.act, 0.01, 1.0,
+                                     False)
         return compiling_notice.seconds - before
 
 

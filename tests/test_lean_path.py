@@ -1,0 +1,92 @@
+"""The layers' call path: one backend call per forward and one per backward, the backend picked
+once, the running update inside the step; and the compiled step computing the same bits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.ops import backends, custom_ops, numba_cpu, step
+
+NAMES = ["train_step", "train_impl", "train_backward_impl", "eval_impl", "eval_backward_impl",
+         "moments_impl", "running_update_impl"]
+
+
+def record(monkeypatch, module, names, into):
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k:
+                            into.append(name) or real(*a, **k))
+
+
+LAYERS = [
+    lambda: batchnorm.BatchNorm2d(6),
+    lambda: batchnorm.BatchNormAct2d(6, act="relu"),
+    lambda: batchnorm.BatchNormAct2d(6, act="leaky_relu", inplace=True),
+]
+
+
+@pytest.mark.parametrize("make", LAYERS, ids=["bn", "bn_relu", "inplace_abn"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_one_backend_call_each_way(make, momentum, monkeypatch):
+    m = make()
+    m.momentum = momentum
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    calls, picks = [], []
+    record(monkeypatch, numba_cpu, NAMES, calls)
+    real_pick = step.kernels_for
+    monkeypatch.setattr(step, "kernels_for", lambda *a, **k: picks.append(1) or real_pick(*a, **k))
+    y = m(x)
+    assert calls == ["train_step"] and len(picks) == 1
+    y.backward(torch.randn_like(y))
+    assert calls == ["train_step", "train_backward_impl"]
+    m.eval()
+    calls.clear()
+    with torch.no_grad():
+        m(x)
+    assert calls == ["eval_impl"] and len(picks) == 2
+
+
+def test_the_step_updates_the_buffers_as_pytorch_does():
+    ours, theirs = batchnorm.BatchNorm2d(5, momentum=None), torch.nn.BatchNorm2d(5, momentum=None)
+    for k in range(4):
+        x = torch.randn(3, 5, 4, 4) * (k + 1) + k
+        ours(x), theirs(x)
+    # the running statistics in float64 rounded once: within a float32 ulp or two of PyTorch's
+    for key in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, key), getattr(theirs, key), rtol=3e-7, atol=1e-7)
+    assert int(ours.num_batches_tracked) == 4
+
+
+def test_the_compiled_step_is_the_eager_step_bitwise():
+    """Under torch.compile the step is the training op, then the running-update op (a node that
+    mutates the buffers): the same kernels, so the same bits as eager."""
+    torch._dynamo.reset()
+    eager, compiled = batchnorm.BatchNorm2d(4), batchnorm.BatchNorm2d(4)
+    compiled.load_state_dict(eager.state_dict())
+    run = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for k in range(3):
+        x = torch.randn(8, 4, 3, 3) + k
+        torch.testing.assert_close(run(x), eager(x), rtol=0, atol=0)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_nan_batch_leaves_the_buffers_in_the_compiled_step_too():
+    torch._dynamo.reset()
+    m = batchnorm.BatchNorm2d(3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    for key, value in before.items():
+        torch.testing.assert_close(m.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_running_update_op_is_what_torch_library_expects():
+    mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    rm, rv = torch.zeros(5), torch.ones(5)
+    torch.library.opcheck(torch.ops.batchnorm.running_update.default,
+                          (mean, var, rm, rv, 0.1, None, 16, True))
+    assert custom_ops.running_update(mean, var, rm, rv, 0.1, 16, True) is True
+    assert backends.kernels_for(torch.randn(2, 5)) is numba_cpu
