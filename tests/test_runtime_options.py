@@ -333,3 +333,19 @@ def test_forward_has_its_own_docstring(cls):
     assert "Define the computation performed at every call" not in doc
     for word in ("input", "mask", "Returns", "BatchNormError"):
         assert word in doc, word
+
+
+def test_layers_with_different_eps_compile_without_a_graph_break():
+    """dynamo makes eps a symbolic float once two compiled layers differ in it; the eps check
+    must still trace (math.isfinite on it was a graph break under fullgraph=True)."""
+    torch._dynamo.reset()  # a fresh cache: earlier tests' compiles count to the recompile limit
+    for eps in (1e-5, 1e-3, 1e-4):
+        for opts in ({"eval_stats": "mix", "eval_mix": 0.5}, {}):
+            m = batchnorm.BatchNorm2d(4, eps=eps, **opts)
+            m.train(not opts)
+            x = torch.randn(2, 4, 3, 3)
+            ref = m(x) if not opts else None
+            y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+            assert torch.isfinite(y).all()
+            if ref is not None:
+                torch.testing.assert_close(y, ref)

@@ -23,8 +23,10 @@ def expected(what: str, got: object) -> BatchNormError:
 
 
 def check_eps(eps: object, *, training: bool) -> float:
-    """eps must be a finite real, > 0 in training and >= 0 in eval (PyTorch's rule)."""
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(float(eps)):
+    """eps must be a finite real, > 0 in training and >= 0 in eval (PyTorch's rule). Compared,
+    not passed to math.isfinite: dynamo makes a float attribute that differs between compiled
+    modules a symbolic float, which it can compare (a guard) but not hand to math."""
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not -math.inf < eps < math.inf:
         raise expected("eps to be a finite number", repr(eps))
     eps = float(eps)
     if training and eps <= 0:

@@ -36,8 +36,11 @@ import torch
 from torch import Tensor
 
 from ..activations import FUSED, INVERTIBLE
-from ..errors import check_act, check_eps, check_mask_shape, expected
+from ..errors import _activations, check_act, check_eps, check_mask_shape, expected
 from . import custom_ops, numba_cpu, torch_fallback, triton_gpu
+
+_activations()  # the checks' registry filled now: filled inside a compiled forward, it is a guard
+# that fails on the next call (one recompile)
 from .backends import kernels_for
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments", "bn_act_stats",
