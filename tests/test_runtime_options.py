@@ -61,6 +61,8 @@ def _ramp(step):
 def test_renorm_ramp_compiles_once_and_matches_eager(cls, dtype):
     """float32 and float64 on the kernels, bfloat16 on PyTorch's path (float32 parameters)."""
     pdtype = torch.float64 if dtype == torch.float64 else None
+    torch._dynamo.reset()  # counted from a fresh cache: earlier tests' compiles of forward (other
+    # shapes, other eps) leave dynamo's automatic-dynamic state behind, one recompile more
     eager, twin = _layer(cls, pdtype, renorm=True), _layer(cls, pdtype, renorm=True)
     counter = CompileCounterWithBackend("aot_eager")  # AOTAutograd: forward and backward graphs
     compiled = torch.compile(twin, backend=counter, fullgraph=True)
@@ -86,6 +88,7 @@ def test_renorm_ramp_compiles_once_and_matches_eager(cls, dtype):
 
 @pytest.mark.slow
 def test_eval_mix_schedule_compiles_once_and_matches_eager():
+    torch._dynamo.reset()  # counted from a fresh cache, as above
     eager, twin = _layer(eval_stats="mix").eval(), _layer(eval_stats="mix").eval()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(twin, backend=counter, fullgraph=True)
