@@ -1,26 +1,30 @@
 """The backends' implementations as PyTorch custom ops, and the eager route around them.
 
-Four ops in the ``batchnorm`` namespace: two forwards (``bn_act_train``, ``bn_act_eval``), each
-with its backward as an op of its own, tied together with ``register_autograd``. Fake
-implementations give shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op
-as one node. The ops run the kernels :func:`.backends.kernels_taking` gives for their input: the
+Nine ops in the ``batchnorm`` namespace. Three families, each a forward and its backward as an
+op of its own, tied together with ``register_autograd`` by one helper (:func:`_family`):
+``bn_act_train`` (batch statistics), ``bn_act_eval`` (given running statistics) and
+``bn_act_stats`` (given batch statistics: masks, ghost batches, Batch Renorm), with
+``*_backward``; the backward ops' own derivative (double backward) is :mod:`.double_backward`.
+Three ops without gradients: ``moments`` (the statistics alone), ``renorm_factors`` (Batch
+Renorm's r and d) and ``running_update`` (mutating the buffers). Fake implementations give
+shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op as one node. The ops run the kernels :func:`.backends.kernels_taking` gives for their input: the
 numba CPU backend (:mod:`.numba_cpu`) or the Triton GPU one (:mod:`.triton_gpu`), whose
 implementations share signatures and results.
 
 In plain eager mode the same implementations run without the op's dispatcher round trip
-(:func:`train` / :func:`eval_`): directly when no gradient is recorded, through a
+(:func:`train`, :func:`eval_`, :func:`stats`): directly when no gradient is recorded, through a
 ``torch.autograd.Function`` with the op's own autograd formula when one is. Same kernels, same
 bits.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import expected
-from . import numba_cpu, torch_fallback
+from . import double_backward, numba_cpu, torch_fallback
 from .backends import kernels_taking
 
 __all__ = ["train", "eval_", "moments", "stats", "renorm_factors", "running_update",
@@ -99,6 +103,127 @@ def _eval_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
                                           act, negative_slope, alpha)
 
 
+# ---------------------------------------------------------------------------------------------
+# the three families: a forward op, its backward op, their autograd, and the eager route
+
+
+def _grads_like(src: Tensor, weight: Tensor | None, *_) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward ops' fake outputs: (dx, dweight, dbias) in the input's and parameters'
+    dtypes (what every backward implementation returns)."""
+    c = src.shape[1]
+    pdtype = src.dtype if weight is None else weight.dtype
+    return torch.empty_like(src), src.new_empty(c, dtype=pdtype), src.new_empty(c, dtype=pdtype)
+
+
+def _family(name: str, impl, fake, save, backward_impl, recompute):
+    """Define ``batchnorm::NAME`` and ``batchnorm::NAME_backward`` as custom ops tied together
+    with ``register_autograd``, and return the ``torch.autograd.Function`` that carries the same
+    formula for plain eager calls (no dispatcher round trip; same kernels, same bits).
+
+    Every family has the same shape. The forward ``impl`` takes ``(x, weight, bias, ...)``
+    (``fake`` gives its outputs' shapes); ``save(inputs, output)`` gives ``(tensors, params)``,
+    the tensors starting ``(src, weight, bias)``; the backward op is
+    ``backward_impl(dy, *tensors, *params) -> (dx, dweight, dbias)``, its fake
+    :func:`_grads_like`; ``recompute(stats, params)`` gives the differentiable forward ``(x,
+    weight, bias) -> y`` in PyTorch's ops whose derivative makes the double backward
+    (:mod:`.double_backward`), ``stats`` the saved tensors after ``(src, weight, bias)``."""
+    op = torch.library.custom_op(f"batchnorm::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    backward_op = torch.library.custom_op(f"batchnorm::{name}_backward", backward_impl,
+                                          mutates_args=())
+    backward_op.register_fake(_grads_like)
+    n_inputs = len(inspect.signature(impl).parameters)
+    backward_inputs = inspect.signature(backward_impl).parameters.values()
+    n_backward_inputs = len(backward_inputs)
+    # dy and the saved tensors come first, then the numbers and names (eps, act, ...)
+    n_backward_tensors = sum("Tensor" in str(p.annotation) for p in backward_inputs)
+    backward_overload = getattr(torch.ops.batchnorm, f"{name}_backward")
+
+    def setup_context(ctx, inputs, output):
+        tensors, ctx.params = save(inputs, output)
+        ctx.save_for_backward(*tensors)
+        if isinstance(output, tuple):  # the training op's statistics
+            ctx.mark_non_differentiable(*output[1:])
+
+    def grads(ctx, dy: Tensor, backward) -> tuple:
+        saved = ctx.saved_tensors
+        dx, dweight, dbias = backward(dy, *saved, *ctx.params)
+        weight, bias = saved[1], saved[2]
+        return (dx, None if weight is None else dweight, None if bias is None else dbias,
+                *(None,) * (n_inputs - 3))
+
+    def backward(ctx, dy, *_statistics):
+        return grads(ctx, dy, backward_overload)
+
+    def save_backward_inputs(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_backward_tensors])
+        ctx.params = tuple(inputs[n_backward_tensors:])
+
+    def derivative(ctx, gdx, gdw, gdb):
+        dy, x, weight, bias, *stats = ctx.saved_tensors
+        d = double_backward.derivative_of_backward(recompute(stats, ctx.params), dy, x, weight,
+                                                   bias, (gdx, gdw, gdb))
+        return (*d, *(None,) * (n_backward_inputs - 4))
+
+    op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(derivative, setup_context=save_backward_inputs)
+
+    # forward with ctx, not a separate setup_context: apply() would bind the arguments to
+    # forward's signature with inspect on every call
+    def eager_forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def eager_backward(ctx, dy, *_statistics):
+        # under create_graph=True (grad mode on inside backward) the backward op, whose own
+        # derivative records the graph a second derivative needs
+        return grads(ctx, dy, backward_overload if torch.is_grad_enabled() else backward_impl)
+
+    title = "".join(part.capitalize() for part in name.split("_")[2:])  # bn_act_train: Train
+    return type(f"_Eager{title}", (torch.autograd.Function,), {
+        "__doc__": f"batchnorm::{name}'s op and autograd formula without the dispatcher, for "
+                   "plain eager calls.",
+        "forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
+
+
+# training: the batch statistics; InPlace-ABN keeps the output (which the next layer keeps
+# anyway), not the input
+
+
+def _train_fake(x, weight, bias, eps, act, negative_slope, alpha, inplace):
+    c = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(c, dtype=torch.float64),
+            x.new_empty(c, dtype=torch.float64))
+
+
+def _train_save(inputs, output):
+    x, weight, bias, eps, act, negative_slope, alpha, inplace = inputs
+    y, mean, var = output
+    return (y if inplace else x, weight, bias, mean, var), (eps, act, negative_slope, alpha,
+                                                            inplace)
+
+
+_EagerTrain = _family("bn_act_train", _train_impl, _train_fake, _train_save,
+                      _train_backward_impl, double_backward.train_forward)
+
+
+# evaluation: the statistics are constants, no gradient flows into them
+
+
+def _eval_fake(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
+    return torch.empty_like(x)
+
+
+def _eval_save(inputs, output):
+    x, weight, bias, running_mean, running_var, *params = inputs
+    return (x, weight, bias, running_mean, running_var), tuple(params)
+
+
+_EagerEval = _family("bn_act_eval", _eval_impl, _eval_fake, _eval_save, _eval_backward_impl,
+                     double_backward.eval_forward)
+
+
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
     """The training op, or its implementation when nothing needs the op: ``(y, mean, var)``,
     statistics in float64."""
@@ -118,205 +243,6 @@ def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, 
     if records_grad(x, weight, bias):
         return _EagerEval.apply(*args)
     return _eval_impl(*args)
-
-
-def _first_order(impl, op):
-    """The backward op's implementation in a plain backward; the op itself under
-    ``create_graph=True`` (grad mode on inside backward), so that its own autograd formula
-    (:func:`_derivative_of_backward`) records the graph a second derivative needs."""
-    return op if torch.is_grad_enabled() else impl
-
-
-# ---------------------------------------------------------------------------------------------
-# double backward: the backward ops' own derivative
-#
-# The kernels give the first-order gradients (the same bits with or without create_graph). Their
-# derivative, for gradient penalties, Hessian-vector products or MAML-style meta-learning with
-# BN, is PyTorch's: the forward recomputed with PyTorch's own differentiable ops
-# (torch_fallback) at the saved inputs, its gradients taken with create_graph=True, and those
-# differentiated once more. It costs a forward and two backward passes of PyTorch's BN.
-
-
-def _derivative_of_backward(forward, dy, x, weight, bias, grads):
-    """Gradients of sum(grads * backward(dy, x, weight, bias)) with respect to
-    (dy, x, weight, bias), where backward gives (dx, dweight, dbias) of ``forward(x, w, b)``."""
-    with torch.enable_grad():
-        dy_ = dy.detach().requires_grad_()
-        leaves = [None if t is None else t.detach().requires_grad_() for t in (x, weight, bias)]
-        present = [t for t in leaves if t is not None]
-        firsts = torch.autograd.grad(forward(*leaves), present, dy_, create_graph=True)
-        incoming = [g for t, g in zip(leaves, grads) if t is not None]
-        pairs = [(f, g) for f, g in zip(firsts, incoming) if g is not None]
-        if not pairs:
-            return None, None, None, None
-        seconds = torch.autograd.grad([f for f, _ in pairs], [dy_, *present],
-                                      [g for _, g in pairs], allow_unused=True)
-    it = iter(seconds[1:])
-    return (seconds[0], *(None if t is None else next(it) for t in leaves))
-
-
-def _save_backward_inputs(ctx, inputs, output):
-    dy, src, weight, bias, stat_a, stat_b, *params = inputs
-    ctx.save_for_backward(dy, src, weight, bias, stat_a, stat_b)
-    ctx.params = tuple(params)
-
-
-def _train_backward_derivative(ctx, gdx, gdw, gdb):
-    dy, x, weight, bias, _mean, _var = ctx.saved_tensors
-    eps, act, negative_slope, alpha, inplace = ctx.params
-    if inplace:
-        raise expected("inplace=False to differentiate the gradients again (double backward)",
-                       "inplace=True: the backward keeps the output, not the input")
-    # the batch statistics are recomputed from x: they are functions of x, not constants
-    d = _derivative_of_backward(
-        lambda x, w, b: torch_fallback.train(x, w, b, eps, act, negative_slope, alpha, False)[0],
-        dy, x, weight, bias, (gdx, gdw, gdb))
-    return (*d, None, None, None, None, None, None, None)
-
-
-def _eval_backward_derivative(ctx, gdx, gdw, gdb):
-    dy, x, weight, bias, running_mean, running_var = ctx.saved_tensors
-    eps, act, negative_slope, alpha = ctx.params
-    d = _derivative_of_backward(
-        lambda x, w, b: torch_fallback.eval_(x, w, b, running_mean, running_var, eps, act,
-                                             negative_slope, alpha),
-        dy, x, weight, bias, (gdx, gdw, gdb))
-    return (*d, None, None, None, None, None, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# training: forward op, backward op, autograd
-
-_train_op = torch.library.custom_op(
-    "batchnorm::bn_act_train", _train_impl, mutates_args=())
-
-
-@_train_op.register_fake
-def _(x, weight, bias, eps, act, negative_slope, alpha, inplace):
-    c = x.shape[1]
-    return torch.empty_like(x), x.new_empty(c, dtype=torch.float64), x.new_empty(
-        c, dtype=torch.float64)
-
-
-_train_backward_op = torch.library.custom_op(
-    "batchnorm::bn_act_train_backward", _train_backward_impl, mutates_args=())
-
-
-@_train_backward_op.register_fake
-def _(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace):
-    return _grads_like(src, weight)
-
-
-def _grads_like(src: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    c = src.shape[1]
-    pdtype = src.dtype if weight is None else weight.dtype
-    return torch.empty_like(src), src.new_empty(c, dtype=pdtype), src.new_empty(c, dtype=pdtype)
-
-
-def _train_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, act, negative_slope, alpha, inplace = inputs
-    y, mean, var = output
-    # InPlace-ABN: keep the output (which the next layer keeps anyway), not the input
-    ctx.save_for_backward(y if inplace else x, weight, bias, mean, var)
-    ctx.params = (eps, act, negative_slope, alpha, inplace)
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _train_grads(ctx, dy: Tensor, backward) -> tuple:
-    """The gradients of the training forward's inputs, ``backward`` computing (dx, dw, db)."""
-    src, weight, bias, mean, var = ctx.saved_tensors
-    dx, dweight, dbias = backward(dy, src, weight, bias, mean, var, *ctx.params)
-    return (dx, None if weight is None else dweight, None if bias is None else dbias,
-            None, None, None, None, None)
-
-
-def _train_backward(ctx, dy, _dmean, _dvar):
-    return _train_grads(ctx, dy, torch.ops.batchnorm.bn_act_train_backward)
-
-
-_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
-_train_backward_op.register_autograd(_train_backward_derivative,
-                                     setup_context=_save_backward_inputs)
-
-
-class _EagerTrain(torch.autograd.Function):
-    """bn_act_train's op and autograd formula without the dispatcher, for plain eager calls.
-
-    The same forward, setup_context (inplace saves y, not x) and backward as the op; under
-    ``create_graph=True`` the backward op, whose own derivative gives double backward.
-    """
-
-    # forward with ctx, not a separate setup_context: apply() would bind the arguments to
-    # forward's signature with inspect on every call (measured 40 us a call here)
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _train_impl(*inputs)
-        _train_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        return _train_grads(ctx, dy, _first_order(_train_backward_impl,
-                                                  torch.ops.batchnorm.bn_act_train_backward))
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation: forward op, backward op, autograd
-
-_eval_op = torch.library.custom_op("batchnorm::bn_act_eval", _eval_impl, mutates_args=())
-
-
-@_eval_op.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
-    return torch.empty_like(x)
-
-
-_eval_backward_op = torch.library.custom_op(
-    "batchnorm::bn_act_eval_backward", _eval_backward_impl, mutates_args=())
-
-
-@_eval_backward_op.register_fake
-def _(dy, x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha):
-    return _grads_like(x, weight)
-
-
-def _eval_setup_context(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, eps, act, negative_slope, alpha = inputs
-    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
-    ctx.params = (eps, act, negative_slope, alpha)
-
-
-def _eval_grads(ctx, dy: Tensor, backward) -> tuple:
-    """The gradients of the eval forward's inputs, ``backward`` computing (dx, dw, db)."""
-    x, weight, bias, running_mean, running_var = ctx.saved_tensors
-    dx, dweight, dbias = backward(dy, x, weight, bias, running_mean, running_var, *ctx.params)
-    # the statistics are constants in evaluation: no gradient flows into them
-    return (dx, None if weight is None else dweight, None if bias is None else dbias,
-            None, None, None, None, None, None)
-
-
-def _eval_backward(ctx, dy):
-    return _eval_grads(ctx, dy, torch.ops.batchnorm.bn_act_eval_backward)
-
-
-_eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
-_eval_backward_op.register_autograd(_eval_backward_derivative,
-                                    setup_context=_save_backward_inputs)
-
-
-class _EagerEval(torch.autograd.Function):
-    """bn_act_eval's op and autograd formula without the dispatcher, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _eval_impl(*inputs)
-        _eval_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _eval_grads(ctx, dy, _first_order(_eval_backward_impl,
-                                                 torch.ops.batchnorm.bn_act_eval_backward))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,75 +291,17 @@ def _stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor],
                                            eps, act, negative_slope, alpha)
 
 
-_stats_op = torch.library.custom_op("batchnorm::bn_act_stats", _stats_impl, mutates_args=())
-
-
-@_stats_op.register_fake
-def _(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
+def _stats_fake(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
     return torch.empty_like(x)
 
 
-_stats_backward_op = torch.library.custom_op(
-    "batchnorm::bn_act_stats_backward", _stats_backward_impl, mutates_args=())
+def _stats_save(inputs, output):
+    x, weight, bias, mean, var, mask, count, *params = inputs
+    return (x, weight, bias, mean, var, mask, count), tuple(params)
 
 
-@_stats_backward_op.register_fake
-def _(dy, x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
-    return _grads_like(x, weight)
-
-
-def _stats_setup_context(ctx, inputs, output):
-    x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha = inputs
-    ctx.save_for_backward(x, weight, bias, mean, var, mask, count)
-    ctx.params = (eps, act, negative_slope, alpha)
-
-
-def _stats_grads(ctx, dy: Tensor, backward) -> tuple:
-    x, weight, bias, mean, var, mask, count = ctx.saved_tensors
-    dx, dweight, dbias = backward(dy, x, weight, bias, mean, var, mask, count, *ctx.params)
-    return (dx, None if weight is None else dweight, None if bias is None else dbias,
-            None, None, None, None, None, None, None, None)
-
-
-def _stats_backward(ctx, dy):
-    return _stats_grads(ctx, dy, torch.ops.batchnorm.bn_act_stats_backward)
-
-
-def _save_stats_backward_inputs(ctx, inputs, output):
-    dy, x, weight, bias, mean, var, mask, count, *params = inputs
-    ctx.save_for_backward(dy, x, weight, bias, mean, mask)
-    ctx.params = tuple(params)
-
-
-def _stats_backward_derivative(ctx, gdx, gdw, gdb):
-    dy, x, weight, bias, mean, mask = ctx.saved_tensors
-    eps, act, negative_slope, alpha = ctx.params
-    # the statistics are functions of x: PyTorch's ops recompute them differentiably
-    d = _derivative_of_backward(
-        lambda x, w, b: torch_fallback.train_stats(x, w, b, mean, eps, act, negative_slope,
-                                                   alpha, mask),
-        dy, x, weight, bias, (gdx, gdw, gdb))
-    return (*d, None, None, None, None, None, None, None, None)
-
-
-_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
-_stats_backward_op.register_autograd(_stats_backward_derivative,
-                                     setup_context=_save_stats_backward_inputs)
-
-
-class _EagerStats(torch.autograd.Function):
-    """bn_act_stats's op and autograd formula without the dispatcher, for plain eager calls."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _stats_impl(*inputs)
-        _stats_setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _stats_grads(ctx, dy, _first_order(_stats_backward_impl,
-                                                  torch.ops.batchnorm.bn_act_stats_backward))
+_EagerStats = _family("bn_act_stats", _stats_impl, _stats_fake, _stats_save,
+                      _stats_backward_impl, double_backward.stats_forward)
 
 
 def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alpha):
