@@ -74,7 +74,7 @@ def test_given_statistics_ops(dtype, memory_format, act, inplace, affine, masked
     mask = (torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(1)) > 0.3) if masked \
         else None
     _opcheck("moments", (x.detach(), mask))
-    mean, m2, count = torch.ops.batchnorm.moments(x.detach(), mask)
+    count, mean, m2 = torch.ops.batchnorm.moments(x.detach(), mask)
     var = m2 / count
     _opcheck("bn_act_stats", (x, w, b, mean, var, mask, count, EPS, act, SLOPE, ALPHA))
     dy = torch.randn_like(x)

@@ -39,7 +39,7 @@ from torch import nn
 from .console import render_text
 from .errors import expected
 from .layers import _OurBatchNorm
-from .ops.torch_fallback import merge_moments
+from .ops.moments import merge_parts
 from .probe import (
     NonFiniteBatch,
     Skips,
@@ -278,8 +278,7 @@ def _seen_moments(model, names, calls, advance, skips) -> dict:
         if not parts:
             raise expected(f"data that reaches every BN layer (got none for {name!r})",
                            "a branch the data never takes")
-        counts, means, m2s = (torch.stack(t).to(torch.float64) for t in zip(*parts))
-        out[name] = merge_moments(counts, means, m2s)
+        out[name] = merge_parts(parts)
     return out
 
 

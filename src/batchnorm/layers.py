@@ -40,7 +40,7 @@ from .errors import (
     expected,
 )
 from .ops import custom_ops, step, torch_fallback
-from .ops.torch_fallback import merge_moments
+from .ops.moments import merge_parts
 
 __all__ = [
     "BatchNorm1d",
@@ -137,14 +137,6 @@ class _RuntimeOption:
         value = _check_runtime(self.name, value, obj.renorm)
         obj._option_tensors[self.name].fill_(value)
         obj._option_values[self.name] = value
-
-
-def _merge(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """float64 ``(count, mean, M2)`` of the union of partials (count 0-d tensors)."""
-    if len(parts) == 1:
-        return parts[0]
-    counts, means, m2s = zip(*parts)
-    return merge_moments(torch.stack(counts), torch.stack(means), torch.stack(m2s))
 
 
 class _OurBatchNorm(_BatchNorm):
@@ -426,11 +418,11 @@ class _OurBatchNorm(_BatchNorm):
         eager = not _is_compiling()
         parts, ys = [], []
         for k, (xp, mp) in enumerate(zip(xs, masks)):
-            mean, m2, count = ops.moments(xp, mp)
+            part = ops.moments(xp, mp)
             if mp is not None and eager and xp.numel() > 0:
-                check_counted(int(count), "the mask" if len(xs) == 1 else
+                check_counted(int(part.count), "the mask" if len(xs) == 1 else
                               f"the mask in every ghost batch (batch {k} of {len(xs)})")
-            parts.append((count, mean, m2))
+            parts.append(part)
         for xp, mp, (count, mean, m2) in zip(xs, masks, parts):
             var = m2 / count
             weight, bias = self.weight, self.bias
@@ -440,7 +432,7 @@ class _OurBatchNorm(_BatchNorm):
                                        mask=mp))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         if update:  # statistics of half-precision data in float32, as plain BN's (and PyTorch's)
-            self._update_from_moments(*_merge(parts),
+            self._update_from_moments(*merge_parts(parts),
                                       torch.float32 if x.dtype in _REDUCED else x.dtype)
         return y
 

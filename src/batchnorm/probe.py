@@ -242,7 +242,7 @@ def nonfinite_guard(layers: dict[str, nn.Module], skips: Skips,
         def pre(mod, args, kwargs, name=name, into=into):
             x = args[0] if args else kwargs.get("input")
             mask = args[1] if len(args) > 1 else kwargs.get("mask")
-            mean, m2, count = ops.moments(x, mask)
+            count, mean, m2 = ops.moments(x, mask)
             finite = torch.isfinite(mean) & torch.isfinite(m2)
             if bool(finite.all()):
                 skips.kept[name] = skips.kept.get(name, 0) + 1

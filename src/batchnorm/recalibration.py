@@ -20,7 +20,7 @@ from torch import nn
 from . import sync
 from .collectives import RECALIBRATE, Link, group_world, layer_key
 from .errors import expected
-from .ops.torch_fallback import merge_moments
+from .ops.moments import Moments, merge, merge_parts
 from .probe import (
     NonFiniteBatch,
     Skips,
@@ -215,11 +215,10 @@ def _merge_partials(layers, partials, process_group, summary):
         parts = partials[id(m)]
         c = m.num_features
         if parts:
-            counts, means, m2s = (torch.stack(t).to(torch.float64) for t in zip(*parts))
-            merged.append(merge_moments(counts, means, m2s))
+            merged.append(merge_parts(parts))
         else:
             zeros = torch.zeros(c, dtype=torch.float64, device=m.running_mean.device)
-            merged.append((zeros.new_zeros(()), zeros, zeros.clone()))
+            merged.append(Moments(zeros.new_zeros(()), zeros, zeros.clone()))
     group, world = group_world(process_group)
     if process_group is None or world == 1:
         return merged
@@ -232,7 +231,7 @@ def _merge_partials(layers, partials, process_group, summary):
     for m in layers:
         c = m.num_features
         block = rows[:, i:i + 1 + 2 * c]
-        out.append(merge_moments(block[:, 0], block[:, 1:1 + c], block[:, 1 + c:]))
+        out.append(merge(block[:, 0], block[:, 1:1 + c], block[:, 1 + c:]))
         i += 1 + 2 * c
     summary.batches_all_ranks = int(rows[:, i].sum())
     if summary.batches_all_ranks == 0:

@@ -45,8 +45,8 @@ from .errors import check_counted, check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct, _replaying, in_onnx_export
 from .ops import check_mask
 from .ops.backends import kernels_for
+from .ops.moments import Moments, merge
 from .ops.torch_fallback import channel_view, masked_moments, shifted_moments, working
-from .ops.torch_fallback import merge_moments as _merge
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments", "name_layers",
            "local_only", "from_batchnorm"]
@@ -56,7 +56,7 @@ __all__ = ["SyncBatchNorm", "SyncBatchNormAct", "local_moments", "merge_moments"
 # The math: the reference's moments and merge, in torch float64
 
 
-def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+def local_moments(x: torch.Tensor) -> Moments:
     """Per-channel ``(count, mean, M2)`` of ``x`` (N, C, *) over every axis but 1, in float64.
 
     The reference's definition (:func:`batchnorm.reference.moments`), as
@@ -65,20 +65,27 @@ def local_moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     M2 0.
     """
     n, _, _, mean, m2 = shifted_moments(working(x.detach()))
-    return float(n), mean, m2
+    return Moments(float(n), mean, m2)
 
 
-def merge_moments(
-    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
-) -> tuple[float, torch.Tensor, torch.Tensor]:
+def merge_moments(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> Moments:
     """Merge W partials ``count (W,)``, ``mean (W, C)``, ``m2 (W, C)`` into one (Chan, k-way):
-    :func:`batchnorm.ops.torch_fallback.merge_moments` with the count as a Python float.
-
-    Equal to folding :func:`batchnorm.reference.merge` over the partials. Empty partials are
-    neutral; all empty gives ``(0, zeros, zeros)``.
+    :func:`batchnorm.ops.moments.merge`, the count as a Python float (the layer branches on
+    it). Equal to folding :func:`batchnorm.reference.merge` over the partials. Empty partials
+    are neutral; all empty gives ``(0, zeros, zeros)``.
     """
-    n, total_mean, total_m2 = _merge(count, mean, m2)
-    return float(n), total_mean, total_m2
+    n, total_mean, total_m2 = merge(count, mean, m2)
+    return Moments(float(n), total_mean, total_m2)
+
+
+def _gather_moments(link: Link, part: Moments, call: int) -> Moments:
+    """Every rank's partial in one all-gather (``[mean, M2, count]`` rows of 2C + 1), merged."""
+    count, mean, m2 = part
+    c = mean.shape[0]
+    payload = torch.cat([mean, m2, torch.as_tensor(count, dtype=torch.float64,
+                                                   device=mean.device).reshape(1)])
+    rows = link.gather(payload, FORWARD, call, c)  # (W, 2C + 1)
+    return merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +108,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, link, call, mask=None, renorm=None):
-        c = x.shape[1]
         ctx.kernels = kernels = kernels_for(x, weight, bias)  # numba, Triton, or None
         shift = d = xw = None
         if mask is not None:  # statistics of the counted positions only
@@ -116,9 +122,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:
             xw = working(x.detach())
             n_local, shift, d, mean, m2 = shifted_moments(xw)
-        payload = torch.cat([mean, m2, mean.new_tensor([float(n_local)])])  # (2C + 1,)
-        rows = link.gather(payload, FORWARD, call, c)  # (W, 2C + 1)
-        n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
+        n, g_mean, g_m2 = _gather_moments(link, Moments(float(n_local), mean, m2), call)
         if mask is not None:
             check_counted(int(n), f"{link.name}: the mask over all ranks")
         elif n == 1:
@@ -319,10 +323,7 @@ class _SyncBase(_OurBatchNorm):
         link = self._ghost_link
         if link is None:
             return super()._update_from_moments(count, mean, m2, dtype)
-        c = mean.shape[0]
-        payload = torch.cat([mean, m2, count.reshape(1).to(torch.float64)])
-        rows = link.gather(payload, FORWARD, self._sync_calls, c)
-        n, g_mean, g_m2 = merge_moments(rows[:, 2 * c], rows[:, :c], rows[:, c:2 * c])
+        n, g_mean, g_m2 = _gather_moments(link, Moments(count, mean, m2), self._sync_calls)
         self._update_running_stats(g_mean.to(dtype), (g_m2 / n).to(dtype), n)
 
     @property

@@ -38,10 +38,11 @@ from torch import Tensor
 from ..activations import FUSED, INVERTIBLE
 from ..errors import _activations, check_act, check_eps, check_mask_shape, expected
 from . import custom_ops, numba_cpu, torch_fallback, triton_gpu
+from .backends import kernels_for
+from .moments import Moments
 
 _activations()  # the checks' registry filled now: filled inside a compiled forward, it is a guard
 # that fails on the next call (one recompile)
-from .backends import kernels_for
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments", "bn_act_stats",
            "bn_act_mixed", "renorm_factors", "check_mask"]
@@ -211,8 +212,8 @@ def bn_act_eval(
 # the pieces of the layers' options for hard training conditions
 
 
-def moments(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel float64 ``(mean, M2, count)`` of ``x`` (N, C, *), over the positions where
+def moments(x: Tensor, mask: Tensor | None = None) -> Moments:
+    """Per-channel float64 ``(count, mean, M2)`` of ``x`` (N, C, *), over the positions where
     ``mask`` (N, *) is True if one is given; count is a 0-d float64 tensor. The reference's
     definition (:func:`batchnorm.reference.moments`): the kernels' statistics on their path, the
     shifted two-pass float64 sums otherwise. Never differentiable."""
@@ -224,7 +225,7 @@ def moments(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tens
         n, _, _, mean, m2 = torch_fallback.shifted_moments(torch_fallback.working(x.detach()))
     else:
         n, mean, m2 = torch_fallback.masked_moments(x.detach(), mask)
-    return mean, m2, mean.new_tensor(float(n))
+    return Moments(mean.new_tensor(float(n)), mean, m2)
 
 
 def bn_act_stats(

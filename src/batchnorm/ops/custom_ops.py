@@ -7,9 +7,10 @@ op of its own, tied together with ``register_autograd`` by one helper (:func:`_f
 ``*_backward``; the backward ops' own derivative (double backward) is :mod:`.double_backward`.
 Three ops without gradients: ``moments`` (the statistics alone), ``renorm_factors`` (Batch
 Renorm's r and d) and ``running_update`` (mutating the buffers). Fake implementations give
-shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op as one node. The ops run the kernels :func:`.backends.kernels_taking` gives for their input: the
-numba CPU backend (:mod:`.numba_cpu`) or the Triton GPU one (:mod:`.triton_gpu`), whose
-implementations share signatures and results.
+shapes and strides, so ``torch.compile`` and ``torch.export`` keep each op as one node. The
+ops run the kernels :func:`.backends.kernels_taking` gives for their input: the numba CPU
+backend (:mod:`.numba_cpu`) or the Triton GPU one (:mod:`.triton_gpu`), whose implementations
+share signatures and results.
 
 In plain eager mode the same implementations run without the op's dispatcher round trip
 (:func:`train`, :func:`eval_`, :func:`stats`): directly when no gradient is recorded, through a
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from . import double_backward, numba_cpu, torch_fallback
 from .backends import kernels_taking
+from .moments import Moments
 
 __all__ = ["train", "eval_", "moments", "stats", "renorm_factors", "running_update",
            "plain_eager", "records_grad"]
@@ -252,11 +254,9 @@ def eval_(x, weight, bias, running_mean, running_var, eps, act, negative_slope, 
 
 def _moments_impl(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     kernels = _kernels(x)
-    if mask is None:
-        n, mean, m2 = kernels.moments_impl(x)
-    else:
-        n, mean, m2 = kernels.masked_moments_impl(x, mask)
-    return mean, m2, torch.tensor(float(n), dtype=torch.float64, device=x.device)
+    n, mean, m2 = kernels.moments_impl(x) if mask is None else kernels.masked_moments_impl(x,
+                                                                                           mask)
+    return torch.tensor(float(n), dtype=torch.float64, device=x.device), mean, m2
 
 
 _moments_op = torch.library.custom_op("batchnorm::moments", _moments_impl, mutates_args=())
@@ -265,16 +265,16 @@ _moments_op = torch.library.custom_op("batchnorm::moments", _moments_impl, mutat
 @_moments_op.register_fake
 def _(x, mask):
     c = x.shape[1]
-    return (x.new_empty(c, dtype=torch.float64), x.new_empty(c, dtype=torch.float64),
-            x.new_empty((), dtype=torch.float64))
+    return (x.new_empty((), dtype=torch.float64), x.new_empty(c, dtype=torch.float64),
+            x.new_empty(c, dtype=torch.float64))
 
 
-def moments(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def moments(x: Tensor, mask: Optional[Tensor]) -> Moments:
     """The statistics op, or its implementation when nothing needs the op: float64
-    ``(mean, M2, count)`` (count a 0-d tensor), never differentiable."""
+    :class:`.moments.Moments` (count a 0-d tensor), never differentiable."""
     if not plain_eager(x, mask):
-        return torch.ops.batchnorm.moments(x.detach(), mask)  # never differentiable
-    return _moments_impl(x.detach(), mask)
+        return Moments(*torch.ops.batchnorm.moments(x.detach(), mask))  # never differentiable
+    return Moments(*_moments_impl(x.detach(), mask))
 
 
 def _stats_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,

@@ -20,6 +20,7 @@ from .. import kernels
 from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
 from .memory import output_like
+from .moments import Moments, empty
 
 __all__ = ["takes", "train_step", "running_update_impl", "train_impl", "eval_impl",
            "train_backward_impl", "eval_backward_impl", "masked_moments_impl",
@@ -216,16 +217,14 @@ def eval_backward_impl(
 # the pieces SyncBatchNorm assembles around its collectives (identity activation)
 
 
-def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
+def moments_impl(x: Tensor) -> Moments:
     """``(count, mean, M2)`` per channel of x, float64, by the kernels' statistics (the ones
     the training forward uses); an empty batch gives ``(0, zeros, zeros)``."""
-    c = x.shape[1]
     if x.numel() == 0:
-        zeros = x.new_zeros(c, dtype=torch.float64)
-        return 0, zeros, zeros.clone()
+        return empty(x)
     x = dense(x)
     mean, m2 = _run(kernels.moments, x, [], [x])
-    return x.numel() // c, torch.from_numpy(mean), torch.from_numpy(m2)
+    return Moments(x.numel() // x.shape[1], torch.from_numpy(mean), torch.from_numpy(m2))
 
 
 def backward_sums_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -270,18 +269,16 @@ def _mask_array(mask: Tensor, kind: str) -> np.ndarray:
     return mask.numpy().reshape(mask.shape[0], -1) if kind == "ncs" else mask.numpy().reshape(-1)
 
 
-def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]:
+def masked_moments_impl(x: Tensor, mask: Tensor) -> Moments:
     """``(count, mean, M2)`` per channel of x over the positions ``mask`` counts, float64, by the
-    masked statistics kernels; nothing counted gives ``(0, zeros, zeros)``."""
-    c = x.shape[1]
+    masked statistics kernels (count a float); nothing counted gives ``(0, zeros, zeros)``."""
     if x.numel() == 0 or not bool(mask.any()):
-        zeros = x.new_zeros(c, dtype=torch.float64)
-        return 0.0, zeros, zeros.clone()
+        return empty(x)
     x = dense(x)
     kind = layout(x)
     count, mean, m2 = _run(lambda xv: kernels.moments_masked(xv, _mask_array(mask, kind)), x,
                            [], [x])
-    return count, torch.from_numpy(mean), torch.from_numpy(m2)
+    return Moments(count, torch.from_numpy(mean), torch.from_numpy(m2))
 
 
 def stats_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -19,9 +19,10 @@ from torch import Tensor
 
 from ..activations import REGISTRY
 from .layout import same_format
+from .moments import Moments, empty
 
-__all__ = ["train", "train_step", "running_update", "eval_", "shifted_moments", "merge_moments",
-           "working", "channel_view", "masked_moments", "train_stats", "mixed"]
+__all__ = ["train", "train_step", "running_update", "eval_", "shifted_moments", "working",
+           "channel_view", "masked_moments", "train_stats", "mixed"]
 
 
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
@@ -101,23 +102,6 @@ def shifted_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
     d_var, d_mean = torch.var_mean(d, dim=reduce_dims(d), correction=0)
     m2 = d_var.to(torch.float64) * n
     return n, shift, d, shift.to(torch.float64) + d_mean.to(torch.float64), m2
-
-
-def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge W partials ``count (W,)``, ``mean (W, C)``, ``m2 (W, C)`` into one: Chan's formula,
-    k-way, in float64 tensors (no Python number, so a compiled graph keeps it whole):
-
-        n = sum_r n_r,  mean = sum_r n_r mean_r / n,  M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2
-
-    Equal to folding :func:`batchnorm.reference.merge` over the partials; deviations are taken
-    from the merged mean, never E[x^2] - E[x]^2. Empty partials are neutral; all empty gives
-    ``(0, zeros, zeros)``."""
-    count = count.to(torch.float64)
-    n = count.sum()
-    w = count[:, None]  # (W, 1)
-    mean_all = (w * mean).sum(dim=0) / torch.where(n > 0, n, torch.ones_like(n))
-    m2_all = m2.sum(dim=0) + (w * (mean - mean_all).square()).sum(dim=0)
-    return n, mean_all, m2_all
 
 
 def working(x: Tensor) -> Tensor:
@@ -208,15 +192,14 @@ def _safe_gamma(gamma: Tensor, eps: float) -> Tensor:
 # masks and given statistics (the layers' options for hard training conditions)
 
 
-def masked_moments(x: Tensor, mask: Tensor) -> tuple[int, Tensor, Tensor]:
-    """``(n, mean, M2)`` per channel of x ``(N, C, *)`` over the positions where ``mask``
+def masked_moments(x: Tensor, mask: Tensor) -> Moments:
+    """``(count, mean, M2)`` per channel of x ``(N, C, *)`` over the positions where ``mask``
     ``(N, *)`` is True: the reference's definition (shift by one counted sample of each
     channel, two passes), in float64. No counted value gives ``(0, zeros, zeros)``."""
     c = x.shape[1]
     n = int(mask.sum())
-    zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
     if n == 0:
-        return 0, zeros, zeros.clone()
+        return empty(x)
     m = mask.unsqueeze(1)  # (N, 1, *)
     plane = mask[0].numel()
     first = int(mask.reshape(-1).nonzero()[0, 0])
@@ -226,7 +209,7 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[int, Tensor, Tensor]:
     d = (x.to(torch.float64) - shift.view(view)) * m  # uncounted positions are 0
     d_mean = d.sum(dims) / n
     m2 = ((d - d_mean.view(view)) * m).square().sum(dims)
-    return n, shift + d_mean, m2
+    return Moments(n, shift + d_mean, m2)
 
 
 def train_stats(x, weight, bias, mean, eps, act, negative_slope, alpha, mask):

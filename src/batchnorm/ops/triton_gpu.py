@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
+from .moments import Moments, empty
 
 __all__ = ["available", "takes", "on_cpu", "train_step", "train_impl", "eval_impl",
            "train_backward_impl", "eval_backward_impl", "moments_impl", "masked_moments_impl",
@@ -197,28 +198,24 @@ def _statistics(x: Tensor, mask: Tensor | None, plan=None, var: bool = False,
     return mean, second, scratch, 3 * plane
 
 
-def moments_impl(x: Tensor) -> tuple[int, Tensor, Tensor]:
+def moments_impl(x: Tensor) -> Moments:
     """``(count, mean, M2)`` per channel, float64 (:func:`.numba_cpu.moments_impl`'s)."""
-    c = x.shape[1]
     if x.numel() == 0:
-        zeros = x.new_zeros(c, dtype=torch.float64)
-        return 0, zeros, zeros.clone()
+        return empty(x)
     x = dense(x)
     mean, m2, _, _ = _statistics(x, None)
-    return x.numel() // c, mean, m2
+    return Moments(x.numel() // x.shape[1], mean, m2)
 
 
-def masked_moments_impl(x: Tensor, mask: Tensor) -> tuple[float, Tensor, Tensor]:
+def masked_moments_impl(x: Tensor, mask: Tensor) -> Moments:
     """``(count, mean, M2)`` over the positions ``mask`` counts; nothing counted gives zeros."""
-    c = x.shape[1]
     if x.numel() == 0:
-        zeros = x.new_zeros(c, dtype=torch.float64)
-        return 0.0, zeros, zeros.clone()
+        return empty(x)
     x = dense(x)
     mean, m2, scratch, counts_at = _statistics(x, mask)
     # every channel counts the same positions; the Python float of this signature is its one
     # read back
-    return float(scratch[counts_at]), mean, m2
+    return Moments(float(scratch[counts_at]), mean, m2)
 
 
 # ---------------------------------------------------------------------------------------------
