@@ -448,15 +448,8 @@ class _OurBatchNorm(_BatchNorm):
 
     def _renormed(self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                   x: Tensor, update: bool) -> tuple[Tensor, Tensor]:
-        """Batch Renorm as an affine map: ``weight * (x_hat * r + d) + bias`` is BN with
-        ``weight * r`` and ``bias + weight * d`` (r, d constants: the gradient reaches weight
-        through both)."""
-        r, d = self._renorm_rd(mean, var, update)
-        pdtype = x.dtype if weight is None else weight.dtype
-        r, d = r.to(pdtype), d.to(pdtype)
-        new_weight = r if weight is None else weight * r
-        shift = d if weight is None else weight * d
-        return new_weight, shift if bias is None else bias + shift
+        """Batch Renorm's (weight, bias) for plain BN (:func:`batchnorm.ops.renorm_affine`)."""
+        return ops.renorm_affine(weight, bias, *self._renorm_rd(mean, var, update), x.dtype)
 
     def _renorm_rd(self, mean: Tensor, var: Tensor, update: bool) -> tuple[Tensor, Tensor]:
         """(r, d) for these batch statistics, measured against the running statistics before

@@ -43,7 +43,7 @@ from .activations import REGISTRY
 from .collectives import BACKWARD, FORWARD, Link, group_world, layer_key
 from .errors import check_counted, check_eps, expected
 from .layers import _OurBatchNorm, _OurBatchNormAct, _replaying, in_onnx_export
-from .ops import check_mask
+from .ops import check_mask, renorm_affine
 from .ops.backends import kernels_for
 from .ops.moments import Moments, merge
 from .ops.torch_fallback import channel_view, masked_moments, shifted_moments, working
@@ -234,11 +234,7 @@ def _effective(weight, bias, rd, x):
     weight, bias = _detached(weight), _detached(bias)
     if rd is None:
         return weight, bias
-    r, d = rd
-    pdtype = x.dtype if weight is None else weight.dtype
-    r, d = r.to(pdtype), d.to(pdtype)
-    shift = d if weight is None else weight * d
-    return (r if weight is None else weight * r), (shift if bias is None else bias + shift)
+    return renorm_affine(weight, bias, *rd, x.dtype)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -45,7 +45,7 @@ _activations()  # the checks' registry filled now: filled inside a compiled forw
 # that fails on the next call (one recompile)
 
 __all__ = ["ACTIVATIONS", "INVERTIBLE", "bn_act_train", "bn_act_eval", "moments", "bn_act_stats",
-           "bn_act_mixed", "renorm_factors", "check_mask"]
+           "bn_act_mixed", "renorm_factors", "renorm_affine", "check_mask"]
 
 ACTIVATIONS = FUSED  # the act names the ops take
 
@@ -134,11 +134,8 @@ def bn_act_train(
     >>> y.shape, mean.shape, bool((y >= 0).all())
     (torch.Size([8, 3, 4, 4]), torch.Size([3]), True)
     """
-    eps = check_eps(eps, training=True)
-    c = _check_input(x)
-    _check_param("weight", weight, x, c)
-    _check_param("bias", bias, x, c)
-    negative_slope, alpha = check_act(act, negative_slope, alpha, inplace)
+    eps, negative_slope, alpha = _checked(x, weight, bias, eps, True, act, negative_slope, alpha,
+                                          inplace=inplace)
     args = (x, weight, bias, eps, act, negative_slope, alpha, inplace)
     if _backend(x, weight, bias, fused=inplace) != "torch":
         y, mean, var = custom_ops.train(*args)
@@ -194,13 +191,8 @@ def bn_act_eval(
     >>> torch.equal(y, x)
     True
     """
-    eps = check_eps(eps, training=False)
-    c = _check_input(x)
-    _check_param("weight", weight, x, c)
-    _check_param("bias", bias, x, c)
-    _check_param("running_mean", running_mean, x, c, required=True)
-    _check_param("running_var", running_var, x, c, required=True)
-    negative_slope, alpha = check_act(act, negative_slope, alpha, inplace=False)
+    eps, negative_slope, alpha = _checked(x, weight, bias, eps, False, act, negative_slope, alpha,
+                                          running=(running_mean, running_var))
     if _backend(x, weight, bias, running_mean, running_var) != "torch":
         return custom_ops.eval_(x, weight, bias, running_mean.detach(), running_var.detach(), eps,
                                 act, negative_slope, alpha)
@@ -252,12 +244,8 @@ def bn_act_stats(
     r and d go into ``weight`` / ``bias``) or cut the batch (Ghost BN). On PyTorch's path the
     statistics are recomputed in differentiable ops, centred by ``mean``.
     """
-    eps = check_eps(eps, training=True)
-    c = _check_input(x)
-    _check_param("weight", weight, x, c)
-    _check_param("bias", bias, x, c)
-    check_mask(mask, x)
-    negative_slope, alpha = check_act(act, negative_slope, alpha, False)
+    eps, negative_slope, alpha = _checked(x, weight, bias, eps, True, act, negative_slope, alpha,
+                                          mask=mask)
     if _backend(x, weight, bias, fused=mask is not None) != "torch":
         return custom_ops.stats(x, weight, bias, mean.detach(), var.detach(), mask,
                                 count.detach(), eps, act, negative_slope, alpha)
@@ -271,20 +259,25 @@ def bn_act_mixed(x, weight, bias, running_mean, running_var, eps, act="identity"
     variance (the batch variance biased, over the counted positions), gradients through the
     batch part; PyTorch's ops on every device (no kernel: a test-time option). ``mix``: a
     number, or a 0-d tensor (a layer's, which a compiled graph takes as an input)."""
-    eps = check_eps(eps, training=False)
-    c = _check_input(x)
-    _check_param("weight", weight, x, c)
-    _check_param("bias", bias, x, c)
-    _check_param("running_mean", running_mean, x, c, required=True)
-    _check_param("running_var", running_var, x, c, required=True)
-    check_mask(mask, x)
-    negative_slope, alpha = check_act(act, negative_slope, alpha, False)
+    eps, negative_slope, alpha = _checked(x, weight, bias, eps, False, act, negative_slope, alpha,
+                                          running=(running_mean, running_var), mask=mask)
     return torch_fallback.mixed(x, weight, bias, running_mean, running_var, eps, act,
                                 negative_slope, alpha,
                                 mix if isinstance(mix, Tensor) else float(mix), mask)
 
 
 renorm_factors = custom_ops.renorm_factors
+
+
+def renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Batch Renorm as plain BN's affine: ``weight * (x_hat * r + d) + bias`` is BN with
+    ``weight * r`` and ``bias + weight * d`` (r, d constants, in the parameters' dtype, or
+    ``dtype`` without parameters; the gradient reaches weight through both)."""
+    pdtype = dtype if weight is None else weight.dtype
+    r, d = r.to(pdtype), d.to(pdtype)
+    shift = d if weight is None else weight * d
+    return (r if weight is None else weight * r), (shift if bias is None else bias + shift)
 
 
 def check_mask(mask: object, x: Tensor) -> None:
@@ -301,6 +294,22 @@ def check_mask(mask: object, x: Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # argument checks of the entry points
+
+
+def _checked(x: object, weight: object, bias: object, eps: object, training: bool, act: object,
+             negative_slope: object, alpha: object, *, running: tuple = (),
+             mask: object = None, inplace: bool = False) -> tuple[float, float, float]:
+    """Every entry point's checks, in one order: eps, x, weight and bias (each may be None), the
+    running statistics (required when given), the mask, the activation. Returns ``(eps,
+    negative_slope, alpha)`` as floats."""
+    eps = check_eps(eps, training=training)
+    c = _check_input(x)
+    _check_param("weight", weight, x, c)
+    _check_param("bias", bias, x, c)
+    for name, value in zip(("running_mean", "running_var"), running):
+        _check_param(name, value, x, c, required=True)
+    check_mask(mask, x)
+    return (eps, *check_act(act, negative_slope, alpha, inplace))
 
 
 def _check_input(x: object) -> int:
