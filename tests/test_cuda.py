@@ -118,13 +118,18 @@ def test_inplace_on_cuda_equals_not_inplace(act):
     _triton()
     torch.manual_seed(0)
     x = torch.randn(8, 16, 9, 9, device="cuda")
+    dy = torch.randn_like(x)  # not ones: their exact dx and dweight of identity are 0
+    gamma, beta = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
     out = []
     for inplace in (False, True):
         m = batchnorm.BatchNormAct2d(16, act=act, inplace=inplace).cuda()
+        with torch.no_grad():  # the same parameters for both (away from 0 and 1)
+            m.weight.copy_(gamma)
+            m.bias.copy_(beta)
         xi = x.clone().requires_grad_()
         y = m(xi)
-        y.backward(torch.ones_like(y))
-        out.append((y.detach(), xi.grad, m.weight.grad, m.running_var.clone()))
+        y.backward(dy)
+        out.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad, m.running_var.clone()))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

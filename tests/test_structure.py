@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,18 @@ def test_reference_needs_no_torch():
 
 
 def test_public_names_resolve():
+    """Every public name is the package's own documented object (not a None placeholder or a
+    re-exported torch name), listed by dir(), and importable with a star import."""
+    assert len(set(batchnorm.__all__)) == len(batchnorm.__all__)
     for name in batchnorm.__all__:
-        assert getattr(batchnorm, name) is not None
+        obj = getattr(batchnorm, name)
+        assert name in dir(batchnorm)
+        if isinstance(obj, (str, int, float, tuple, frozenset, dict)):
+            continue  # constants
+        assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
+        module = obj.__name__ if inspect.ismodule(obj) else obj.__module__
+        assert module.startswith("batchnorm"), f"{name} comes from {module}"
+    namespace: dict = {}
+    exec("from batchnorm import *", namespace)
+    assert set(batchnorm.__all__) <= set(namespace)
     importlib.import_module("batchnorm.ops.memory")

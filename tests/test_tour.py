@@ -13,6 +13,7 @@ from html import escape as html_escape
 
 import numpy as np
 import pytest
+import torch
 
 from batchnorm import BatchNormError
 from batchnorm.cli import main
@@ -98,11 +99,47 @@ def test_demo_train_vs_eval_numbers(demo):
     assert real["logit_spread_eval"] == 0.0 and real["logit_spread_train"] > 0.0
 
 
+def test_worked_channel_against_numpy_and_pytorch(tmp_path):
+    """Section 2 run on a network with known weights: its numbers against NumPy's own mean and
+    variance of the same conv output, and its running update against PyTorch's BatchNorm2d (not
+    against each other: the demo's results.json cannot judge itself)."""
+    from batchnorm.tour import compute
+    from batchnorm.tour.context import Context, Settings
+    from batchnorm.tour.data import load
+    from batchnorm.tour.nets import SmallCNN
+
+    torch.manual_seed(3)
+    model = SmallCNN("conv-bn-relu")
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    data = load(seed=0)
+    ctx = Context(Settings.make(0, quick=True), data, tmp_path, progress=None,
+                  models={"conv-bn-relu": model})
+    got = compute.run(ctx).results
+    images = torch.from_numpy(data.x_test[:compute.BATCH])
+    with torch.no_grad():
+        feature = model[0](images)
+    x = feature[:, compute.CHANNEL].double().numpy()
+    assert got["m"] == x.size
+    np.testing.assert_allclose(got["mean"], np.mean(x), rtol=1e-12)
+    np.testing.assert_allclose(got["var_biased"], np.var(x), rtol=1e-12)
+    np.testing.assert_allclose(got["var_unbiased"], np.var(x, ddof=1), rtol=1e-12)
+    bn = torch.nn.BatchNorm2d(16).double()
+    bn.load_state_dict(model[1].state_dict())
+    with torch.no_grad():
+        y = bn.train()(feature.double())[:, compute.CHANNEL].numpy()
+    c = compute.CHANNEL
+    np.testing.assert_allclose(got["running_mean_after"], bn.running_mean[c].item(), rtol=1e-7)
+    np.testing.assert_allclose(got["running_var_after"], bn.running_var[c].item(), rtol=1e-6)
+    for e in got["examples"]:
+        np.testing.assert_allclose(e["y"], y.reshape(-1)[e["index"]], rtol=1e-9, atol=1e-9)
+
+
 def test_demo_worked_channel_is_consistent(demo):
     s2 = demo[1]["s2_compute"]
-    assert s2["mean"] == pytest.approx(s2["sum"] / s2["m"])
-    assert s2["var_biased"] == pytest.approx(s2["sum_sq_dev"] / s2["m"])
-    assert s2["var_unbiased"] == pytest.approx(s2["sum_sq_dev"] / (s2["m"] - 1))
     for e in s2["examples"]:
         xhat = (e["x"] - s2["mean"]) / np.sqrt(s2["var_biased"] + s2["eps"])
         assert e["x_hat"] == pytest.approx(xhat)

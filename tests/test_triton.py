@@ -258,15 +258,24 @@ def test_case_table_matches_torch(case):
 
 @pytest.mark.parametrize("act", sorted(INVERTIBLE))
 def test_inplace_layer_equals_not_inplace(act):
+    """A random upstream gradient (with ones, the exact dx and dweight of identity are 0, and
+    the recovery of x_hat would never be exercised)."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    gamma, beta = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
     results = []
     for inplace in (False, True):
         m = batchnorm.BatchNormAct2d(3, act=act, inplace=inplace, dtype=torch.float64)
+        with torch.no_grad():  # the same parameters for both (away from 0 and 1)
+            m.weight.copy_(gamma)
+            m.bias.copy_(beta)
         xi = x.clone().requires_grad_()
         y = m(xi)
-        y.backward(torch.ones_like(y))
-        results.append((y.detach(), xi.grad, m.weight.grad, m.running_var.clone()))
+        y.backward(dy)
+        assert m.weight.grad.abs().max() > 1e-3  # a gradient that says something
+        results.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad,
+                        m.running_var.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
