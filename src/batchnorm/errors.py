@@ -73,8 +73,8 @@ _ACTIVATIONS = None
 
 def _activations():
     """batchnorm.activations, imported on first use: it imports torch, which a NumPy-only user
-    of the reference never needs; kept after, since an import statement in the function costs
-    14 us a call (measured) on every layer forward."""
+    of the reference never needs; kept after, since an import statement in the function would cost
+    host time on every layer forward."""
     global _ACTIVATIONS
     if _ACTIVATIONS is None:
         from . import activations

@@ -78,8 +78,8 @@ _is_compiling = torch.compiler.is_compiling
 
 def in_onnx_export() -> bool:
     """``torch.onnx.is_in_onnx_export()``, without importing torch.onnx on a layer's first call
-    (no export runs before torch.onnx is imported) and without its per-call imports (2.3 us a
-    call, measured) when the exporters were never loaded."""
+    (no export runs before torch.onnx is imported) and without its per-call imports when the
+    exporters were never loaded."""
     return "torch.onnx" in sys.modules and torch.onnx.is_in_onnx_export()
 
 

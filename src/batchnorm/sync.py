@@ -437,7 +437,8 @@ class SyncBatchNormAct(_OurBatchNormAct, _SyncBase):
 
     Args:
         num_features: C, the number of channels.
-        act: "relu", "leaky_relu", "elu", "silu" or "identity". Default: "relu"
+        act: one of :data:`batchnorm.activations.FUSED` ("identity", "relu", "leaky_relu",
+            "elu", "silu", "relu6", "hardswish"). Default: "relu"
         negative_slope: slope of leaky_relu for negative inputs. Default: 0.01
         alpha: the ELU scale. Default: 1.0
         inplace: as in BatchNormAct2d (memory saving only when not synchronising).

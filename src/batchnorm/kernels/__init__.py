@@ -1,13 +1,14 @@
 """Fused batch-norm + activation kernels on NumPy arrays (numba, parallel, cached on disk).
 
-Four entry points, each taking float32 or float64 arrays in one of two layouts:
+Entry points taking float32 or float64 arrays in one of two layouts:
 
 - ``(N, C, S)``: contiguous NCHW-style memory, S the product of the spatial sizes;
 - ``(M, C)``: channels-last memory (NHWC / NDHWC, or plain ``(N, C)``), M = N * spatial.
 
 :func:`train_forward` (statistics + normalise + activation), :func:`eval_forward`,
-:func:`train_backward` and :func:`eval_backward` write into caller-provided output arrays and
-return per-channel float64 results. Nothing here imports torch; :mod:`batchnorm.ops` wraps these
+:func:`train_backward` and :func:`eval_backward` (and the pieces: :func:`moments`,
+:func:`moments_masked`, :func:`train_backward_sums`, :func:`train_backward_dx`) write into
+caller-provided output arrays and return per-channel float64 results. Nothing here imports torch; :mod:`batchnorm.ops` wraps these
 as PyTorch custom ops.
 
 Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
@@ -16,7 +17,7 @@ float32 data is summed in float32 blocks whose sums are added in float64 (half t
 ``statistics.py`` and ``backward.py`` say where and how exact); float64 data in float64.
 
 Kernels are made per case (activation, mode, dtype; see ``_compile.py``), compile on first use
-(1-9 s each) and are cached on disk next to this package (numba ``cache=True``); the first
+(seconds each) and are cached on disk next to this package (numba ``cache=True``); the first
 compile in a process writes one line to stderr. ``batchnorm warmup`` (:mod:`batchnorm.ops.warmup`)
 compiles them ahead. Numba does not notice edits to a helper in another file of this package:
 after changing ``_activation.py``, ``_compile.py`` or ``statistics.py``, delete
@@ -106,8 +107,8 @@ _THREADS = threading.local()  # numba's thread count is per Python thread: the l
 
 def set_threads(n: int) -> None:
     """Run the kernels on ``n`` threads (clipped to numba's pool size, at least 1). The count
-    last set on this thread is remembered: asking numba costs more (1.5 us) than a kernel call
-    on a small input; a ``numba.set_num_threads`` elsewhere is not seen."""
+    last set on this thread is remembered: asking numba costs more than a kernel call on a small
+    input; a ``numba.set_num_threads`` elsewhere is not seen."""
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
     if getattr(_THREADS, "n", None) != n:
         numba.set_num_threads(n)
@@ -270,8 +271,8 @@ def _channels_last(x: np.ndarray) -> bool:
 def _blocked_planes(x: np.ndarray, least: int) -> bool:
     """Whether an (N, C, S) reduction sums in float32 blocks: float32 data, planes of at least
     ``least`` values. The statistics make two passes and need longer planes to gain
-    (BLOCKED_PLANE_FROM); the backward sums gain from one full BLOCK on (measured: 28x28
-    planes 3.4 -> 2.4 ms, with relu 7.7 -> 3.2 ms; 14x14 and 7x7 planes lose, being all tail)."""
+    (BLOCKED_PLANE_FROM); the backward sums gain from one full BLOCK on (shorter planes, such as
+    14x14 and 7x7, are mostly loop tail and lose)."""
     return x.dtype == np.float32 and x.shape[2] >= least
 
 

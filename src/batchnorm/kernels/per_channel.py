@@ -12,7 +12,7 @@
   finding one, changes nothing and returns False.
 
 Written as loops over channels: a handful of NumPy calls on arrays of C values costs more in
-dispatch (about 1 us each) than the arithmetic.
+dispatch than the arithmetic.
 """
 from __future__ import annotations
 

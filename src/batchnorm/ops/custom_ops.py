@@ -40,8 +40,8 @@ __all__ = ["train", "eval_", "moments", "stats", "renorm_factors", "running_upda
 def plain_eager(x: Tensor, *params: Tensor | None) -> bool:
     """True when nothing needs the custom op: eager, plain tensors, no mode or transform active.
 
-    The op's dispatcher round trip costs about 0.1 ms a call forward and again backward (as much
-    as the whole kernel on a (8, 512, 14, 14) input), and buys nothing without a compiler, a
+    The op's dispatcher round trip costs as much as a small layer's whole kernel, forward and
+    again backward (``benchmarks/bench_host.py``), and buys nothing without a compiler, a
     tracer, a tensor subclass or a mode that wants to see the op; then the op's implementation is
     called directly (under autograd through ``_EagerTrain`` / ``_EagerEval``, which carry the
     op's own autograd formula). Same kernels, same bits. Anything else (torch.compile,
@@ -317,8 +317,8 @@ def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alp
 # ---------------------------------------------------------------------------------------------
 # Batch Renorm's r and d as an op of their own: under torch.compile, AOTAutograd's partitioner
 # would otherwise recompute them in the backward from the running buffers, which the forward's
-# update has moved by then (measured: weight gradients off by 1% in the channels whose r or d
-# changed). An op's outputs are saved, not recomputed. The clips are tensors of one element, not
+# update has moved by then (weight gradients then differ in the channels whose r or d changed;
+# tests/test_variants.py compares compiled and eager). An op's outputs are saved, not recomputed. The clips are tensors of one element, not
 # floats: a layer's schedule changes them every step, and a float argument would be a constant of
 # the compiled graph (one recompile per value).
 

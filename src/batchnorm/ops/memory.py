@@ -8,10 +8,9 @@ ownership are a plain tensor's):
 threshold): every 4 KB page faults at its first write, and on the ResNet shapes those faults (and
 the kernel zeroing each page) took as long as the kernel itself. Asking for transparent huge pages
 on such an output (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for its own allocations) makes
-that 512x fewer faults. Measured here (2 threads, fwd+bwd, 30 calls each): medians 30% lower at
-51-103 MB, means lower in 5 of 6 cases, but a heavier tail (p90 up to 2x the plain one: some
-huge-page faults stall). Below 32 MB the blocks are reused heap memory that does not fault: no
-gain there, only the stalls, hence the threshold.
+that 512x fewer faults: lower medians on large outputs, but a heavier tail (some huge-page
+faults stall). Below 32 MB the blocks are reused heap memory that does not fault: no gain there,
+only the stalls, hence the threshold.
 
 **The output cache** (on by default). glibc hands large freed blocks back to the operating
 system, so the next training step faults every page of them in again, and the kernel zeroes each

@@ -1,9 +1,11 @@
 """The numba CPU backend: the fused kernels of :mod:`batchnorm.kernels` on torch tensors.
 
 Takes CPU tensors of float32 or float64 (parameters in the same dtype), dense as ``(N, C, *)``
-contiguous or channels-last (:mod:`.layout`). The four implementations here are what the custom
-ops of :mod:`.custom_ops` run: the training forward (statistics + normalise + affine +
-activation), the eval forward, and the backward of each. Statistics leave the training forward
+contiguous or channels-last (:mod:`.layout`). The implementations here are the backend contract
+(:mod:`.step`: ``train_step``, ``eval_impl``) and what the custom ops of :mod:`.custom_ops` run:
+the training forward (statistics + normalise + affine + activation, with the running update in
+``train_step``), the eval forward, the backward of each, the statistics alone, and the pieces
+SyncBatchNorm and the masked options assemble. Statistics leave the training forward
 in float64: the backward recomputes x - mean from them, and a float32 mean would cost float32
 data far from zero (mean 1e4, std 1e-2) most of its precision.
 """

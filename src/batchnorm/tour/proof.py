@@ -18,7 +18,8 @@ MOMENTUM = 0.1
 
 
 def lesson_batch_norm(feature, statistic_mean, statistic_var):
-    """The lesson's loop (SEED.md §4), returning instead of printing and copying its inputs."""
+    """The lesson's hand-written per-channel loop (§4 of the tour), returning instead of
+    printing and copying its inputs."""
     feature = np.array(feature, dtype=np.float64)
     statistic_mean = list(statistic_mean)
     statistic_var = list(statistic_var)
