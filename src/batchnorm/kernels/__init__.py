@@ -8,8 +8,8 @@ Entry points taking float32 or float64 arrays in one of two layouts:
 :func:`train_forward` (statistics + normalise + activation), :func:`eval_forward`,
 :func:`train_backward` and :func:`eval_backward` (and the pieces: :func:`moments`,
 :func:`moments_masked`, :func:`train_backward_sums`, :func:`train_backward_dx`) write into
-caller-provided output arrays and return per-channel float64 results. Nothing here imports torch; :mod:`batchnorm.ops` wraps these
-as PyTorch custom ops.
+caller-provided output arrays and return per-channel float64 results. Nothing here imports
+torch; :mod:`batchnorm.ops` wraps these as PyTorch custom ops.
 
 Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
 so results are bitwise identical for any thread count (:func:`set_threads`). Inside a chunk,

@@ -318,9 +318,10 @@ def stats(x, weight, bias, mean, var, mask, count, eps, act, negative_slope, alp
 # Batch Renorm's r and d as an op of their own: under torch.compile, AOTAutograd's partitioner
 # would otherwise recompute them in the backward from the running buffers, which the forward's
 # update has moved by then (weight gradients then differ in the channels whose r or d changed;
-# tests/test_variants.py compares compiled and eager). An op's outputs are saved, not recomputed. The clips are tensors of one element, not
-# floats: a layer's schedule changes them every step, and a float argument would be a constant of
-# the compiled graph (one recompile per value).
+# tests/test_variants.py compares compiled and eager). An op's outputs are saved, not
+# recomputed. The clips are tensors of one element, not floats: a layer's schedule changes them
+# every step, and a float argument would be a constant of the compiled graph (one recompile per
+# value).
 
 
 def _renorm_factors_impl(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor,
