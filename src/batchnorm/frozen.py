@@ -18,8 +18,24 @@ from torch import nn
 
 from .errors import check_eps, check_num_features, expected
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "scale_shift"]
 
+
+
+def scale_shift(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN in eval as ``y = x * scale + shift`` per channel: ``scale = weight / sqrt(running_var
+    + eps)``, ``shift = bias - running_mean * scale`` (weight 1 and bias 0 when None), in the
+    tensors' dtype and differentiable in them (pass float64 detached tensors for an exact
+    fold)."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
 
 class _FrozenBatchNorm(nn.Module):
     input_ranks: tuple[int, ...] = ()  # accepted input ranks; empty: any rank >= 2
@@ -51,9 +67,8 @@ class _FrozenBatchNorm(nn.Module):
         return frozen
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) with ``y = x * scale + shift`` per channel."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
+        """(scale, shift) with ``y = x * scale + shift`` per channel (:func:`scale_shift`)."""
+        return scale_shift(self.running_mean, self.running_var, self.eps, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_ranks and x.dim() not in self.input_ranks:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import expected
 from .folding import foldable_producer
+from .frozen import scale_shift
 from .graph import trace
 from .protocol import activation_of, bn_kind, is_batchnorm
 
@@ -76,14 +77,9 @@ class FusedFrozen(nn.Module):
                 "(fuse_frozen is only valid with fixed statistics)",
                 "train mode: call .eval() on it after model.train(), or fuse a FrozenBatchNorm "
                 "(batchnorm.freeze) instead")
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
+        scale, shift = scale_shift(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         if self.bias is not None:
             shift = shift + self.bias * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
         weight = self.weight * scale.reshape(-1, *(1,) * (self.weight.dim() - 1))
         if isinstance(self._layer, nn.Linear):
             return torch.nn.functional.linear(x, weight, shift)
