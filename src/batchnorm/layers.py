@@ -70,6 +70,7 @@ _RUNTIME = {
 _REPLAYS_KEPT = 64  # Batch Renorm (r, d) kept per layer for a checkpointed forward to reuse
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 _REDUCED = (torch.float16, torch.bfloat16)  # may run with float32 parameters, as in PyTorch
+_STATE = ("weight", "bias", "running_mean", "running_var")  # the tensors a forward reads
 # the same function object as torch.compiler.is_compiling (dynamo folds it to a constant); a
 # module attribute so that a test can take the compiled branch of the guard in eager without
 # patching torch itself (a patched torch.compiler.is_compiling stays cached inside dynamo)
@@ -210,8 +211,20 @@ class _OurBatchNorm(_BatchNorm):
             ranks = " or ".join(f"{r}D" for r in self.input_ranks)
             raise expected(f"{ranks} input", f"{input.dim()}D input")
 
-    def _check_input(self, x: Tensor, batch_stats: bool, update: bool) -> None:
-        """Every check forward makes, before it computes or changes anything."""
+    def _state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """(weight, bias, running_mean, running_var), read once a call from the module's own
+        dicts (``Module.__getattr__`` for each read costs more than the rest of a small call's
+        Python); by attribute under dynamo, which traces that."""
+        if _is_compiling():
+            return self.weight, self.bias, self.running_mean, self.running_var
+        params, buffers = self._parameters, self._buffers
+        return (params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+                buffers.get("running_var"))
+
+    def _check_input(self, x: Tensor, batch_stats: bool, update: bool,
+                     state: tuple | None = None) -> None:
+        """Every check forward makes, before it computes or changes anything (``state``: the
+        tensors of :meth:`_state`, read here if not given)."""
         if not isinstance(x, Tensor):
             raise expected("input to be a torch.Tensor", type(x).__name__)
         self._check_input_dim(x)
@@ -220,8 +233,7 @@ class _OurBatchNorm(_BatchNorm):
         if x.shape[1] != self.num_features:
             raise expected(f"{self.num_features} channels on dim 1",
                            f"{x.shape[1]} channels, input of shape {tuple(x.shape)}")
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            t = getattr(self, name)
+        for name, t in zip(_STATE, self._state() if state is None else state):
             if t is None:
                 continue
             if t.device != x.device:
@@ -241,7 +253,7 @@ class _OurBatchNorm(_BatchNorm):
                 check_values_per_channel(tuple(x.shape), 1)  # PyTorch's "when training"
             why = ("no running statistics: track_running_stats=False"
                    if self.running_mean is None and self.running_var is None
-                   else "eval_stats='batch'")
+                   else "eval_stats='batch'")  # (an error: the attribute reads cost nothing)
             raise expected(f"more than 1 value per channel for batch statistics in eval ({why})",
                            f"input of shape {tuple(x.shape)}: 1 value per channel")
 
@@ -279,7 +291,9 @@ class _OurBatchNorm(_BatchNorm):
             return self._onnx_forward(x, mask)
         # PyTorch's rules: batch statistics in training, and in eval when there are no buffers;
         # buffers (and num_batches_tracked) change only in training with tracking on.
-        tracked = self.running_mean is not None or self.running_var is not None
+        state = self._state()
+        weight, bias, running_mean, running_var = state
+        tracked = running_mean is not None or running_var is not None
         if not self.training and self.eval_stats != "running":
             self._check_eval_stats(tracked)  # an attribute a user may have set to anything
         batch_stats = self.training or not tracked
@@ -287,7 +301,7 @@ class _OurBatchNorm(_BatchNorm):
         update = self.training and self.track_running_stats
         if update and _replaying():
             update = False  # the forward of a checkpointed segment, run again in backward
-        self._check_input(x, batch_stats or eval_stats == "batch", update)
+        self._check_input(x, batch_stats or eval_stats == "batch", update, state)
         act, negative_slope, alpha, inplace = self._act()
         if eval_stats == "mix" or (mask is not None and eval_stats == "running"
                                    and not batch_stats):
@@ -297,41 +311,42 @@ class _OurBatchNorm(_BatchNorm):
             else:
                 # a copy: autograd keeps it, and a later ``m.eval_mix = v`` fills the original
                 mix = self._runtime("eval_mix", x)[0].clone()
-                return ops.bn_act_mixed(x, self.weight, self.bias, self.running_mean,
-                                        self.running_var, self.eps, act, negative_slope, alpha,
-                                        mix, mask)
+                return ops.bn_act_mixed(x, weight, bias, running_mean, running_var, self.eps,
+                                        act, negative_slope, alpha, mix, mask)
         if not (batch_stats or eval_stats == "batch"):
-            backend = step.backend_for(x, self.weight, self.bias, self.running_mean,
-                                       self.running_var)
-            return step.eval_step(backend, x, self.weight, self.bias, self.running_mean,
-                                  self.running_var, self.eps, act, negative_slope, alpha)
+            # the tensors' dtypes and devices were checked against x: x alone picks the backend
+            return step.eval_step(step.backend_for(x), x, weight, bias, running_mean,
+                                  running_var, self.eps, act, negative_slope, alpha)
         renorm = self.training and self._renorm_on()
         ghost = self.training and self.virtual_batch_size is not None
         if mask is not None or renorm or ghost:
             return self._forward_pieces(x, mask, renorm, ghost, update,
                                         (act, negative_slope, alpha))
-        return self._train_step(x, update, act, negative_slope, alpha, inplace)
+        return self._train_step(x, update, act, negative_slope, alpha, inplace, state)
 
     def _train_step(self, x: Tensor, update: bool, act: str, negative_slope: float, alpha: float,
-                    inplace: bool) -> Tensor:
+                    inplace: bool, state: tuple) -> Tensor:
         """Plain BN's training forward: one backend call, which also updates the running
         statistics in place (guarded); then num_batches_tracked."""
-        nbt = self.num_batches_tracked if update else None
-        rm, rv = (self.running_mean, self.running_var) if update else (None, None)
+        weight, bias, running_mean, running_var = state
+        nbt = (self._buffers.get("num_batches_tracked") if not _is_compiling()
+               else self.num_batches_tracked) if update else None
+        rm, rv = (running_mean, running_var) if update else (None, None)
         if x.numel() == 0:  # an empty batch: PyTorch counts it and updates nothing
             if nbt is not None:
                 nbt.add_(1)
-            return ops.bn_act_train(x, self.weight, self.bias, self.eps, act, negative_slope,
-                                    alpha, inplace)[0]
-        backend = step.backend_for(x, self.weight, self.bias, rm, rv, fused=inplace)
+            return ops.bn_act_train(x, weight, bias, self.eps, act, negative_slope, alpha,
+                                    inplace)[0]
+        # the tensors' dtypes and devices were checked against x: x alone picks the backend
+        backend = step.backend_for(x, fused=inplace)
         factor = 0.0 if rm is None else self._factor(nbt, rm)
-        y, mean, var, ok = step.train_step(backend, x, self.weight, self.bias, rm, rv, self.eps,
-                                           factor, self.nonfinite != "update", act,
-                                           negative_slope, alpha, inplace)
+        y, mean, var, ok = step.train_step(backend, x, weight, bias, rm, rv, self.eps, factor,
+                                           self.nonfinite != "update", act, negative_slope,
+                                           alpha, inplace)
         if rm is None and update and self.nonfinite != "update":  # counted, no buffers
             ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if update:
-            self._count_batch(ok, mean, var)
+            self._count_batch(ok, mean, var, nbt)
         return y
 
     def _factor(self, nbt: Tensor | None, like: Tensor) -> float | Tensor:
@@ -346,12 +361,15 @@ class _OurBatchNorm(_BatchNorm):
             return 1.0 / (nbt + 1).to(like.dtype)
         return 1.0 / (int(nbt) + 1)
 
-    def _count_batch(self, ok: bool | Tensor, mean: Tensor, var: Tensor) -> None:
+    def _count_batch(self, ok: bool | Tensor, mean: Tensor, var: Tensor,
+                     nbt: Tensor | None = None) -> None:
         """num_batches_tracked after a guarded update whose outcome is ``ok``: +1 when the
         buffers were updated; else ``nonfinite`` says (raise, or warn once). Where ``ok`` is a
         device flag and reading it would synchronise (CUDA) or break a compiled graph, "skip"
-        counts on the device and does not warn; "raise" reads it."""
-        nbt = self.num_batches_tracked
+        counts on the device and does not warn; "raise" reads it. ``nbt``: the counter, if the
+        caller has read it."""
+        if nbt is None:
+            nbt = self.num_batches_tracked
         if ok is True:
             if nbt is not None:
                 nbt.add_(1)

@@ -44,13 +44,21 @@ def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
 def _kernel_array(t: Tensor, kind: str) -> np.ndarray:
     """A NumPy view of t's memory as (N, C, S) or (M, C), sharing storage."""
     n, c = t.shape[0], t.shape[1]
+    if t.requires_grad:
+        t = t.detach()
     if kind == "ncs":
-        return t.detach().numpy().reshape(n, c, -1)  # (N, C, S)
-    return t.detach().permute(0, *range(2, t.dim()), 1).numpy().reshape(-1, c)  # (M, C)
+        return t.numpy().reshape(n, c, -1)  # (N, C, S)
+    return t.permute(0, *range(2, t.dim()), 1).numpy().reshape(-1, c)  # (M, C)
+
+
+_CODES = {name: spec.code for name, spec in REGISTRY.items()}  # act name -> kernel code
 
 
 def _np(t: Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().numpy()
+    """A NumPy view of a per-channel tensor (detached only when it needs it: a parameter)."""
+    if t is None:
+        return None
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 # Below this many elements one thread is faster: waking the others costs more than the work.
@@ -111,7 +119,7 @@ def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     y = output_like(x)
     _threads_for(x)
     mean, var = kernels.train_forward(_kernel_array(x, kind), _np(weight), _np(bias), eps,
-                                      REGISTRY[act].code, negative_slope, alpha,
+                                      _CODES[act], negative_slope, alpha,
                                       _kernel_array(y, kind))
     ok = True
     if running_mean is not None:  # the float64 statistics as they are (running_update_impl's)
@@ -145,15 +153,15 @@ def eval_impl(
 ) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
-    x = dense(x)
+    kind = layout(x)
+    if kind is None:
+        x = x.contiguous()
+        kind = layout(x)
     y = output_like(x)
-    code = REGISTRY[act].code
-    _run(
-        lambda xv, yv: kernels.eval_forward(xv, _np(weight), _np(bias), _np(running_mean),
-                                            _np(running_var), eps, code, negative_slope, alpha,
-                                            yv),
-        x, [y], [x],
-    )
+    _threads_for(x)
+    kernels.eval_forward(_kernel_array(x, kind), _np(weight), _np(bias), _np(running_mean),
+                         _np(running_var), eps, _CODES[act], negative_slope, alpha,
+                         _kernel_array(y, kind))
     return y
 
 
