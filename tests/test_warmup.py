@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from batchnorm import BatchNormError, ops
 from batchnorm.kernels._compile import NOTICE
-from batchnorm.ops.warmup import cases, warmup
+from batchnorm.ops.warmup import Case, cases, warmup
 
 EVAL_STEP = """
 import torch, batchnorm
@@ -103,3 +103,12 @@ def test_relu6_and_hardswish_at_their_kinks_are_torchs(act, fn, memory_format):
     (ga,), (gb,) = torch.autograd.grad(ya, xa, dy), torch.autograd.grad(yb, xb, dy)
     finite = ~x.isnan()
     torch.testing.assert_close(ga[finite], gb[finite], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, layout", [("float32", "nchw"), ("float32", "nhwc")])
+def test_a_float32_case_runs_every_op_it_warms(dtype, layout):
+    # float32 is what `make` warms first: its statistics come back in another dtype than the
+    # input, so a case that passed the ops' results in the wrong order fails here (float64's
+    # equal dtypes hid it)
+    seconds = Case(dtype, layout, "relu").run()
+    assert seconds >= 0

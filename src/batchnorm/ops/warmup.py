@@ -61,7 +61,7 @@ class Case:
             torch.autograd.grad(y, leaves, dy)
             mask = torch.rand((shape[0], *shape[2:]), generator=g) < 0.7
             mask.view(-1)[:2] = True  # masked BN: its statistics and dx kernels
-            mean, m2, count = moments(x, mask)
+            count, mean, m2 = moments(x, mask)
             y = bn_act_stats(*leaves, mean, m2 / count, count, 1e-5, self.act, mask=mask)
             torch.autograd.grad(y, leaves, dy)
             bad = x.clone()
