@@ -16,7 +16,7 @@ PACKAGE = Path(batchnorm.__file__).parent
 # bottom to top; a module may import its own level and the ones below. A package (kernels/,
 # ops/, cli/, tour/) is one level for the modules inside it.
 LEVELS = [
-    ["activations"],
+    ["activations", "numerics"],
     ["errors", "files", "progress", "console"],
     ["reference"],
     ["kernels"],

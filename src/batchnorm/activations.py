@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .numerics import elu_inverse_floor
+
 __all__ = ["Activation", "REGISTRY", "FUSED", "INVERTIBLE", "get", "by_module", "by_call"]
 
 
@@ -80,9 +82,7 @@ def _leaky_relu_inverse(y: Tensor, negative_slope: float, alpha: float) -> tuple
 
 def _elu_inverse(y: Tensor, negative_slope: float, alpha: float) -> tuple[Tensor, Tensor]:
     neg = y <= 0
-    # ELU saturates at -alpha: clamp so log1p stays finite (z >= log(tiny) instead of -inf)
-    tiny = torch.finfo(y.dtype).eps
-    u = torch.clamp(y / alpha, min=-1.0 + tiny)
+    u = torch.clamp(y / alpha, min=elu_inverse_floor(torch.finfo(y.dtype).eps))
     return torch.where(neg, torch.log1p(u), y), torch.where(neg, y + alpha, 1.0)
 
 

@@ -28,6 +28,8 @@ import numpy as np
 from numba import njit
 from numba.extending import overload
 
+from ..numerics import elu_inverse_floor
+
 # the codes of batchnorm.activations.REGISTRY
 IDENTITY, RELU, LEAKY_RELU, ELU, SILU, RELU6, HARDSWISH = 0, 1, 2, 3, 4, 5, 6
 CODES = (IDENTITY, RELU, LEAKY_RELU, ELU, SILU, RELU6, HARDSWISH)
@@ -39,8 +41,7 @@ ZERO, ONE, SLOPE, ALPHA, FLOOR, THREE, SIX, HALF = 0, 1, 2, 3, 4, 5, 6, 7
 def consts(dtype: np.dtype, negative_slope: float, alpha: float) -> np.ndarray:
     """Typed constants for the kernels: 0, 1, slope, alpha, ELU's floor for inverting, 3, 6,
     1/2."""
-    # ELU saturates at -alpha: y / alpha is clamped to -1 + eps so log1p stays finite
-    floor = -1.0 + float(np.finfo(dtype).eps)
+    floor = elu_inverse_floor(float(np.finfo(dtype).eps))
     return np.array([0.0, 1.0, negative_slope, alpha, floor, 3.0, 6.0, 0.5], dtype=dtype)
 
 

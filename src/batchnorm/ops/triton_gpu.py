@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..activations import REGISTRY
+from ..numerics import elu_inverse_floor
 from .layout import as_layout_of, dense, layout
 from .moments import Moments, empty
 
@@ -152,9 +153,8 @@ def _constant(values: tuple, device: torch.device) -> Tensor:
 
 
 def _consts(x: Tensor, eps: float, negative_slope: float, alpha: float) -> Tensor:
-    """(eps, slope, alpha, floor), float64: ELU's inverse clamps y / alpha at -1 + the compute
-    dtype's eps so log1p stays finite."""
-    floor = -1.0 + torch.finfo(_compute_dtype(x)).eps
+    """(eps, slope, alpha, floor), float64: the floor of ELU's inverse for the compute dtype."""
+    floor = elu_inverse_floor(torch.finfo(_compute_dtype(x)).eps)
     return _constant((float(eps), float(negative_slope), float(alpha), floor), x.device)
 
 
