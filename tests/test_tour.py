@@ -206,11 +206,68 @@ def test_figure1_runs_and_judges_its_claims(tmp_path):
     m = results["measured"]
     for claim in results["claims"].values():
         assert isinstance(claim["holds"], bool) and html_escape(claim["claim"]) in html
-    assert results["claims"]["higher_accuracy"]["holds"] == (
-        m["bn"]["final_test_acc"] > m["plain"]["final_test_acc"])
     for key in ("bn", "plain"):
         curve = results["curves"][key]
         assert curve["eval_steps"][-1] == 60 and len(curve["loss"]) == 60
+    # the accuracies the claim is judged on, recomputed outside the experiment's code: the same
+    # seeded networks retrained, then argmax over the test images by hand
+    from batchnorm.tour import figure1
+    from batchnorm.tour.training import MAX_TEST, deterministic, train
+
+    config = figure1.Config(steps=60)
+    dataset = tour_data.load(None, seed=0)
+    n = min(len(dataset.y_test), MAX_TEST)
+    x, y = torch.from_numpy(dataset.x_test[:n]), torch.from_numpy(dataset.y_test[:n])
+    accuracy = {}
+    with deterministic():
+        for key in ("bn", "plain"):
+            model = figure1.build(key == "bn", dataset, config)
+            train(model, dataset, name=key, steps=60, lr=config.lr, seed=0,
+                  batch_size=config.batch_size, eval_every=config.eval_every,
+                  probe_unit=config.probe_unit, momentum=0.0)
+            with torch.no_grad():
+                accuracy[key] = (model.eval()(x).argmax(1) == y).double().mean().item()
+            assert m[key]["final_test_acc"] == pytest.approx(accuracy[key], abs=1e-6)
+    assert results["claims"]["higher_accuracy"]["holds"] == (accuracy["bn"] > accuracy["plain"])
+
+
+@pytest.mark.parametrize("bn, plain, faster, higher, stable", [
+    # reached 90% first; higher final accuracy; its percentiles moved less relative to spread
+    ((10, 0.8, 0.95, 0.1), (20, 0.9, 0.90, 0.5), True, True, True),
+    # the same step reached: the higher mean accuracy breaks the tie
+    ((10, 0.8, 0.95, 0.1), (10, 0.7, 0.95, 0.1), True, False, False),
+    ((10, 0.7, 0.95, 0.1), (10, 0.8, 0.96, 0.1), False, False, False),
+    # never reached beats nothing; reached beats never
+    ((None, 0.5, 0.5, None), (None, 0.6, 0.4, 0.2), False, True, False),
+    ((30, 0.5, 0.9, 0.3), (None, 0.6, 0.4, 0.2), True, True, False),
+])
+def test_figure1_verdicts_from_hand_written_numbers(bn, plain, faster, higher, stable):
+    from batchnorm.tour.figure1 import judge
+
+    def measured(steps, mean_acc, final, shift):
+        return {"steps_to_target": steps, "mean_test_acc": mean_acc, "final_test_acc": final,
+                "relative_shift": shift}
+
+    verdicts = judge({"bn": measured(*bn), "plain": measured(*plain)})
+    assert (verdicts["faster"]["holds"], verdicts["higher_accuracy"]["holds"],
+            verdicts["stable"]["holds"]) == (faster, higher, stable)
+
+
+def test_figure1_measure_against_a_hand_made_curve():
+    from batchnorm.tour.figure1 import Config, measure
+    from batchnorm.tour.training import Curves
+
+    config = Config(steps=100, evals=4, target=0.9)  # evaluations at 0, 25, 50, 75, 100
+    c = Curves(name="bn", lr=0.5, loss=[1.0] * 100, eval_steps=[0, 25, 50, 75, 100],
+               test_acc=[0.1, 0.5, 0.92, 0.91, 0.95],
+               percentiles=[[-9.0, 0.0, 9.0], [-1.0, 0.0, 1.0], [-1.5, 0.5, 1.0],
+                            [-1.0, 0.25, 1.5], [-1.0, 0.0, 1.0]])
+    m = measure(c, config)
+    assert m["steps_to_target"] == 50 and m["final_test_acc"] == 0.95
+    assert m["mean_test_acc"] == pytest.approx((0.5 + 0.92 + 0.91 + 0.95) / 4)
+    # from step 10 on (the first tenth left out): p15 moved 0.5, p50 0.5, p85 0.5; spread 2
+    assert m["percentile_moved_after_first_tenth"] == {"p15": 0.5, "p50": 0.5, "p85": 0.5}
+    assert m["final_spread_p85_minus_p15"] == 2.0 and m["relative_shift"] == 0.25
 
 
 def test_shift_experiment_shows_its_claims_and_is_deterministic(tmp_path):
