@@ -11,7 +11,15 @@ import pytest
 
 from batchnorm import kernels, reference
 from batchnorm.activations import FUSED, REGISTRY
-from batchnorm.kernels.statistics import BLOCK, BLOCKED_PLANE_FROM, rows_per_chunk
+from batchnorm.kernels.statistics import (
+    BLOCK,
+    BLOCKED_PLANE_FROM,
+    SHORT_PLANE,
+    SHORT_PLANE_CHANNELS,
+    moments_ncs,
+    moments_ncs_channels,
+    rows_per_chunk,
+)
 
 ACTS = FUSED  # identity, relu, leaky_relu, elu, silu, relu6, hardswish
 SLOPE, ALPHA, EPS = 0.1, 1.3, 1e-5
@@ -106,14 +114,18 @@ DTYPES = (np.float32, np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ("ncs", "ncs-long", "mc"))
+@pytest.mark.parametrize("layout", ("ncs", "ncs-few-channels", "ncs-mid", "ncs-long", "mc"))
 def test_moments_match_reference_over_many_chunks(layout, dtype):
     c = 1024
     rng = np.random.default_rng(1)
     if layout == "mc":  # channels-last (M, C): 3 full chunks of rows and a partial one
         x = rng.normal(3.0, 2.0, size=(3 * rows_per_chunk(c) + 37, c)).astype(dtype)
-    elif layout == "ncs":  # (N, C, S): one chunk per (n, c) plane; short planes: float64 sums
+    elif layout == "ncs":  # (N, C, S), short planes: one task per channel, float64 sums
         x = rng.normal(3.0, 2.0, size=(7, c, 61)).astype(dtype)
+    elif layout == "ncs-few-channels":  # short planes, too few channels: plane partials
+        x = rng.normal(3.0, 2.0, size=(7, SHORT_PLANE_CHANNELS - 1, 61)).astype(dtype)
+    elif layout == "ncs-mid":  # one chunk per (n, c) plane, float64 sums
+        x = rng.normal(3.0, 2.0, size=(7, 64, SHORT_PLANE + 5)).astype(dtype)
     else:  # planes long enough for the float32 blocks, with a partial block at the end
         x = rng.normal(3.0, 2.0, size=(5, 64, BLOCKED_PLANE_FROM + BLOCK + 37)).astype(dtype)
     want = reference.moments(x, axis=1)
@@ -138,6 +150,28 @@ def test_float32_blocks_fall_back_to_float64_where_squares_overflow(layout, scal
     mean, m2 = kernels.moments(to_kernel(x, layout))
     np.testing.assert_allclose(mean, want.mean, rtol=1e-12, atol=1e-12 * scale)
     np.testing.assert_allclose(m2, want.m2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_planes_a_channel_per_task_equal_the_plane_partials(dtype):
+    # the two float64 ways agree to rounding, far from zero too, and the channel kernel's bits
+    # do not depend on the thread count
+    x = np.random.default_rng(5).normal(1e4, 1.0, size=(33, 40, 16)).astype(dtype)
+    by_channel = moments_ncs_channels(x.dtype)(x)
+    by_plane = moments_ncs(x.dtype)(x)
+    want = reference.moments(x, axis=1)
+    for got in (by_channel, by_plane):
+        np.testing.assert_allclose(got[0], want.mean, rtol=1e-14)
+        np.testing.assert_allclose(got[1], want.m2, rtol=1e-11)
+    np.testing.assert_array_equal(kernels.moments(x)[1], by_channel[1])
+    threads = numba.get_num_threads()
+    kernels.set_threads(1)
+    try:
+        one = moments_ncs_channels(x.dtype)(x)
+    finally:
+        kernels.set_threads(threads)
+    np.testing.assert_array_equal(one[0], by_channel[0])
+    np.testing.assert_array_equal(one[1], by_channel[1])
 
 
 def test_moments_equal_chan_merge_of_halves():

@@ -50,12 +50,15 @@ from .per_channel import NO_PARAMETER, grad_coefficients, prepare, running_updat
 from .statistics import (
     BLOCK,
     BLOCKED_PLANE_FROM,
+    SHORT_PLANE,
+    SHORT_PLANE_CHANNELS,
     moments_masked_mc,
     moments_masked_ncs,
     moments_mc,
     moments_mc_blocked,
     moments_ncs,
     moments_ncs_blocked,
+    moments_ncs_channels,
 )
 
 __all__ = [
@@ -120,11 +123,15 @@ def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     float32 data is summed in float32 blocks (two passes over each chunk while it is in cache),
     except short NCS planes; float64 data in float64 (see :mod:`.statistics`). A blocked result
-    that is not finite is computed again with float64 sums.
+    that is not finite is computed again with float64 sums. Planes shorter than
+    ``SHORT_PLANE`` (with ``SHORT_PLANE_CHANNELS`` channels or more) are summed a channel per
+    task, in float64.
     """
     if _channels_last(x):
         blocked, exact = moments_mc_blocked, moments_mc
         use_blocks = x.dtype == np.float32
+    elif x.shape[2] < SHORT_PLANE and x.shape[1] >= SHORT_PLANE_CHANNELS:
+        return moments_ncs_channels(x.dtype)(x)
     else:
         blocked, exact = moments_ncs_blocked, moments_ncs
         use_blocks = _blocked_planes(x, BLOCKED_PLANE_FROM)

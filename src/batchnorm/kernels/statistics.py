@@ -6,7 +6,10 @@ Chan's formula in a fixed order. Chunks do not depend on the thread count, so th
 bitwise the same with 1 or 16 threads.
 
 Chunks: in the ``(N, C, S)`` layout one chunk is one ``(n, c)`` plane of S contiguous values; in
-the channels-last ``(M, C)`` layout one chunk is a block of ``rows_per_chunk(C)`` rows.
+the channels-last ``(M, C)`` layout one chunk is a block of ``rows_per_chunk(C)`` rows. Short
+``(N, C, S)`` planes (fewer than ``SHORT_PLANE`` values, 14x14 and below) with enough channels
+(``SHORT_PLANE_CHANNELS``) are one chunk per channel instead: each task sums its channel's N
+planes in float64, and no N x C partials are merged one after another.
 
 Two ways to get a chunk's partial:
 
@@ -48,6 +51,11 @@ BLOCK = 256
 BLOCKED_PLANE_FROM = 2048
 # channels-last: rows summed four at a time, STATS_ROW_BLOCK rows per float64 add
 STATS_ROW_BLOCK = 32
+# (N, C, S) planes shorter than this are summed one task per channel, when there are at least
+# SHORT_PLANE_CHANNELS channels to share out: on short planes the serial merge of the N x C
+# plane partials costs more than the sums
+SHORT_PLANE = 256
+SHORT_PLANE_CHANNELS = 16
 
 
 @njit(cache=True)
@@ -278,6 +286,30 @@ def moments_ncs(dtype):
 
     def kernel(x):
         return _ncs_moments(_plane_moments_f64, x)
+
+    return kernel
+
+
+@specialised(parallel=True, fastmath=REASSOC)
+def moments_ncs_channels(dtype):
+    """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, one task per channel from
+    float64 sums (each channel shifted by its first value)."""
+
+    def kernel(x):
+        n, c, s = x.shape
+        mean = np.empty(c)
+        m2 = np.empty(c)
+        for j in prange(c):
+            k = np.float64(x[0, j, 0])
+            a = 0.0
+            b = 0.0
+            for i in range(n):
+                pa, pb = _plane_f64(x[i, j], k)
+                a += pa
+                b += pb
+            mean_d, m2[j] = _finish(a, b, np.float64(n * s))
+            mean[j] = k + mean_d
+        return mean, m2
 
     return kernel
 

@@ -28,8 +28,9 @@ __all__ = ["DTYPES", "LAYOUTS", "Case", "WarmupReport", "cases", "warmup"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-# (N, C, H, W): 4-value planes and 4096-value ones (at least kernels.BLOCKED_PLANE_FROM)
-_SHAPES = ((2, 3, 2, 2), (1, 3, 64, 64))
+# (N, C, H, W): short planes with many channels (a task per channel), 256-value planes (plane
+# partials in float64), 4096-value ones (at least kernels.BLOCKED_PLANE_FROM)
+_SHAPES = ((2, 16, 2, 2), (1, 3, 16, 16), (1, 3, 64, 64))
 
 
 @dataclass(frozen=True)
