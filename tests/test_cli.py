@@ -452,3 +452,17 @@ def test_the_tour_without_its_extra_is_one_clear_line(capsys, monkeypatch):
     for argv in (("demo", "--quick"), ("experiment", "figure1")):
         status, out, err = run(capsys, *argv)
         assert status == 2 and "batchnorm[tour]" in err and "no matplotlib" in err
+
+
+def test_export_refuses_an_opset_below_onnxruntimes_in_one_line(files, capfd):
+    d, _, _ = files
+    capfd.readouterr()
+    # capfd: onnxruntime's own warnings go to the process's stderr, not through sys.stderr
+    status = main(["export", str(d / "model.pt"), "-o", str(d / "m.onnx"), "--input-shape",
+                   "1,3,16,16", "--opset", "5"])
+    out, err = capfd.readouterr()
+    assert status == 2 and out == "" and not (d / "m.onnx").exists()
+    assert err.splitlines() == [
+        "batchnorm: error: expected --opset 7 or higher, the oldest onnxruntime supports "
+        "(got --opset 5) (drop --opset for the exporter's default)"]
+

@@ -1,7 +1,9 @@
-"""batchnorm.convert / freeze / unfreeze: swaps on a copy, state carried, fuse_act via torch.fx."""
+"""batchnorm.convert / freeze / unfreeze: swaps on a copy, state carried; fuse_act: module swaps,
+the fx graph rewrite only for functional activations."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -255,43 +257,135 @@ def _fused_kinds(gm: nn.Module) -> list[tuple[str, str]]:
             if isinstance(m, batchnorm.layers._OurBatchNormAct)]
 
 
-def _compare_train_and_eval(model: nn.Module, fused: nn.Module, shape, tol=1e-5):
+def _compare_train_and_eval(model: nn.Module, fused: nn.Module, shape, tol=1e-5, **kwargs):
+    """Same outputs, input and parameter gradients (random upstream gradient) and running
+    statistics, in train and in eval mode."""
     for training in (True, False):
         model.train(training)
         fused.train(training)
         x = torch.randn(shape)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        ya, yb = model(xa), fused(xb)
+        ya, yb = model(xa, **kwargs), fused(xb, **kwargs)
         torch.testing.assert_close(yb, ya, rtol=tol, atol=tol)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
+        upstream = torch.randn_like(ya)
+        ya.backward(upstream)
+        yb.backward(upstream)
         torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
         grads_a = {n: p.grad for n, p in model.named_parameters()}
         for n, p in fused.named_parameters():
             torch.testing.assert_close(p.grad, grads_a[n], rtol=1e-4, atol=1e-4, msg=n)
+        buffers_a = dict(model.named_buffers())
+        for n, b in fused.named_buffers():
+            torch.testing.assert_close(b, buffers_a[n], rtol=1e-5, atol=1e-5, msg=n)
         model.zero_grad()
         fused.zero_grad()
 
 
-def test_fuse_conv_bn_act_sequential():
+# every fused activation of the registry, as a module
+ALL_ACTS = [("relu", lambda: nn.ReLU(inplace=True)), ("leaky_relu", lambda: nn.LeakyReLU(0.2)),
+            ("elu", lambda: nn.ELU(alpha=0.5)), ("silu", nn.SiLU), ("relu6", nn.ReLU6),
+            ("hardswish", nn.Hardswish)]
+
+
+def _conv_bn_act_stack() -> nn.Sequential:
+    layers = []
+    for i, (_, make) in enumerate(ALL_ACTS):
+        layers += [nn.Conv2d(6 if i else 3, 6, 3, padding=1), nn.BatchNorm2d(6), make()]
+    return nn.Sequential(*layers, nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6))  # last: stays plain
+
+
+def test_fuse_conv_bn_act_sequential_swaps_modules():
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
-        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.LeakyReLU(0.2),
-        nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ELU(alpha=0.5),
-        nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.SiLU(),
-        nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6),  # no activation: stays plain
-    )
+    model = _conv_bn_act_stack()
     before = snapshot(model)
-    fused = batchnorm.convert(model, fuse_act=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # module activations: no GraphModule, nothing to warn of
+        fused = batchnorm.convert(model, fuse_act=True)
     assert_same_state(snapshot(model), before)
-    assert isinstance(fused, fx.GraphModule)
-    assert _fused_kinds(fused) == [("1", "relu"), ("4", "leaky_relu"), ("7", "elu"), ("10", "silu")]
+    assert type(fused) is nn.Sequential
+    assert _fused_kinds(fused) == [(str(3 * i + 1), name) for i, (name, _) in enumerate(ALL_ACTS)]
     assert fused.get_submodule("4").negative_slope == 0.2 and fused.get_submodule("7").alpha == 0.5
-    assert type(fused.get_submodule("13")) is batchnorm.BatchNorm2d
-    assert not any(isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU)) for m in fused.modules())
-    assert set(fused.state_dict()) == set(model.state_dict())  # same keys: checkpoints load
+    assert [type(fused[3 * i + 2]) for i in range(len(ALL_ACTS))] == [nn.Identity] * len(ALL_ACTS)
+    assert type(fused[-1]) is batchnorm.BatchNorm2d
     _compare_train_and_eval(model, fused, (4, 3, 5, 5))
+
+
+def test_fused_sequential_stays_a_sequential():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    fused = batchnorm.convert(model, fuse_act=True)
+    assert type(fused) is nn.Sequential and len(fused) == len(model) == 4
+    assert [type(m) for m in fused] == [nn.Conv2d, batchnorm.BatchNormAct2d, nn.Identity,
+                                        nn.Conv2d]
+    assert type(fused[1]) is batchnorm.BatchNormAct2d and fused[-1] is fused[3]
+    assert type(fused[:2]) is nn.Sequential and len(fused[:2]) == 2
+
+
+class Masked(nn.Module):
+    """Python control flow fx traces one way: ``mask`` is a Proxy, so ``mask is None`` is False."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU()
+        self.bn2, self.act2 = nn.BatchNorm2d(4), nn.LeakyReLU(0.1)
+
+    def forward(self, x, mask=None):
+        y = self.act(self.bn(self.conv(x)))
+        if mask is None:
+            return self.act2(self.bn2(y))
+        return self.act2(self.bn2(y * mask)) * mask
+
+
+def test_fuse_keeps_python_control_flow():
+    torch.manual_seed(3)
+    model = Masked()
+    fused = batchnorm.convert(model, fuse_act=True)
+    assert type(fused) is Masked
+    assert _fused_kinds(fused) == [("bn", "silu"), ("bn2", "leaky_relu")]
+    mask = (torch.rand(2, 1, 5, 5) > 0.3).float()
+    _compare_train_and_eval(model, fused, (2, 3, 5, 5))  # the branch fx did not trace
+    _compare_train_and_eval(model, fused, (2, 3, 5, 5), mask=mask)
+
+
+def test_fused_state_dict_loads_into_the_original_class_and_back():
+    torch.manual_seed(4)
+    model = Masked()
+    model(torch.randn(4, 3, 5, 5))  # running statistics away from their initial values
+    stack = _conv_bn_act_stack()
+    for original, fresh, shape in ((model, Masked(), (2, 3, 5, 5)),
+                                   (stack, _conv_bn_act_stack(), (2, 3, 4, 4))):
+        fused = batchnorm.convert(original, fuse_act=True)
+        assert list(fused.state_dict()) == list(original.state_dict())
+        fresh.load_state_dict(fused.state_dict(), strict=True)
+        back = batchnorm.convert(fused, to="torch")
+        assert type(back) is type(original)
+        assert list(back.state_dict()) == list(original.state_dict())
+        fresh.load_state_dict(back.state_dict(), strict=True)
+        assert_same_state(fresh.state_dict(), original.state_dict())
+        assert bn_types(back) == bn_types(original)
+        assert [type(m) for m in back.modules()] == [type(m) for m in original.modules()]
+        x = torch.randn(shape)
+        torch.testing.assert_close(back.eval()(x), original.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_puts_the_activation_back_in_its_place():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ELU(0.5))
+    model(torch.randn(4, 3, 3, 3))
+    model[2].eval()  # the flag goes with the activation to nn.Identity and back
+    frozen = batchnorm.freeze(batchnorm.convert(model, fuse_act=True))
+    assert [type(m) for m in frozen] == [nn.Conv2d, batchnorm.FrozenBatchNorm2d, nn.ELU]
+    assert frozen[2].alpha == 0.5 and frozen[2].training is False and frozen[0].training
+    x = torch.randn(2, 3, 3, 3)
+    torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_to_torch_keeps_a_sequential_when_no_identity_alone_follows():
+    act = batchnorm.BatchNormAct2d(4, "relu")
+    identity = nn.Identity()
+    model = nn.Sequential(act, identity, identity)  # one Identity called twice: not a slot
+    back = batchnorm.convert(model, to="torch")
+    assert [type(m) for m in back[0]] == [nn.BatchNorm2d, nn.ReLU] and type(back[1]) is nn.Identity
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(back.eval()(x), model.eval()(x))
 
 
 class Residual(nn.Module):
@@ -312,6 +406,18 @@ class Residual(nn.Module):
         return F.leaky_relu(y, 0.3) + y
 
 
+class OwnReLUs(Residual):
+    """The same block with one ReLU module per call: bn1's pair can be fused."""
+
+    def __init__(self, c=4):
+        super().__init__(c)
+        self.relu1, self.relu2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + x)
+
+
 class Functional(nn.Module):
     def __init__(self):
         super().__init__()
@@ -326,27 +432,86 @@ class Functional(nn.Module):
         return self.d(x).relu()
 
 
-def test_fuse_residual_block():
+def test_shared_activation_module_is_left_unfused_with_a_warning():
     torch.manual_seed(1)
     model = nn.Sequential(Residual(), Residual())
-    fused = batchnorm.convert(model, fuse_act=True)
-    assert _fused_kinds(fused) == [("0.bn1", "relu"), ("1.bn1", "relu")]
-    for name in ("0.bn2", "0.bn3", "1.bn2", "1.bn3"):
+    with pytest.warns(UserWarning, match=r"0\.bn1 -> 0\.relu, 1\.bn1 -> 1\.relu left unfused.*"
+                                         r"give each call its own activation module") as record:
+        fused = batchnorm.convert(model, fuse_act=True)
+    assert len(record) == 1 and type(fused) is nn.Sequential and _fused_kinds(fused) == []
+    for name in ("0.bn1", "0.bn2", "0.bn3", "1.bn1", "1.bn2", "1.bn3"):
         assert type(fused.get_submodule(name)) is batchnorm.BatchNorm2d
+    assert type(fused[0].relu) is nn.ReLU
     _compare_train_and_eval(model, fused, (2, 4, 5, 5))
+
+
+def test_fuse_act_graph_fuses_shared_activation_modules_too():
+    torch.manual_seed(1)
+    model = nn.Sequential(Residual(), Residual())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        fused = batchnorm.convert(model, fuse_act="graph")
+    assert isinstance(fused, fx.GraphModule)
+    assert _fused_kinds(fused) == [("0.bn1", "relu"), ("1.bn1", "relu")]
+    assert type(fused.get_submodule("0.relu")) is nn.ReLU  # still the residual's activation
+    _compare_train_and_eval(model, fused, (2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("bad", ["yes", "Graph", 1, None])
+def test_fuse_act_takes_false_true_or_graph(bad):
+    with pytest.raises(BatchNormError, match=r"expected fuse_act False, True or 'graph' \(got "):
+        batchnorm.convert(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), fuse_act=bad)
+
+
+def test_fuse_residual_block_with_its_own_activation_modules():
+    torch.manual_seed(1)
+    model = nn.Sequential(OwnReLUs(), OwnReLUs())
     model.train()
     model[1].eval()  # training flags carried, containers included
     fused = batchnorm.convert(model, fuse_act=True)
-    assert fused.get_submodule("1").training is False and fused.get_submodule("0").training
-    assert fused.get_submodule("1.bn1").training is False
+    assert type(fused[0]) is OwnReLUs
+    assert _fused_kinds(fused) == [("0.bn1", "relu"), ("1.bn1", "relu")]
+    assert type(fused[0].relu1) is nn.Identity and type(fused[0].relu2) is nn.ReLU
+    assert fused[1].training is False and fused[0].training and fused[1].bn1.training is False
+    assert fused[1].relu1.training is False
+    _compare_train_and_eval(model, fused, (2, 4, 5, 5))
 
 
-def test_fuse_functional_activations():
+def test_fuse_functional_activations_is_a_graph_rewrite_and_says_so():
     torch.manual_seed(2)
     model = Functional()
-    fused = batchnorm.convert(model, fuse_act=True)
+    with pytest.warns(UserWarning, match=r"returns a torch\.fx GraphModule, not a Functional: "
+                                         r"fusing an activation function \(a -> relu, "
+                                         r"b -> leaky_relu, c -> elu, d -> relu\) takes a graph "
+                                         r"rewrite.*one path fx traced"):
+        fused = batchnorm.convert(model, fuse_act=True)
+    assert isinstance(fused, fx.GraphModule)
     assert _fused_kinds(fused) == [("a", "relu"), ("b", "leaky_relu"), ("c", "elu"), ("d", "relu")]
     assert fused.b.negative_slope == 0.05 and fused.c.alpha == 0.3
+    assert set(fused.state_dict()) == set(model.state_dict())  # in the graph's order
+    Functional().load_state_dict(fused.state_dict(), strict=True)
+    _compare_train_and_eval(model, fused, (8, 5))
+
+
+class Both(nn.Module):
+    """A module activation and a functional one."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.act1, self.bn2 = nn.BatchNorm1d(5), nn.ELU(0.7), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return F.silu(self.bn2(self.act1(self.bn1(x))))
+
+
+def test_fuse_module_and_functional_activations_together():
+    torch.manual_seed(5)
+    model = Both()
+    with pytest.warns(UserWarning, match=r"GraphModule, not a Both: .*\(bn2 -> silu\)") as record:
+        fused = batchnorm.convert(model, fuse_act=True)
+    assert len(record) == 1 and isinstance(fused, fx.GraphModule)
+    assert _fused_kinds(fused) == [("bn1", "elu"), ("bn2", "silu")] and fused.bn1.alpha == 0.7
+    assert set(fused.state_dict()) == set(model.state_dict())
     _compare_train_and_eval(model, fused, (8, 5))
 
 

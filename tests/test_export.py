@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
+import batchnorm
 from batchnorm.errors import BatchNormError
 from batchnorm.folding import fold
 from batchnorm.onnx_export import export_onnx
@@ -62,7 +64,7 @@ def test_bad_example_input(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_torchscript_exporter_takes_over_when_dynamo_fails(tmp_path, monkeypatch):
+def _dynamo_fails(monkeypatch) -> None:
     real = torch.onnx.export
 
     def dynamo_fails(*args, dynamo=True, **kwargs):
@@ -71,6 +73,10 @@ def test_torchscript_exporter_takes_over_when_dynamo_fails(tmp_path, monkeypatch
         return real(*args, dynamo=dynamo, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+
+
+def test_torchscript_exporter_takes_over_when_dynamo_fails(tmp_path, monkeypatch):
+    _dynamo_fails(monkeypatch)
     model, x = build("dcgan")
     result = export_onnx(model, x, tmp_path / "m.onnx")
     assert result.exporter == "torchscript" and result.max_error < 1e-4
@@ -80,6 +86,7 @@ def test_torchscript_exporter_takes_over_when_dynamo_fails(tmp_path, monkeypatch
 def test_dynamic_batch_runs_at_other_batch_sizes(tmp_path):
     import numpy as np
     import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
     model, x = build("dcgan")
     x1 = x[:1]
@@ -93,5 +100,46 @@ def test_dynamic_batch_runs_at_other_batch_sizes(tmp_path):
         want = copy.deepcopy(model).eval()(torch.from_numpy(batch))
     torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-4, atol=1e-4)
     session = ort.InferenceSession(str(tmp_path / "fixed.onnx"), providers=["CPUExecutionProvider"])
-    with pytest.raises(Exception):  # the fixed file holds batch 1 only
+    with pytest.raises(InvalidArgument, match=r"index: 0 Got: 8 Expected: 1"):  # batch 1 only
         session.run(None, {session.get_inputs()[0].name: batch})
+
+
+class _FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x))))
+
+
+def _graph_modules():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.warns(UserWarning, match="GraphModule"):
+        fused = batchnorm.convert(_FunctionalReLU(), fuse_act=True)
+    return [fx.symbolic_trace(net), fused]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_dynamic_batch_on_fx_graph_modules(tmp_path, monkeypatch, exporter):
+    if exporter == "torchscript":  # it reads model.graph as a TorchScript graph
+        _dynamo_fails(monkeypatch)
+    for i, model in enumerate(_graph_modules()):
+        assert isinstance(model, fx.GraphModule)
+        path = tmp_path / f"m{i}.onnx"
+        with torch.no_grad():  # running statistics away from their initial values
+            model.train()(torch.randn(8, 3, 6, 6) * 2 + 1)
+        result = export_onnx(model, torch.randn(2, 3, 6, 6), path, dynamic_batch=True)
+        assert result.exporter == exporter and result.max_error < 1e-4
+        batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param and not batch.HasField("dim_value")  # free in the file
+
+
+def test_opset_onnxruntime_cannot_run_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(a))
+    model, x = build("dcgan")
+    with pytest.raises(BatchNormError, match=r"7 or higher \(got opset 5\)"):
+        export_onnx(model, x, tmp_path / "m.onnx", opset=5)
+    assert os.listdir(tmp_path) == [] and calls == []

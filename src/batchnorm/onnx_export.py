@@ -12,13 +12,17 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import BatchNormError, expected
 from .files import write_atomically
 from .probe import as_args, max_error, tensor_leaves, training_flags_kept
 
 __all__ = ["export_onnx", "ExportResult"]
+
+# the oldest opset both exporters write and onnxruntime guarantees to run (it runs older files on
+# legacy support, if at all, after four warnings)
+MIN_OPSET = 7
 
 
 @dataclass
@@ -55,7 +59,8 @@ def export_onnx(
     The file is written atomically (a temporary file in the same folder, then renamed), after
     onnxruntime ran it on ``example_input``; the largest absolute difference from the original
     model in eval mode is returned. With ``dynamic_batch`` dim 0 of every input is free in the
-    file, and onnxruntime also runs it at a second batch size (checked the same way).
+    file, and onnxruntime also runs it at a second batch size (checked the same way); this works
+    on a ``torch.fx.GraphModule`` too.
 
     Uses PyTorch's ``torch.export``-based exporter, and the TorchScript-based one if that fails
     or cannot write the opset asked for. The file is written with the permissions any new file
@@ -66,8 +71,9 @@ def export_onnx(
         example_input: a tensor or tuple of tensors (their shapes are fixed in the file, but for
             dim 0 with ``dynamic_batch``).
         path: where to write the ``.onnx`` file.
-        opset: ONNX opset version of the file; an opset neither exporter writes raises
-            BatchNormError. Default: None (the exporter's default)
+        opset: ONNX opset version of the file; one below 7 (onnxruntime's oldest) or one
+            neither exporter writes raises BatchNormError, the former before anything runs.
+            Default: None (the exporter's default)
         dynamic_batch: leave the batch size (dim 0 of each input) free. Default: False
         verbose: let the exporter print its progress. Default: False
 
@@ -96,6 +102,9 @@ def export_onnx(
         raise expected("an example_input tensor", "None")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
         raise expected("opset to be a positive integer or None", repr(opset))
+    if opset is not None and opset < MIN_OPSET:  # before anything runs: no exporter, no warnings
+        raise expected(f"an opset the ONNX exporters write and onnxruntime supports, "
+                       f"{MIN_OPSET} or higher", f"opset {opset}")
     path = os.fspath(path)
     folded, report = fold(model, args, report=True)
     checks = [args]
@@ -154,7 +163,7 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose
             with (contextlib.nullcontext() if verbose else _quiet()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    model,
+                    model if dynamo else _hide_fx_graph(model),
                     args,
                     path,
                     dynamo=dynamo,
@@ -176,6 +185,25 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None, verbose
     raise BatchNormError(
         "ONNX export failed (" + " | ".join(e.splitlines()[0] for e in errors) + ")"
     )
+
+
+class _Forward(nn.Module):
+    """Calls the module it wraps; the wrapper has no ``graph`` attribute."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.training = module.training
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
+def _hide_fx_graph(model: nn.Module) -> nn.Module:
+    """``model``, or a wrapper when it is an fx GraphModule: given ``dynamic_axes``, the
+    TorchScript exporter reads ``model.graph`` as a TorchScript graph (``.outputs()``), and an fx
+    Graph has none."""
+    return _Forward(model) if isinstance(model, fx.GraphModule) else model
 
 
 def _dynamic_batch_args(args: tuple, dynamic_batch: bool) -> dict:

@@ -45,8 +45,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..onnx_export import export_onnx
+    from ..onnx_export import MIN_OPSET, export_onnx
 
+    if args.opset is not None and args.opset < MIN_OPSET:  # before the model loads or runs
+        raise CLIError(f"expected --opset {MIN_OPSET} or higher, the oldest onnxruntime supports "
+                       f"(got --opset {args.opset})", "drop --opset for the exporter's default")
     target = check_output(args.output, [args.model])
     if target.suffix.lower() != ".onnx":
         raise CLIError(f"expected an output file ending in .onnx (got {args.output!r})")
