@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -143,3 +144,21 @@ def test_opset_onnxruntime_cannot_run_is_refused_before_anything_runs(tmp_path, 
     with pytest.raises(BatchNormError, match=r"7 or higher \(got opset 5\)"):
         export_onnx(model, x, tmp_path / "m.onnx", opset=5)
     assert os.listdir(tmp_path) == [] and calls == []
+
+
+def test_a_bn_folded_in_part_is_counted_as_such(tmp_path):
+    from .test_fold_forward_cat import cat_pool
+
+    model = cat_pool()
+    result = export_onnx(model, torch.randn(2, 3, 6, 6), tmp_path / "m.onnx")
+    assert (result.folded, result.partial, result.frozen) == (0, 1, 0)
+    assert "0 BN folded, 1 folded in part, 0 frozen" in str(result)
+    assert result.max_error < 1e-4
+
+
+def test_a_training_model_exports_its_eval_computation_without_folds_warning(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = export_onnx(model, torch.randn(2, 3, 6, 6), tmp_path / "m.onnx")
+    assert result.folded == 1 and model.training  # the caller's model untouched

@@ -20,6 +20,9 @@ from batchnorm.frozen import FrozenBatchNorm2d
 
 from .replicas import REPLICAS, build, randomize_bn
 
+# most models here are built in train mode: fold's warning about that has its own test
+pytestmark = pytest.mark.filterwarnings("ignore:fold uses the running statistics")
+
 
 def assert_close(got, want, rel=1e-5):
     scale = want.abs().max().item()
@@ -122,9 +125,10 @@ def is_frozen_affine(m: nn.Module) -> bool:
 @pytest.mark.parametrize("name", sorted(REPLICAS))
 def test_fold_equals_eval_on_every_replica(name):
     model, x = build(name)
-    model.train()  # fold must not care about (or change) the input's mode
+    model.train()  # fold must not care about (or change) the input's mode, but say it
     before = snapshot(model)
-    folded, report = fold(model, x, report=True)
+    with pytest.warns(UserWarning, match="the model was in training mode"):
+        folded, report = fold(model, x, report=True)
     assert snapshot(model) == before, "fold changed the input model"
     assert not folded.training
     with torch.no_grad():
@@ -133,7 +137,8 @@ def test_fold_equals_eval_on_every_replica(name):
     assert_close(got, want)
 
     _, _, n_folded, n_frozen = REPLICAS[name]
-    assert (report.count("folded"), report.count("frozen"), report.count("kept")) == (
+    partial = report.count("partial")  # folded in pieces, some channels left
+    assert (report.count("folded") + partial, report.count("frozen"), report.count("kept")) == (
         n_folded,
         n_frozen,
         0,
@@ -141,8 +146,7 @@ def test_fold_equals_eval_on_every_replica(name):
     # what is left of BN is the frozen affines (those of a cat's pieces that fold nowhere
     # included): PyTorch's BN in eval, nothing trainable
     remaining = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    partial = [r for r in report.layers if r.direction == "pieces" and "stay" in r.reason]
-    assert len(remaining) == n_frozen + len(partial), "a PyTorch BN survived the fold"
+    assert len(remaining) == n_frozen + partial, "a PyTorch BN survived the fold"
     assert all(is_frozen_affine(m) for m in remaining)
     assert report.max_error is not None and report.rel_error < 1e-5
     assert all(r.max_error is not None and r.rel_error < 1e-5 for r in report.layers)
@@ -312,11 +316,35 @@ def test_fold_report_prints_and_serialises():
     text = str(report)
     assert "features.1" in text and "folded" in text and "frozen" in text
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["folded"] == 7 and data["frozen"] == 4 and len(data["layers"]) == 11
+    # two BN read a cat whose last piece alone is a conv used only there: folded in part
+    assert (data["folded"], data["partial"], data["frozen"]) == (5, 2, 4)
+    assert len(data["layers"]) == 11 and "2 folded in part" in text
     assert "pieces:" in text
     assert {"features.3.denselayer2.conv2", "features.8.denselayer2.conv2"} == {
         r["into"] for r in data["layers"] if r["direction"] == "pieces"}
     assert {r["direction"] for r in data["layers"]} == {"previous", "pieces", None}
+
+
+def test_fold_warns_that_a_training_model_comes_back_in_eval_mode(tmp_path, capsys):
+    from batchnorm.cli import main
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    with pytest.warns(UserWarning, match="running statistics: the model was in training mode"):
+        folded, report = fold(model, report=True)
+    assert not folded.training and "training mode" in report.warning
+    model.eval()[1].train()  # one BN training inside an eval model normalises with the batch
+    with pytest.warns(UserWarning, match="training mode"):
+        fold(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = fold(model.eval(), report=True)
+    assert report.warning is None
+    # the command says it once, as the report's warning line
+    torch.save(model.train(), tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        status = main(["fold", str(tmp_path / "m.pt"), "-o", str(tmp_path / "f.pt")])
+    assert status == 0 and "warning: fold uses the running statistics" in capsys.readouterr().out
 
 
 def test_fold_rejects_non_modules_and_bad_inputs():
@@ -436,7 +464,7 @@ def test_fold_equals_eval_on_random_graphs(program, head, with_input, seed):
     assert_close(got, want)
     bns = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert len(report.layers) == bns
-    assert all(r.action in ("folded", "frozen") for r in report.layers)
+    assert all(r.action in ("folded", "partial", "frozen") for r in report.layers)
     if head == "before":
         assert report.layers[-1].direction == "next"
 

@@ -22,6 +22,9 @@ from batchnorm.folding import fold, fold_weights_forward
 from .replicas import randomize_bn
 from .test_fold import assert_close, snapshot
 
+# most models here are built in train mode: fold's warning about that has its own test
+pytestmark = pytest.mark.filterwarnings("ignore:fold uses the running statistics")
+
 
 def bns(model):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -350,6 +353,80 @@ def test_linear_pieces_fold_on_2d_input_only_when_it_is_known():
     assert report.layers[0].action == "frozen"
 
 
+class CatPool(nn.Module):
+    """cat[conv_a, conv_b, pool] → BN → ReLU → conv: the pool's 3 channels cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 5, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.conv_a(x), self.conv_b(x), self.pool(x)], 1)
+        return self.conv(self.relu(self.bn(y)))
+
+
+def cat_pool():
+    """CatPool with BN statistics and biases far from their defaults, in eval mode."""
+    torch.manual_seed(7)
+    model = randomize_bn(CatPool(), 7)
+    with torch.no_grad():
+        for conv in (model.conv_a, model.conv_b, model.conv):
+            conv.bias.normal_(0, 2)
+    return model.eval()
+
+
+def test_a_bn_folded_in_part_is_counted_as_such():
+    x, model = torch.randn(2, 3, 6, 6), cat_pool()
+    folded, report = fold(model, x, report=True)
+    row = report.layers[0]
+    assert (row.action, row.direction, row.into) == ("partial", "pieces", "conv_a, conv_b")
+    assert row.kept_channels == 3 and "channels 9:12 (pool)" in row.reason
+    assert [report.count(a) for a in ("folded", "partial", "frozen", "kept")] == [0, 1, 0, 0]
+    data = report.to_dict()
+    assert (data["folded"], data["partial"], data["frozen"]) == (0, 1, 0)
+    assert "0 folded, 1 folded in part (3 channels kept as a frozen per-channel affine)" \
+        in str(report)
+    assert len(bns(folded)) == 1  # what the report says is left
+    with torch.no_grad():
+        assert_close(folded(x), model(x))
+    full = fold(randomize_bn(MixConv()), report=True)[1]  # every channel folds: no part left
+    assert full.layers[0].action == "folded" and full.layers[0].kept_channels == 0
+    assert "in part" not in str(full)
+
+
+def test_fold_command_prints_the_part_kept(tmp_path, capsys):
+    from batchnorm.cli import main
+
+    status = main(["fold", f"{__name__}:cat_pool", "-o", str(tmp_path / "f.pt")])
+    out = capsys.readouterr().out
+    assert status == 0 and "1 folded in part (3 channels kept" in out
+
+
+def test_strip_bias_takes_the_biases_a_cat_carries_into_bn():
+    model = cat_pool()
+    lean, report = batchnorm.strip_bias(model, report=True)
+    assert report.layers == [("conv_a", "bn", 4), ("conv_b", "bn", 5)]
+    assert report.parameters_saved == 9
+    assert lean.conv_a.bias is None and lean.conv_b.bias is None
+    assert lean.conv.bias is not None  # after the ReLU: it counts
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        assert_close(lean(x), ref(x), 1e-6)
+        lean.train(), ref.train()
+        for _ in range(2):  # training outputs, and the running statistics they leave
+            x = torch.randn(4, 3, 6, 6)
+            assert_close(lean(x), ref(x), 1e-5)
+        lean.eval(), ref.eval()
+        assert_close(lean(x), ref(x), 1e-5)
+        assert_close(lean.bn.running_mean[9:], ref.bn.running_mean[9:], 0)  # the pool's
+
+
 # --------------------------------------------------------------------------- inspect says so
 
 
@@ -363,6 +440,18 @@ def test_inspect_reports_forward_and_cat_folds():
     assert report.totals["foldable"] == 1
     zero = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1))
     assert batchnorm.inspect(zero).finding("no-producer").layers == ["0"]
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+def test_inspect_says_once_what_fold_does_with_a_bn_folded_in_part(with_input):
+    report = batchnorm.inspect(cat_pool(), torch.randn(2, 3, 6, 6) if with_input else None)
+    about_bn = [f.code for f in report.findings if "bn" in f.layers]
+    assert about_bn == ["fold-pieces"]  # not also pre-activation: it does fold backwards
+    message = report.finding("fold-pieces").message
+    assert "bn → conv_a, conv_b, its channels 9:12 (pool) cannot fold backwards" in message
+    bias = report.finding("redundant-bias")
+    assert bias.layers == ["conv_a", "conv_b"] and "9 parameters wasted" in bias.message
+    assert report.totals["wasted_bias_params"] == 9 and report.totals["foldable"] == 1
 
 
 # --------------------------------------------------------------------------- random graphs

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -34,8 +35,10 @@ class ExportResult:
     opset: int  # the ONNX opset of the file written
     max_error: float
     rel_error: float
-    folded: int
-    frozen: int
+    folded: int  # BN folded whole into a neighbouring layer
+    frozen: int  # BN kept as a fixed per-channel affine
+    partial: int = 0  # BN folded in pieces, some channels kept as a fixed affine
+
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -43,7 +46,8 @@ class ExportResult:
     def __str__(self) -> str:
         return (
             f"wrote {self.path} ({self.exporter} exporter, opset {self.opset}; {self.folded} BN "
-            f"folded, {self.frozen} frozen); onnxruntime vs PyTorch max error {self.max_error:.2e} "
+            f"folded, " + (f"{self.partial} folded in part, " if self.partial else "")
+            + f"{self.frozen} frozen); onnxruntime vs PyTorch max error {self.max_error:.2e} "
             f"(relative {self.rel_error:.2e})"
         )
 
@@ -95,7 +99,7 @@ def export_onnx(
             f"expected the onnx extra to be installed (got ImportError: {exc}); "
             "run: pip install 'batchnorm[onnx]'"
         ) from None
-    from .folding import fold
+    from .folding import TRAIN_MODE_WARNING, fold
 
     args = as_args(example_input)
     if args is None:
@@ -106,7 +110,9 @@ def export_onnx(
         raise expected(f"an opset the ONNX exporters write and onnxruntime supports, "
                        f"{MIN_OPSET} or higher", f"opset {opset}")
     path = os.fspath(path)
-    folded, report = fold(model, args, report=True)
+    with warnings.catch_warnings():  # the file is the eval model's, as documented
+        warnings.filterwarnings("ignore", message=re.escape(TRAIN_MODE_WARNING))
+        folded, report = fold(model, args, report=True)
     checks = [args]
     if dynamic_batch:  # a second batch size, one that no exporter specialises on (0 or 1)
         n = args[0].shape[0] if args[0].dim() else 1
@@ -137,7 +143,7 @@ def export_onnx(
     errors = [max_error(got, want) for got, want in zip(done["got"], references)]
     max_err, rel_error = max(e[0] for e in errors), max(e[1] for e in errors)
     return ExportResult(path, exporter, done["opset"], max_err, rel_error,
-                        report.count("folded"), report.count("frozen"))
+                        report.count("folded"), report.count("frozen"), report.count("partial"))
 
 
 def _reference_output(model: nn.Module, args: tuple) -> list[torch.Tensor]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import warnings
 
 from ._model import add_model_arguments, describe, rewrite_model
 
@@ -16,7 +18,9 @@ def register(sub) -> None:
             "Conv/ConvTranspose/Linear (subclasses too) is folded into its weights, a BN after "
             "a channel concatenation of such layers is split into them, a BN left over that "
             "feeds a Linear (or a conv that does not pad with zeros) folds forward into it, "
-            "and every other BN is a frozen per-channel affine. With --input-shape, the error "
+            "and every other BN is a frozen per-channel affine (a split BN's channels from "
+            "anything else stay one too: the report counts it as folded in part). A model in "
+            "training mode is folded as model.eval() computes. With --input-shape, the error "
             "each fold introduces is measured on a random input. The output is written "
             "atomically, never over MODEL.",
             "batchnorm fold model.pt -o model.folded.pt",
@@ -37,9 +41,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..folding import fold
+    from ..folding import TRAIN_MODE_WARNING, fold
 
     def transform(model, example_input, report):
-        return fold(model, example_input, forward=not args.no_forward, report=report)
+        # the report prints that warning as its own line: not twice
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape(TRAIN_MODE_WARNING))
+            return fold(model, example_input, forward=not args.no_forward, report=report)
 
     return rewrite_model(args, transform)

@@ -12,9 +12,10 @@ def register(sub) -> None:
         "strip-bias",
         help="remove conv/linear biases that feed BN (outputs unchanged)",
         description=describe(
-            "Write a copy of MODEL without the conv/linear biases whose output goes only to a BN:"
-            " BN subtracts the mean, so the bias does nothing in training, and in eval its effect"
-            " moves into the BN's running_mean. Outputs stay the same in train and eval mode.",
+            "Write a copy of MODEL without the conv/linear biases whose output goes only to a BN"
+            " (directly, or as a piece of a channel concatenation): BN subtracts the mean, so"
+            " the bias does nothing in training, and in eval its effect moves into the BN's"
+            " running_mean. Outputs stay the same in train and eval mode.",
             "batchnorm strip-bias model.pt -o model.lean.pt",
             "batchnorm strip-bias mymodels:build -o lean.pt --json",
         ),
