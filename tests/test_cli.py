@@ -466,3 +466,35 @@ def test_export_refuses_an_opset_below_onnxruntimes_in_one_line(files, capfd):
         "batchnorm: error: expected --opset 7 or higher, the oldest onnxruntime supports "
         "(got --opset 5) (drop --opset for the exporter's default)"]
 
+
+def test_qat_convert_writes_the_deployed_model(tmp_path, capsys):
+    import batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    qat = batchnorm.qat_fold(model, bits=4)
+    qat(torch.randn(4, 3, 6, 6))
+    torch.save(qat, tmp_path / "qat.pt")
+    torch.save(model, tmp_path / "float.pt")
+    status, out, _ = run(capsys, "qat-convert", tmp_path / "qat.pt", "-o", tmp_path / "d.pt",
+                         "--input-shape", "2,3,6,6", "--json")
+    data = json.loads(out)
+    assert status == 0 and data["converted"] == 1 and data["max_error"] == 0.0
+    deployed = torch.load(tmp_path / "d.pt", weights_only=False)
+    assert [type(m) for m in deployed] == [nn.Conv2d, nn.Identity, nn.ReLU]
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), qat.eval()(x))
+    status, out, _ = run(capsys, "qat-convert", tmp_path / "qat.pt", "-o", tmp_path / "e.pt")
+    assert status == 0 and "1 conv/linear + BN pairs converted" in out and "wrote" in out
+    for argv, message in [
+        (["qat-convert", tmp_path / "float.pt", "-o", tmp_path / "f.pt"],
+         "expected a model from batchnorm.qat_fold to convert"),
+        (["qat-convert", tmp_path / "qat.pt", "-o", tmp_path / "qat.pt"],
+         "different from the input"),
+        (["qat-convert", tmp_path / "qat.pt", "-o", tmp_path / "g.pt", "--input-shape",
+          "2,5,6,6"], "expected a model that runs on --input-shape"),
+    ]:
+        status, _, err = run(capsys, *argv)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.pt").exists() and not (tmp_path / "g.pt").exists()

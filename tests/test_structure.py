@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ LEVELS = [
     ["sync"],
     ["graph", "probe"],
     ["conversion", "folding", "recalibration", "fusion"],
-    ["inspection", "onnx_export", "adaptation", "diagnosis"],
+    ["inspection", "onnx_export", "adaptation", "diagnosis", "qat"],
     ["cli", "tour", "__init__", "__main__"],
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
@@ -142,3 +143,15 @@ def test_public_names_resolve():
     exec("from batchnorm import *", namespace)
     assert set(batchnorm.__all__) <= set(namespace)
     importlib.import_module("batchnorm.ops.memory")
+
+
+def test_readme_lists_every_public_name():
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Public names", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([A-Za-z_][\w/]*)`", section)) - {"batchnorm.__all__"}
+    names = set()
+    for item in listed:  # "BatchNorm1d/2d/3d" stands for three names
+        head, *ranks = item.split("/")
+        names.add(head)
+        names.update(head[:-2] + r for r in ranks)
+    assert names == set(batchnorm.__all__) - {"__version__"}, names ^ set(batchnorm.__all__)

@@ -3,8 +3,8 @@
 The public names are listed in ``__all__``; nothing else is promised. Submodules are imported on
 first use, so ``import batchnorm`` stays cheap and a NumPy-only user never loads the kernels.
 
-Modules whose main function shares a public name carry another file name (``folding.py`` holds
-``fold``, ``inspection.py`` holds ``inspect``...): a submodule named like the function would
+Modules whose main function shares a public name carry another file name (``folding`` holds
+``fold``, ``inspection`` holds ``inspect``...): a submodule named like the function would
 replace it as the package attribute the first time someone imports the submodule.
 """
 from __future__ import annotations
@@ -44,6 +44,13 @@ _LAZY = {
     "diagnose": "diagnosis",
     "Diagnosis": "diagnosis",
     "export_onnx": "onnx_export",
+    "qat_fold": "qat",
+    "qat_convert": "qat",
+    "freeze_bn_stats": "qat",
+    "unfreeze_bn_stats": "qat",
+    "FakeQuantize": "qat",
+    "QATConvBn": "qat",
+    "QATBatchNorm": "qat",
     "set_output_cache": "ops.memory",
     "empty_output_cache": "ops.memory",
     "output_cache_info": "ops.memory",

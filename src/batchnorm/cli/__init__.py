@@ -9,7 +9,7 @@ from ._errors import run_guarded
 
 # Each module defines register(subparsers) -> None, adding its parser with set_defaults(run=...).
 COMMANDS = ["demo", "experiment", "inspect", "fold", "strip_bias", "recalibrate", "diagnose",
-            "export", "warmup"]
+            "export", "warmup", "qat_convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

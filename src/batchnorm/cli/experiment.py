@@ -7,7 +7,7 @@ import textwrap
 
 from ._errors import CLIError, require_tour_extra
 
-EXPERIMENTS = ("figure1", "shift")
+EXPERIMENTS = ("figure1", "shift", "qat")
 
 
 def register(sub) -> None:
@@ -25,14 +25,19 @@ def register(sub) -> None:
             "shift: the tour's digits CNN tested on shifted digits (contrast, brightness, "
             "inversion): accuracy as is, what `batchnorm diagnose` reports, and accuracy after "
             "AdaBN and after TENT.", 79)
+        + "\n\n" + textwrap.fill(
+            "qat: the digits CNN with 8- and 4-bit conv weights: float, post-training fold + "
+            "quantize, QAT with BN separate (folded afterwards), QAT with simulated BN folding "
+            "(batchnorm.qat_fold); deployed accuracy of each.", 79)
         + "\n\nExamples:\n  batchnorm experiment figure1\n  batchnorm experiment shift\n"
+        "  batchnorm experiment qat\n"
         "  batchnorm experiment figure1 --steps 20000 --data ~/mnist/ --out reports/fig1-mnist",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", choices=EXPERIMENTS, help="which experiment")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of each network (figure1: default 5000, the paper ran "
-                        "50000; shift: default 300)")
+                        "50000; shift and qat: default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="MNIST IDX files (a folder or the images file, .gz or not) or an .npz "
@@ -47,6 +52,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..tour.figure1 import run_figure1
+    from ..tour.qat import run_qat
     from ..tour.shift import run_shift
 
     if args.steps is not None and args.steps < 10:
@@ -54,6 +60,6 @@ def run(args) -> int:
     out = Path(args.out or f"reports/{args.name}")
     if out.exists() and not out.is_dir():
         raise CLIError(f"expected --out to be a folder (got the file {out})", "pick another --out")
-    runner = {"figure1": run_figure1, "shift": run_shift}[args.name]
+    runner = {"figure1": run_figure1, "shift": run_shift, "qat": run_qat}[args.name]
     runner(out, steps=args.steps, seed=args.seed, data=args.data)
     return 0
