@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Compile the CPU kernels once, ahead (numba caches them on disk; a changed kernel source
-# compiles again): the tests then load every kernel instead of each test worker compiling its
-# own copy, and no demo step waits. Cases already cached load in about a second.
+# Compile the CPU kernels once, ahead (numba caches them on disk): the tests then load every
+# kernel instead of each test worker compiling its own copy, and no demo step waits. Cases
+# already cached load in about a second. numba checks only the file that defines a kernel, not
+# the helpers it inlines from the other kernel files, so a changed kernel source clears the
+# whole cache first: no kernel keeps an old helper's code.
 WARM := $(VENV)/.warm
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+KERNEL_CACHE := src/batchnorm/kernels/__pycache__
 $(WARM): $(STAMP) $(wildcard src/batchnorm/kernels/*.py)
+	if [ -f $(WARM) ]; then rm -f $(KERNEL_CACHE)/*.nbi $(KERNEL_CACHE)/*.nbc; fi
 	$(VENV)/bin/batchnorm warmup --dtype all --jobs $(JOBS)
 	touch $(WARM)
 

@@ -174,6 +174,37 @@ def test_short_planes_a_channel_per_task_equal_the_plane_partials(dtype):
     np.testing.assert_array_equal(one[1], by_channel[1])
 
 
+@pytest.mark.parametrize("inplace", (False, True))
+def test_short_planes_take_the_same_bits_whatever_the_tasks(monkeypatch, inplace):
+    # short planes are split into a few tasks of whole samples (kernels._splits), long ones a
+    # plane per task: the normalisation, dx, dweight and dbias are the same bits either way,
+    # and equal the reference
+    x, w, b, dy = data((6, 20, 9), np.float64)
+    relu = code("leaky_relu")
+    assert kernels._splits(x) < 20 == kernels._splits(np.empty((6, 20, SHORT_PLANE)))
+    results = []
+    for splits in (None, 1, 3, 20):
+        if splits is not None:
+            monkeypatch.setattr(kernels, "_splits", lambda x, n=splits: n)
+        y = np.empty_like(x)
+        mean, var = kernels.train_forward(x, w, b, EPS, relu, SLOPE, ALPHA, y)
+        dx = np.empty_like(x)
+        src = y if inplace else x
+        dw, db = kernels.train_backward(dy, src, w, b, mean, var, EPS, relu, SLOPE, ALPHA,
+                                        inplace, dx)
+        ey = np.empty_like(x)
+        kernels.eval_forward(x, w, b, mean, var, EPS, relu, SLOPE, ALPHA, ey)
+        edx = np.empty_like(x)
+        edw, edb = kernels.eval_backward(dy, x, w, b, mean, var, EPS, relu, SLOPE, ALPHA, edx)
+        results.append((y, dx, dw, db, ey, edx, edw, edb))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            np.testing.assert_array_equal(a, b_)
+    want, _ = reference.forward(x, w, b, None, None, training=True, eps=EPS)
+    np.testing.assert_allclose(results[0][0], np.where(want > 0, want, SLOPE * want), rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_moments_equal_chan_merge_of_halves():
     x = np.random.default_rng(2).normal(size=(6, 4, 50))
     halves = reference.merge(reference.moments(x[:3]), reference.moments(x[3:]))

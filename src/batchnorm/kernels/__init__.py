@@ -229,7 +229,7 @@ def _sums(prep, dy, src, act, inplace):
     if _channels_last(src):
         return reduce_mc(act, inplace, src.dtype)(dy, src, *per_channel, k)
     return reduce_ncs(act, inplace, src.dtype)(dy, src, *per_channel, k,
-                                               _blocked_planes(src, BLOCK))
+                                               _blocked_planes(src, BLOCK), _splits(src))
 
 
 def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask=None):
@@ -240,8 +240,11 @@ def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask=None)
                                               inplace, NO_PARAMETER[dtype])
     coefficients = (k1, k0, k2, k)
     if mask is None:
-        write_dx = (write_dx_mc if _channels_last(src) else write_dx_ncs)(act, inplace, dtype)
-        write_dx(dy, src, dx, *per_channel, *coefficients)
+        if _channels_last(src):
+            write_dx_mc(act, inplace, dtype)(dy, src, dx, *per_channel, *coefficients)
+        else:
+            write_dx_ncs(act, inplace, dtype)(dy, src, dx, *per_channel, *coefficients,
+                                              _splits(src))
     else:
         write_dx = (write_dx_masked_mc if _channels_last(src) else write_dx_masked_ncs)(
             act, inplace, dtype)
@@ -257,7 +260,8 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
         sum_g, sum_ge = eval_backward_mc(int(act), x.dtype)(dy, x, dx, *per_channel, k)
     else:
         sum_g, sum_ge = eval_backward_ncs(int(act), x.dtype)(dy, x, dx, *per_channel, k,
-                                                             _blocked_planes(x, BLOCK))
+                                                             _blocked_planes(x, BLOCK),
+                                                             _splits(x))
     return sum_ge * invstd, sum_g
 
 
@@ -266,8 +270,10 @@ def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alph
 
 def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
     _, _, per_channel, k = _prep(x, weight, bias, mean, var, eps, negative_slope, alpha)
-    kernel = (normalize_mc if _channels_last(x) else normalize_ncs)(int(act), x.dtype)
-    kernel(x, y, *per_channel, k)
+    if _channels_last(x):
+        normalize_mc(int(act), x.dtype)(x, y, *per_channel, k)
+    else:
+        normalize_ncs(int(act), x.dtype)(x, y, *per_channel, k, _splits(x))
 
 
 def _channels_last(x: np.ndarray) -> bool:
@@ -281,6 +287,17 @@ def _blocked_planes(x: np.ndarray, least: int) -> bool:
     (BLOCKED_PLANE_FROM); the backward sums gain from one full BLOCK on (shorter planes, such as
     14x14 and 7x7, are mostly loop tail and lose)."""
     return x.dtype == np.float32 and x.shape[2] >= least
+
+
+def _splits(x: np.ndarray) -> int:
+    """Tasks per sample of an (N, C, S) pass (``statistics.plane_task``): a plane each (C), or on
+    planes shorter than SHORT_PLANE as few as give each thread about four tasks of whole
+    samples' consecutive channels (a task per short plane costs more than its arithmetic)."""
+    n, c, s = x.shape
+    if s >= SHORT_PLANE:
+        return c
+    threads = getattr(_THREADS, "n", None) or numba.get_num_threads()
+    return max(1, min(c, -(-4 * threads // n)))
 
 
 def _count(x: np.ndarray) -> int:

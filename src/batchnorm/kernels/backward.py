@@ -35,7 +35,7 @@ from ._activation import (
     unpack,
 )
 from ._compile import specialised
-from .statistics import BLOCK, REASSOC, rows_per_chunk
+from .statistics import BLOCK, REASSOC, plane_task, rows_per_chunk
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
 GRAD_ROW_BLOCK = 16
@@ -226,18 +226,21 @@ def _mc_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k):
 
 
 @njit(inline="always", cache=True)
-def _ncs_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k, blocked):
+def _ncs_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k, blocked,
+              splits):
     """Per-channel float64 (sum g, sum g*e) over (N, C, S) planes, ``row`` doing one plane
-    (eval's also writes dx): one float64 partial per plane, summed in order."""
+    (eval's also writes dx), ``splits`` tasks per sample: one float64 partial per plane, summed
+    in order."""
     n, c, s = src.shape
     kt = unpack(k)
     part_g = np.empty((n, c))
     part_ge = np.empty((n, c))
-    for p in prange(n * c):
-        i = p // c
-        j = p - i * c
-        part_g[i, j], part_ge[i, j] = row(src[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j],
-                                          scale[j], shift[j], act, inplace, kt, blocked)
+    for q in prange(n * splits):
+        i, j0, j1 = plane_task(q, splits, c)
+        for j in range(j0, j1):
+            part_g[i, j], part_ge[i, j] = row(src[i, j], dy[i, j], dx[i, j], mean_hi[j],
+                                              mean_lo[j], scale[j], shift[j], act, inplace, kt,
+                                              blocked)
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
@@ -245,9 +248,9 @@ def _ncs_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k,
 def reduce_ncs(act, inplace, dtype):
     """Kernel: per-channel float64 (sum g, sum g*e) over (N, C, S); src is y when ``inplace``."""
 
-    def kernel(dy, src, mean_hi, mean_lo, scale, shift, k, blocked):
+    def kernel(dy, src, mean_hi, mean_lo, scale, shift, k, blocked, splits):
         return _ncs_sums(_reduce_row_ncs, dy, src, src, mean_hi, mean_lo, scale, shift, act,
-                         inplace, k, blocked)
+                         inplace, k, blocked, splits)
 
     return kernel
 
@@ -265,16 +268,16 @@ def reduce_mc(act, inplace, dtype):
 
 @specialised(parallel=True)
 def write_dx_ncs(act, inplace, dtype):
-    """Kernel: dx (N, C, S) = k1 * g + k0 + k2 * e."""
+    """Kernel: dx (N, C, S) = k1 * g + k0 + k2 * e, ``splits`` tasks per sample."""
 
-    def kernel(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+    def kernel(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, k, splits):
         n, c, s = src.shape
         kt = unpack(k)
-        for p in prange(n * c):
-            i = p // c
-            j = p - i * c
-            _write_row_ncs(src[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j], scale[j],
-                           shift[j], k1[j], k0[j], k2[j], act, inplace, kt)
+        for q in prange(n * splits):
+            i, j0, j1 = plane_task(q, splits, c)
+            for j in range(j0, j1):
+                _write_row_ncs(src[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j], scale[j],
+                               shift[j], k1[j], k0[j], k2[j], act, inplace, kt)
 
     return kernel
 
@@ -299,9 +302,9 @@ def write_dx_mc(act, inplace, dtype):
 def eval_backward_ncs(act, dtype):
     """Kernel, one pass: dx = g * scale and per-channel float64 (sum g, sum g*e), (N, C, S)."""
 
-    def kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, k, blocked):
+    def kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, k, blocked, splits):
         return _ncs_sums(_eval_row_ncs, dy, x, dx, mean_hi, mean_lo, scale, shift, act, False, k,
-                         blocked)
+                         blocked, splits)
 
     return kernel
 

@@ -16,7 +16,7 @@ from numba import njit, prange
 
 from ._activation import activate, unpack
 from ._compile import specialised
-from .statistics import rows_per_chunk
+from .statistics import plane_task, rows_per_chunk
 
 
 @njit(inline="always", cache=True)
@@ -35,15 +35,16 @@ def _row_mc(xr, yr, mh, ml, sc, sh, act, k):
 
 @specialised(parallel=True)
 def normalize_ncs(act, dtype):
-    """Kernel: y (N, C, S) = act(normalised x (N, C, S)), one (n, c) plane per task."""
+    """Kernel: y (N, C, S) = act(normalised x (N, C, S)), ``splits`` tasks per sample (see
+    ``statistics.plane_task``)."""
 
-    def kernel(x, y, mean_hi, mean_lo, scale, shift, k):
+    def kernel(x, y, mean_hi, mean_lo, scale, shift, k, splits):
         n, c, s = x.shape
         kt = unpack(k)
-        for p in prange(n * c):
-            i = p // c
-            j = p - i * c
-            _row_ncs(x[i, j], y[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j], act, kt)
+        for q in prange(n * splits):
+            i, j0, j1 = plane_task(q, splits, c)
+            for j in range(j0, j1):
+                _row_ncs(x[i, j], y[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j], act, kt)
 
     return kernel
 

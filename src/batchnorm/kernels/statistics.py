@@ -66,6 +66,17 @@ def rows_per_chunk(c):
 
 
 @njit(inline="always", cache=True)
+def plane_task(q, splits, c):
+    """(n, first channel, end channel) of task ``q`` when each of the N samples of an (N, C, S)
+    tensor is split into ``splits`` tasks of consecutive channels: ``splits = C`` is a plane per
+    task; on short planes a few whole samples per thread save each plane its task's indexing
+    (the planes, and any partial of a plane, are the same either way)."""
+    i = q // splits
+    part = q - i * splits
+    return i, part * c // splits, (part + 1) * c // splits
+
+
+@njit(inline="always", cache=True)
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan's merge of two partials (n_a > 0 or n_b > 0)."""
     n = n_a + n_b
