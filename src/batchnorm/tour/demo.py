@@ -11,7 +11,7 @@ import torch
 from . import report as R
 from .context import Context, Settings
 from .data import downsample, load
-from .training import deterministic
+from .training import deterministic, task_progress
 
 MAX_SIDE = 16  # larger images are average-pooled (MNIST 28x28 -> 14x14): see data.downsample
 
@@ -28,7 +28,6 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     except the entries named ``timing`` (latency, wall time).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import compute, conv_bias, modes, parameters, placement, purpose
     from .proof import render
@@ -40,8 +39,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, seed: int
     started = time.perf_counter()
     torch.manual_seed(seed)
     dataset = downsample(load(data, seed=seed), MAX_SIDE)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = task_progress(console)
     ctx = Context(settings, dataset, out, progress)
     sections: list[R.Section] = []
     with deterministic(), progress:

@@ -26,7 +26,7 @@ import torch
 from . import report as R
 from .data import Dataset, load
 from .nets import SigmoidMLP, init_small_gaussian
-from .training import MAX_TEST, PERCENTILES, Curves, deterministic, train
+from .training import MAX_TEST, PERCENTILES, Curves, deterministic, task_progress, train
 
 CLAIMS = {
     "faster": "Batch Normalization helps the network train faster",
@@ -107,7 +107,6 @@ def run_figure1(out: str | Path = "reports/figure1", *, steps: int | None = None
                 data: str | Path | None = None, console=None) -> dict:
     """Train both networks, write ``out/index.html``, ``out/*.png``, ``out/results.json``."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
     config = Config(seed=seed) if steps is None else Config(steps=steps, seed=seed)
@@ -115,8 +114,7 @@ def run_figure1(out: str | Path = "reports/figure1", *, steps: int | None = None
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dataset = load(data, seed=seed)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console)
+    progress = task_progress(console)
     curves = {}
     with deterministic(), progress:
         for key in ("bn", "plain"):

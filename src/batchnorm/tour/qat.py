@@ -35,7 +35,7 @@ from ..qat import FakeQuantize, qat_convert, qat_fold
 from . import report as R
 from .data import load
 from .shift import accuracy, train_model
-from .training import deterministic
+from .training import as_tensors, deterministic, task_progress
 
 BITS = (8, 4)
 VARIANTS = {"float": "float", "ptq": "post-training fold + quantize",
@@ -127,7 +127,6 @@ def run_qat(out: str | Path = "reports/qat", *, steps: int | None = None, seed: 
     """Train, quantize four ways at 8 and 4 bits; write ``out/index.html``, ``out/qat.png``,
     ``out/results.json`` and the 4-bit deployed models ``out/deployed-4bit-*.pt``."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     console = console or Console()
@@ -136,12 +135,8 @@ def run_qat(out: str | Path = "reports/qat", *, steps: int | None = None, seed: 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dataset = load(data, seed=seed)
-    x_train = torch.from_numpy(dataset.x_train).float()
-    y_train = torch.from_numpy(dataset.y_train)
-    x_test = torch.from_numpy(dataset.x_test).float()
-    y_test = torch.from_numpy(dataset.y_test)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console)
+    x_train, y_train, x_test, y_test = as_tensors(dataset)
+    progress = task_progress(console)
     rows, saved = {}, {}
     with deterministic(), progress:
         task = progress.add_task("qat: train the float CNN", total=config.steps)

@@ -33,7 +33,7 @@ from ..diagnosis import diagnose
 from . import report as R
 from .data import load
 from .nets import SmallCNN
-from .training import deterministic
+from .training import as_tensors, deterministic, task_progress
 
 SHIFTS = {
     "clean": lambda x: x,
@@ -102,7 +102,6 @@ def run_shift(out: str | Path = "reports/shift", *, steps: int | None = None, se
     """Train, shift, diagnose, adapt; write ``out/index.html``, ``out/shift.png`` and
     ``out/results.json``; print the verdicts."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     console = console or Console()
@@ -111,12 +110,8 @@ def run_shift(out: str | Path = "reports/shift", *, steps: int | None = None, se
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dataset = load(data, seed=seed)
-    x_train = torch.from_numpy(dataset.x_train).float()
-    y_train = torch.from_numpy(dataset.y_train)
-    x_test = torch.from_numpy(dataset.x_test).float()
-    y_test = torch.from_numpy(dataset.y_test)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console)
+    x_train, y_train, x_test, y_test = as_tensors(dataset)
+    progress = task_progress(console)
     rows = {}
     with deterministic(), progress:
         task = progress.add_task("shift: train the CNN", total=config.steps)

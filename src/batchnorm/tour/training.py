@@ -23,6 +23,20 @@ MAX_TEST = 1000
 MAX_PROBE_VALUES = 20000
 
 
+
+def task_progress(console):
+    """The tour's progress display: one bar per task, with its count and elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+
+
+def as_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test) of ``data`` as tensors, the images float32."""
+    return (torch.from_numpy(data.x_train).float(), torch.from_numpy(data.y_train),
+            torch.from_numpy(data.x_test).float(), torch.from_numpy(data.y_test))
+
 @contextlib.contextmanager
 def deterministic():
     """One thread, deterministic algorithms; restores the previous settings on exit."""
