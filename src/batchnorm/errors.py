@@ -26,6 +26,8 @@ def check_eps(eps: object, *, training: bool) -> float:
     """eps must be a finite real, > 0 in training and >= 0 in eval (PyTorch's rule). Compared,
     not passed to math.isfinite: dynamo makes a float attribute that differs between compiled
     modules a symbolic float, which it can compare (a guard) but not hand to math."""
+    if type(eps) is float and (0.0 < eps if training else 0.0 <= eps) and eps < math.inf:
+        return eps  # the common case, without the ABC checks (a layer calls this every step)
     if isinstance(eps, bool) or not isinstance(eps, Real) or not -math.inf < eps < math.inf:
         raise expected("eps to be a finite number", repr(eps))
     eps = float(eps)
@@ -87,6 +89,8 @@ def check_momentum(momentum: object) -> float | None:
     """momentum is None (cumulative average) or a real number in [0, 1]."""
     if momentum is None:
         return None
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:  # the common case, no ABC checks
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, Real):
         raise expected("momentum to be None or a number in [0, 1]", repr(momentum))
     momentum = float(momentum)

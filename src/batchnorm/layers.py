@@ -399,7 +399,7 @@ class _OurBatchNorm(_BatchNorm):
         d = 0 exactly at unit clips)."""
         if _is_compiling():
             return bool(self.renorm)
-        return self._clips_act()
+        return self.renorm is not False and self._clips_act()  # (False: nothing to check)
 
     def _clips_act(self) -> bool:
         """renorm on, with clips other than (1, 0), read from the floats."""

@@ -46,7 +46,7 @@ from .backward import (
     write_dx_ncs,
 )
 from .normalize import normalize_mc, normalize_ncs
-from .per_channel import NO_PARAMETER, grad_coefficients, prepare, running_update
+from .per_channel import NO_PARAMETER, running_update
 from .statistics import (
     BLOCK,
     BLOCKED_PLANE_FROM,
@@ -63,6 +63,7 @@ from .statistics import (
 
 __all__ = [
     "train_forward",
+    "train_step",
     "eval_forward",
     "train_backward",
     "train_backward_sums",
@@ -159,10 +160,21 @@ def train_forward(x, weight, bias, eps, act, negative_slope, alpha, y):
     (C,) arrays or None; ``act`` an activation's kernel code
     (``batchnorm.activations.REGISTRY[name].code``). x must be non-empty.
     """
-    mean, m2 = moments(x)
-    var = m2 / _count(x)
-    _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha)
+    mean, var, _ = train_step(x, weight, bias, eps, act, negative_slope, alpha, y)
     return mean, var
+
+
+def train_step(x, weight, bias, eps, act, negative_slope, alpha, y, running_mean=None,
+               running_var=None, factor=0.0, check=False):
+    """:func:`train_forward`, then the running update of :func:`running_update` (buffers of x's
+    dtype) in the same compiled call as the normalisation; returns ``(mean, var, ok)`` (ok True
+    without buffers)."""
+    mean, m2 = moments(x)
+    n = _count(x)
+    var = m2 / n
+    ok = _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha,
+                    running_mean, running_var, factor, n, check)
+    return mean, var, ok
 
 
 def eval_forward(x, weight, bias, mean, var, eps, act, negative_slope, alpha, y):
@@ -181,10 +193,11 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     of :func:`moments_masked` over ``count`` values where ``mask`` counts (the sums then still
     run over every position, and only the counted ones get the statistics' part of dx).
     """
-    prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
-    sum_g, sum_ge = _sums(prep, dy, src, act, inplace)
+    sum_g, sum_ge = train_backward_sums(dy, src, weight, bias, mean, var, eps, act,
+                                        negative_slope, alpha, inplace)
     m = _count(src) if mask is None else count
-    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask)
+    return train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
+                             inplace, sum_g, sum_ge, m, dx, mask)
 
 
 def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
@@ -192,8 +205,12 @@ def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slo
     """The training backward's reduction pass: float64 per-channel ``(sum g, sum g * e)``, e the
     centred value (``x - mean``, or ``gamma * x_hat`` when ``inplace``; see :mod:`.backward`).
     SyncBatchNorm adds these up over ranks before :func:`train_backward_dx`."""
-    prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
-    return _sums(prep, dy, src, act, inplace)
+    args = _pass_args(src, weight, bias, mean, var, eps, negative_slope, alpha)
+    act, inplace = int(act), bool(inplace)
+    if _channels_last(src):
+        return reduce_mc(act, inplace, src.dtype)(dy, src, *args)
+    return reduce_ncs(act, inplace, src.dtype)(dy, src, *args, _blocked_planes(src, BLOCK),
+                                               _splits(src))
 
 
 def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace,
@@ -201,18 +218,29 @@ def train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope
     """The training backward's writing pass: dx from the sums of :func:`train_backward_sums`
     over ``m`` values per channel (this batch's, or every rank's; with ``mask``, the counted
     ones); returns float64 ``(sum g * x_hat, sum g)``: dweight and dbias of the sums given."""
-    prep = _prep(src, weight, bias, mean, var, eps, negative_slope, alpha)
-    return _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask)
+    mean, var, weight, bias, eps, k = _pass_args(src, weight, bias, mean, var, eps,
+                                                 negative_slope, alpha)
+    act, inplace, dtype = int(act), bool(inplace), src.dtype
+    sums = (mean, var, weight, bias, eps, sum_g, sum_ge, float(m), k)
+    if mask is None:
+        if _channels_last(src):
+            sum_gxhat = write_dx_mc(act, inplace, dtype)(dy, src, dx, *sums)
+        else:
+            sum_gxhat = write_dx_ncs(act, inplace, dtype)(dy, src, dx, *sums, _splits(src))
+    else:
+        write_dx = (write_dx_masked_mc if _channels_last(src) else write_dx_masked_ncs)(
+            act, inplace, dtype)
+        sum_gxhat = write_dx(dy, src, dx, mask, *sums)
+    return sum_gxhat, sum_g
 
 
-def _prep(src, weight, bias, mean, var, eps, negative_slope, alpha):
-    """What every pass but the statistics reads: invstd, gamma (float64), the per-channel values
-    in the data's dtype (mean_hi, mean_lo, scale, shift) and the activation constants."""
+def _pass_args(src, weight, bias, mean, var, eps, negative_slope, alpha):
+    """What every pass but the statistics takes, the per-channel values made inside its call:
+    float64 ``mean`` / ``var``, ``weight`` / ``bias`` (:data:`NO_PARAMETER` for None), ``eps``
+    and the activation constants."""
     none = NO_PARAMETER[src.dtype]
-    invstd, gamma, *per_channel = prepare(src.dtype, weight is not None, bias is not None)(
-        mean, var, none if weight is None else weight, none if bias is None else bias,
-        float(eps), none)
-    return invstd, gamma, per_channel, _consts(src.dtype, float(negative_slope), float(alpha))
+    return (mean, var, none if weight is None else weight, none if bias is None else bias,
+            float(eps), _consts(src.dtype, float(negative_slope), float(alpha)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,57 +251,30 @@ def _consts(dtype, negative_slope, alpha):
     return k
 
 
-def _sums(prep, dy, src, act, inplace):
-    _, _, per_channel, k = prep
-    act, inplace = int(act), bool(inplace)
-    if _channels_last(src):
-        return reduce_mc(act, inplace, src.dtype)(dy, src, *per_channel, k)
-    return reduce_ncs(act, inplace, src.dtype)(dy, src, *per_channel, k,
-                                               _blocked_planes(src, BLOCK), _splits(src))
-
-
-def _write_dx(prep, dy, src, eps, act, inplace, sum_g, sum_ge, m, dx, mask=None):
-    invstd, gamma, per_channel, k = prep
-    dtype = src.dtype
-    act, inplace = int(act), bool(inplace)
-    sum_gxhat, k1, k0, k2 = grad_coefficients(gamma, invstd, sum_g, sum_ge, float(m), float(eps),
-                                              inplace, NO_PARAMETER[dtype])
-    coefficients = (k1, k0, k2, k)
-    if mask is None:
-        if _channels_last(src):
-            write_dx_mc(act, inplace, dtype)(dy, src, dx, *per_channel, *coefficients)
-        else:
-            write_dx_ncs(act, inplace, dtype)(dy, src, dx, *per_channel, *coefficients,
-                                              _splits(src))
-    else:
-        write_dx = (write_dx_masked_mc if _channels_last(src) else write_dx_masked_ncs)(
-            act, inplace, dtype)
-        write_dx(dy, src, dx, mask, *per_channel, *coefficients)
-    return sum_gxhat, sum_g
-
-
 def eval_backward(dy, x, weight, bias, mean, var, eps, act, negative_slope, alpha, dx):
     """Write dL/dx = act'(z) * dy * weight / sqrt(var + eps) into dx; return (dweight, dbias)."""
-    invstd, _, per_channel, k = _prep(x, weight, bias, np.asarray(mean, np.float64),
-                                      np.asarray(var, np.float64), eps, negative_slope, alpha)
+    args = _pass_args(x, weight, bias, np.asarray(mean, np.float64), np.asarray(var, np.float64),
+                      eps, negative_slope, alpha)
     if _channels_last(x):
-        sum_g, sum_ge = eval_backward_mc(int(act), x.dtype)(dy, x, dx, *per_channel, k)
-    else:
-        sum_g, sum_ge = eval_backward_ncs(int(act), x.dtype)(dy, x, dx, *per_channel, k,
-                                                             _blocked_planes(x, BLOCK),
-                                                             _splits(x))
-    return sum_ge * invstd, sum_g
+        return eval_backward_mc(int(act), x.dtype)(dy, x, dx, *args)
+    return eval_backward_ncs(int(act), x.dtype)(dy, x, dx, *args, _blocked_planes(x, BLOCK),
+                                                _splits(x))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha):
-    _, _, per_channel, k = _prep(x, weight, bias, mean, var, eps, negative_slope, alpha)
+def _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha,
+               running_mean=None, running_var=None, factor=0.0, n=1, check=False):
+    """One normalising call (per-channel values inside it, the running update after it when
+    the buffers are given); its ok."""
+    args = _pass_args(x, weight, bias, mean, var, eps, negative_slope, alpha)
+    none = NO_PARAMETER[x.dtype]
+    update = (none if running_mean is None else running_mean,
+              none if running_var is None else running_var, float(factor), float(n), bool(check))
     if _channels_last(x):
-        normalize_mc(int(act), x.dtype)(x, y, *per_channel, k)
-    else:
-        normalize_ncs(int(act), x.dtype)(x, y, *per_channel, k, _splits(x))
+        return normalize_mc(int(act), x.dtype)(x, y, *args, *update)
+    return normalize_ncs(int(act), x.dtype)(x, y, *args, _splits(x), *update)
 
 
 def _channels_last(x: np.ndarray) -> bool:

@@ -8,7 +8,9 @@ x_hat = e * invstd, per channel:
 
 with ``k1 = gamma * invstd``, ``k0 = -k1 * sum_g / m`` and ``k2 = -k1 * invstd^2 * sum_ge / m``
 (the training formula ``dx = gamma*invstd*(g - mean(g) - x_hat*mean(g*x_hat))``, x_hat = e*invstd);
-in evaluation ``k0 = k2 = 0`` and one pass does both.
+in evaluation ``k0 = k2 = 0`` and one pass does both. Each pass makes its per-channel values
+(``per_channel.channel_values``, and the k from the sums, ``per_channel.coefficients``) inside
+its own call: a training backward is two compiled calls.
 
 The sums are float64 across blocks and in the data's dtype within a block (as the statistics
 are, see ``statistics.py``): ``BLOCK`` values of a long (N, C, S) plane, when the caller passes
@@ -35,6 +37,7 @@ from ._activation import (
     unpack,
 )
 from ._compile import specialised
+from .per_channel import channel_values, coefficients
 from .statistics import BLOCK, REASSOC, plane_task, rows_per_chunk
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
@@ -200,6 +203,17 @@ def _sum_rows(part):
 
 
 @njit(inline="always", cache=True)
+def _write_values(src, mean, var, weight, bias, eps, sum_g, sum_ge, m, inplace):
+    """What a dx pass reads, made inside its call: the per-channel values of the data's dtype
+    (``per_channel.prepare``'s) and the coefficients from the sums over ``m`` values
+    (``per_channel.grad_coefficients``'), with ``sum g * x_hat`` (dweight) to return."""
+    invstd, gamma, mean_hi, mean_lo, scale, shift = channel_values(src, mean, var, weight, bias,
+                                                                   eps)
+    sum_gxhat, k1, k0, k2 = coefficients(gamma, invstd, sum_g, sum_ge, m, eps, inplace, src)
+    return mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2
+
+
+@njit(inline="always", cache=True)
 def _mc_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k):
     """Per-channel float64 (sum g, sum g*e) over channels-last (M, C) rows, ``row`` doing one
     row (eval's also writes dx): chunks of rows_per_chunk rows, each summed into float64
@@ -248,7 +262,8 @@ def _ncs_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k,
 def reduce_ncs(act, inplace, dtype):
     """Kernel: per-channel float64 (sum g, sum g*e) over (N, C, S); src is y when ``inplace``."""
 
-    def kernel(dy, src, mean_hi, mean_lo, scale, shift, k, blocked, splits):
+    def kernel(dy, src, mean, var, weight, bias, eps, k, blocked, splits):
+        _, _, mean_hi, mean_lo, scale, shift = channel_values(src, mean, var, weight, bias, eps)
         return _ncs_sums(_reduce_row_ncs, dy, src, src, mean_hi, mean_lo, scale, shift, act,
                          inplace, k, blocked, splits)
 
@@ -259,7 +274,8 @@ def reduce_ncs(act, inplace, dtype):
 def reduce_mc(act, inplace, dtype):
     """Kernel: per-channel float64 (sum g, sum g*e) over channels-last (M, C)."""
 
-    def kernel(dy, src, mean_hi, mean_lo, scale, shift, k):
+    def kernel(dy, src, mean, var, weight, bias, eps, k):
+        _, _, mean_hi, mean_lo, scale, shift = channel_values(src, mean, var, weight, bias, eps)
         return _mc_sums(_reduce_row_mc, dy, src, src, mean_hi, mean_lo, scale, shift, act,
                         inplace, k)
 
@@ -270,14 +286,17 @@ def reduce_mc(act, inplace, dtype):
 def write_dx_ncs(act, inplace, dtype):
     """Kernel: dx (N, C, S) = k1 * g + k0 + k2 * e, ``splits`` tasks per sample."""
 
-    def kernel(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, k, splits):
+    def kernel(dy, src, dx, mean, var, weight, bias, eps, sum_g, sum_ge, m, k, splits):
         n, c, s = src.shape
+        mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
+            src, mean, var, weight, bias, eps, sum_g, sum_ge, m, inplace)
         kt = unpack(k)
         for q in prange(n * splits):
             i, j0, j1 = plane_task(q, splits, c)
             for j in range(j0, j1):
                 _write_row_ncs(src[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j], scale[j],
                                shift[j], k1[j], k0[j], k2[j], act, inplace, kt)
+        return sum_gxhat
 
     return kernel
 
@@ -286,14 +305,17 @@ def write_dx_ncs(act, inplace, dtype):
 def write_dx_mc(act, inplace, dtype):
     """Kernel: dx (M, C) = k1 * g + k0 + k2 * e, channels-last."""
 
-    def kernel(dy, src, dx, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+    def kernel(dy, src, dx, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, k):
         m, c = src.shape
+        mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
+            src, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, inplace)
         kt = unpack(k)
         rows = rows_per_chunk(c)
         for q in prange((m + rows - 1) // rows):
             for r in range(q * rows, min(m, (q + 1) * rows)):
                 _write_row_mc(src[r], dy[r], dx[r], mean_hi, mean_lo, scale, shift, k1, k0, k2,
                               act, inplace, kt)
+        return sum_gxhat
 
     return kernel
 
@@ -302,9 +324,11 @@ def write_dx_mc(act, inplace, dtype):
 def eval_backward_ncs(act, dtype):
     """Kernel, one pass: dx = g * scale and per-channel float64 (sum g, sum g*e), (N, C, S)."""
 
-    def kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, k, blocked, splits):
-        return _ncs_sums(_eval_row_ncs, dy, x, dx, mean_hi, mean_lo, scale, shift, act, False, k,
-                         blocked, splits)
+    def kernel(dy, x, dx, mean, var, weight, bias, eps, k, blocked, splits):
+        invstd, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
+        sum_g, sum_ge = _ncs_sums(_eval_row_ncs, dy, x, dx, mean_hi, mean_lo, scale, shift, act,
+                                  False, k, blocked, splits)
+        return sum_ge * invstd, sum_g
 
     return kernel
 
@@ -313,8 +337,11 @@ def eval_backward_ncs(act, dtype):
 def eval_backward_mc(act, dtype):
     """Kernel, one pass: dx = g * scale and per-channel float64 (sum g, sum g*e), channels-last."""
 
-    def kernel(dy, x, dx, mean_hi, mean_lo, scale, shift, k):
-        return _mc_sums(_eval_row_mc, dy, x, dx, mean_hi, mean_lo, scale, shift, act, False, k)
+    def kernel(dy, x, dx, mean, var, weight, bias, eps, k):
+        invstd, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
+        sum_g, sum_ge = _mc_sums(_eval_row_mc, dy, x, dx, mean_hi, mean_lo, scale, shift, act,
+                                 False, k)
+        return sum_ge * invstd, sum_g
 
     return kernel
 
@@ -333,8 +360,10 @@ def write_dx_masked_ncs(act, inplace, dtype):
     """Kernel: dx (N, C, S) = k1 * g + m * (k0 + k2 * e), m the mask (N, S) (masked BN: only the
     counted positions move the statistics)."""
 
-    def kernel(dy, src, dx, mask, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+    def kernel(dy, src, dx, mask, mean, var, weight, bias, eps, sum_g, sum_ge, m, k):
         n, c, s = src.shape
+        mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
+            src, mean, var, weight, bias, eps, sum_g, sum_ge, m, inplace)
         kt = unpack(k)
         for p in prange(n * c):
             i = p // c
@@ -342,6 +371,7 @@ def write_dx_masked_ncs(act, inplace, dtype):
             _write_row_masked_ncs(src[i, j], dy[i, j], dx[i, j], mask[i], mean_hi[j],
                                   mean_lo[j], scale[j], shift[j], k1[j], k0[j], k2[j], act,
                                   inplace, kt)
+        return sum_gxhat
 
     return kernel
 
@@ -350,8 +380,10 @@ def write_dx_masked_ncs(act, inplace, dtype):
 def write_dx_masked_mc(act, inplace, dtype):
     """Kernel: dx (M, C) = k1 * g + m * (k0 + k2 * e), channels-last, m the mask (M,)."""
 
-    def kernel(dy, src, dx, mask, mean_hi, mean_lo, scale, shift, k1, k0, k2, k):
+    def kernel(dy, src, dx, mask, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, k):
         m, c = src.shape
+        mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
+            src, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, inplace)
         kt = unpack(k)
         rows = rows_per_chunk(c)
         zeros = np.zeros_like(k0)
@@ -363,5 +395,6 @@ def write_dx_masked_mc(act, inplace, dtype):
                 else:
                     _write_row_mc(src[r], dy[r], dx[r], mean_hi, mean_lo, scale, shift, k1,
                                   zeros, zeros, act, inplace, kt)
+        return sum_gxhat
 
     return kernel

@@ -1,10 +1,14 @@
 """One pass over the data: y = act(((x - mean_hi) - mean_lo) * scale + shift).
 
-Per channel, ``scale = gamma / sqrt(var + eps)`` and ``shift = beta`` are precomputed in the input's
-dtype. The mean is split in two numbers of the input's dtype, ``mean_hi + mean_lo``: for float32
-data far from zero (mean 1e4, std 1e-2) ``x - mean_hi`` is exact and ``- mean_lo`` restores the
-float64 mean, so the centred value keeps full float32 precision without float64 arithmetic
-per element. (Folding the mean into the shift, ``x * scale + shift'``, loses it all there.)
+Per channel, ``scale = gamma / sqrt(var + eps)`` and ``shift = beta`` are computed in the input's
+dtype first, inside the same call (:func:`.per_channel.channel_values`, the arithmetic of
+:func:`.per_channel.prepare`); the call ends with the running update when it is given the
+buffers: a layer's step after its statistics is one call.
+
+The mean is split in two numbers of the input's dtype, ``mean_hi + mean_lo``: for float32 data far
+from zero (mean 1e4, std 1e-2) ``x - mean_hi`` is exact and ``- mean_lo`` restores the float64
+mean, so the centred value keeps full float32 precision without float64 arithmetic per element.
+(Folding the mean into the shift, ``x * scale + shift'``, loses it all there.)
 
 Each kernel is made for one activation (its code a closure constant, see ``_compile.py``): the
 inner loop has no activation branch, which it needs to vectorise (LLVM does not hoist such a
@@ -16,6 +20,7 @@ from numba import njit, prange
 
 from ._activation import activate, unpack
 from ._compile import specialised
+from .per_channel import channel_values, update_running
 from .statistics import plane_task, rows_per_chunk
 
 
@@ -33,32 +38,49 @@ def _row_mc(xr, yr, mh, ml, sc, sh, act, k):
         yr[j] = activate(((xr[j] - mh[j]) - ml[j]) * sc[j] + sh[j], act, k)
 
 
+@njit(inline="always", cache=True)
+def _updated(mean, var, running_mean, running_var, factor, n, check):
+    """The running update after the pass when buffers are given (empty ones: none); ok."""
+    if running_mean.shape[0] == 0:
+        return True
+    return update_running(mean, var, running_mean, running_var, factor, n, check)
+
+
 @specialised(parallel=True)
 def normalize_ncs(act, dtype):
-    """Kernel: y (N, C, S) = act(normalised x (N, C, S)), ``splits`` tasks per sample (see
-    ``statistics.plane_task``)."""
+    """Kernel: y (N, C, S) = act(normalised x (N, C, S)) from float64 ``mean`` / ``var``,
+    ``splits`` tasks per sample (see ``statistics.plane_task``), then the running update of
+    :func:`.per_channel.running_update` when the buffers are not empty; returns its ok. One call
+    does a layer's whole step after the statistics."""
 
-    def kernel(x, y, mean_hi, mean_lo, scale, shift, k, splits):
+    def kernel(x, y, mean, var, weight, bias, eps, k, splits, running_mean, running_var, factor,
+               n_values, check):
         n, c, s = x.shape
+        _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
         for q in prange(n * splits):
             i, j0, j1 = plane_task(q, splits, c)
             for j in range(j0, j1):
                 _row_ncs(x[i, j], y[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j], act, kt)
+        return _updated(mean, var, running_mean, running_var, factor, n_values, check)
 
     return kernel
 
 
 @specialised(parallel=True)
 def normalize_mc(act, dtype):
-    """Kernel: y (M, C) = act(normalised x (M, C)), channels-last, a block of rows per task."""
+    """Kernel: y (M, C) = act(normalised x (M, C)), channels-last, a block of rows per task;
+    the rest as :func:`normalize_ncs`."""
 
-    def kernel(x, y, mean_hi, mean_lo, scale, shift, k):
+    def kernel(x, y, mean, var, weight, bias, eps, k, running_mean, running_var, factor,
+               n_values, check):
         m, c = x.shape
+        _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
         rows = rows_per_chunk(c)
         for q in prange((m + rows - 1) // rows):
             for r in range(q * rows, min(m, (q + 1) * rows)):
                 _row_mc(x[r], y[r], mean_hi, mean_lo, scale, shift, act, kt)
+        return _updated(mean, var, running_mean, running_var, factor, n_values, check)
 
     return kernel

@@ -50,7 +50,8 @@ import torch
 
 from ..errors import expected
 
-__all__ = ["set_output_cache", "empty_output_cache", "output_cache_info", "output_like"]
+__all__ = ["set_output_cache", "empty_output_cache", "output_cache_info", "output_like",
+           "NUMPY_DTYPE"]
 
 # below this, glibc serves blocks from its heap without faulting them in again
 MIN_BYTES = 1 << 20
@@ -164,7 +165,7 @@ _CACHE = _Cache(_limit_from_environment())
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_CACHE.after_fork)
 
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def set_output_cache(max_bytes: int, idle_seconds: float | None = None) -> int:
@@ -214,7 +215,7 @@ def _empty_like_cached(x: torch.Tensor) -> torch.Tensor | None:
     """An uninitialised tensor with x's shape, strides and dtype from the cache, or None when
     the cache is off, x is small, or not float32/float64. x must be dense (contiguous or
     channels-last). Each new block gets the huge-page advice."""
-    if _CACHE.limit == 0 or x.dtype not in _NUMPY_DTYPE:
+    if _CACHE.limit == 0 or x.dtype not in NUMPY_DTYPE:
         return None
     nbytes = x.numel() * x.element_size()
     if nbytes < MIN_BYTES:
@@ -225,7 +226,7 @@ def _empty_like_cached(x: torch.Tensor) -> torch.Tensor | None:
         block = np.empty(size, np.uint8)
         _advise_huge_pages(block.ctypes.data, block.nbytes)
     offset = -block.ctypes.data % _ALIGN
-    flat = block[offset:offset + nbytes].view(_NUMPY_DTYPE[x.dtype])
+    flat = block[offset:offset + nbytes].view(NUMPY_DTYPE[x.dtype])
     weakref.finalize(flat, _CACHE.give, block)
     # x's strides on the NumPy side, so that the tensor is a base tensor, not a view: autograd
     # forbids modifying a custom Function's output in place when it is a view (nn.ReLU(inplace=
@@ -273,6 +274,8 @@ def _advise_huge_pages(address: int, nbytes: int) -> None:
 def output_like(x: torch.Tensor) -> torch.Tensor:
     """torch.empty_like(x) (x dense), from the output cache when it is on, else with huge pages
     asked for when it is large."""
+    if x.numel() * x.element_size() < MIN_BYTES:  # small: neither cached nor huge pages
+        return torch.empty_like(x)
     cached = _empty_like_cached(x)
     if cached is not None:
         return cached

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import kernels
 from ..activations import REGISTRY
 from .layout import as_layout_of, dense, layout
-from .memory import output_like
+from .memory import NUMPY_DTYPE, output_like
 from .moments import Moments, empty
 
 __all__ = ["takes", "train_step", "running_update_impl", "train_impl", "eval_impl",
@@ -33,22 +33,22 @@ DTYPES = (torch.float32, torch.float64)
 
 def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
     """True when the fused kernels handle x: CPU, float32/float64, contiguous or channels-last."""
-    if x.device.type != "cpu" or x.dtype not in DTYPES:
+    if not x.is_cpu or x.dtype not in DTYPES:
         return False
     for t in per_channel:
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+        if t is not None and (t.dtype != x.dtype or not t.is_cpu):
             return False
     return layout(x) is not None
 
 
 def _kernel_array(t: Tensor, kind: str) -> np.ndarray:
     """A NumPy view of t's memory as (N, C, S) or (M, C), sharing storage."""
-    n, c = t.shape[0], t.shape[1]
-    if t.requires_grad:
-        t = t.detach()
+    a = (t.detach() if t.requires_grad else t).numpy()  # (NumPy's transposes cost less)
+    if a.ndim == 3 if kind == "ncs" else a.ndim == 2:
+        return a  # (N, C, S) or (N, C) as they are
     if kind == "ncs":
-        return t.numpy().reshape(n, c, -1)  # (N, C, S)
-    return t.permute(0, *range(2, t.dim()), 1).numpy().reshape(-1, c)  # (M, C)
+        return a.reshape(a.shape[0], a.shape[1], -1)  # (N, C, S)
+    return a.transpose(0, *range(2, a.ndim), 1).reshape(-1, a.shape[1])  # (M, C)
 
 
 _CODES = {name: spec.code for name, spec in REGISTRY.items()}  # act name -> kernel code
@@ -118,14 +118,17 @@ def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         kind = layout(x)
     y = output_like(x)
     _threads_for(x)
-    mean, var = kernels.train_forward(_kernel_array(x, kind), _np(weight), _np(bias), eps,
-                                      _CODES[act], negative_slope, alpha,
-                                      _kernel_array(y, kind))
-    ok = True
-    if running_mean is not None:  # the float64 statistics as they are (running_update_impl's)
-        ok = kernels.running_update(mean, var, running_mean.detach().numpy(),
-                                    running_var.detach().numpy(), float(factor),
-                                    float(x.numel() // x.shape[1]), bool(check))
+    xv, yv, w, b = _kernel_array(x, kind), _kernel_array(y, kind), _np(weight), _np(bias)
+    code = _CODES[act]
+    if running_mean is None:
+        mean, var, ok = kernels.train_step(xv, w, b, eps, code, negative_slope, alpha, yv)
+    elif running_mean.dtype == x.dtype == running_var.dtype:  # the update in the same call
+        mean, var, ok = kernels.train_step(xv, w, b, eps, code, negative_slope, alpha, yv,
+                                           _np(running_mean), _np(running_var), factor, check)
+    else:  # buffers of another dtype (the ops' callers): the update's own kernel
+        mean, var, _ = kernels.train_step(xv, w, b, eps, code, negative_slope, alpha, yv)
+        ok = kernels.running_update(mean, var, _np(running_mean), _np(running_var),
+                                    float(factor), float(x.numel() // x.shape[1]), bool(check))
     return y, torch.from_numpy(mean), torch.from_numpy(var), ok
 
 
@@ -177,7 +180,9 @@ def _backward(dy: Tensor, src: Tensor, weight: Tensor | None,
     dy = as_layout_of(dy, src)
     dx = output_like(src)
     dweight, dbias = _run(kernel, src, [dx], [dy, src])
-    return dx, torch.from_numpy(dweight).to(pdtype), torch.from_numpy(dbias).to(pdtype)
+    to = NUMPY_DTYPE[pdtype]  # (NumPy's cast: the same rounding, a fraction of torch's call)
+    return dx, torch.from_numpy(dweight.astype(to, copy=False)), torch.from_numpy(
+        dbias.astype(to, copy=False))
 
 
 def train_backward_impl(

@@ -67,12 +67,15 @@ def eval_step(backend: ModuleType, x: Tensor, weight: Tensor | None, bias: Tenso
               running_mean: Tensor, running_var: Tensor, eps: float, act: str,
               negative_slope: float, alpha: float) -> Tensor:
     """``backend``'s eval forward on checked arguments (the statistics constants)."""
+    if (backend is not torch_fallback and custom_ops.plain_eager(x, weight, bias)
+            and not custom_ops.records_grad(x, weight, bias)):
+        # the kernels read the statistics as they are (a view, never a graph)
+        return backend.eval_impl(x, weight, bias, running_mean, running_var, eps, act,
+                                 negative_slope, alpha)
     args = (x, weight, bias, running_mean.detach(), running_var.detach(), eps, act,
             negative_slope, alpha)
     if backend is torch_fallback:
         return torch_fallback.eval_(*args)
-    if custom_ops.plain_eager(x, weight, bias) and not custom_ops.records_grad(x, weight, bias):
-        return backend.eval_impl(*args)
     return custom_ops.eval_(*args)  # the op, or its autograd formula
 
 

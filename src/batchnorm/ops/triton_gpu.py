@@ -57,8 +57,7 @@ def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
     """True when these kernels handle x: CUDA (or CPU inside :func:`on_cpu`), a dtype of
     DTYPES, contiguous or channels-last, per-channel tensors on x's device in x's dtype or
     float32, and triton importable."""
-    device = x.device.type
-    if not (device == "cuda" or (device == "cpu" and _INTERPRET_ON_CPU)):
+    if not (x.is_cuda or (_INTERPRET_ON_CPU and x.is_cpu)):  # (attributes: no device object)
         return False
     if x.dtype not in DTYPES or layout(x) is None or not available():
         return False
