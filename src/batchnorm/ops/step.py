@@ -59,7 +59,10 @@ def train_step(backend: ModuleType, x: Tensor, weight: Tensor | None, bias: Tens
                                            x.numel() // x.shape[1], check)
         return y, mean, var, ok
     if custom_ops.records_grad(x, weight, bias):
-        return _Train.apply(backend, *args)
+        call = [backend, *args[3:]]  # the rest of the call; the forward appends its statistics
+        y = _Train.apply(x, weight, bias, call)
+        mean, var, ok = call[-1]
+        return y, mean, var, ok
     return backend.train_step(*args)
 
 
@@ -83,28 +86,34 @@ class _Train(torch.autograd.Function):
     """A kernel backend's training step under autograd: the forward saves what its backward
     reads (the output instead of the input with ``inplace``, InPlace-ABN), the backward is one
     backend call; under ``create_graph=True`` the backward op, whose own derivative gives double
-    backward (see :mod:`.custom_ops`)."""
+    backward (see :mod:`.custom_ops`).
+
+    Its inputs are the three tensors gradients reach and ``call``, a list of the backend and
+    the step's other arguments, to which the forward appends ``(mean, var, ok)``: its one output
+    is ``y``. (Each further output or argument of a Function is paid on every call: the
+    statistics as outputs cost as much again as the rest of the autograd node.)
+    """
 
     # forward with ctx, not a separate setup_context: apply() would bind the arguments to
     # forward's signature with inspect on every call
     @staticmethod
-    def forward(ctx, backend, x, weight, bias, running_mean, running_var, eps, factor, check,
-                act, negative_slope, alpha, inplace):
+    def forward(ctx, x, weight, bias, call):
+        (backend, running_mean, running_var, eps, factor, check, act, negative_slope, alpha,
+         inplace) = call
         y, mean, var, ok = backend.train_step(x, weight, bias, running_mean, running_var, eps,
                                               factor, check, act, negative_slope, alpha, inplace)
         ctx.save_for_backward(y if inplace else x, weight, bias, mean, var)
         ctx.backend = backend
         ctx.params = (eps, act, negative_slope, alpha, inplace)
-        ctx.mark_non_differentiable(mean, var, *([ok] if isinstance(ok, Tensor) else []))
-        return y, mean, var, ok
+        call.append((mean, var, ok))
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dok):
+    def backward(ctx, dy):
         src, weight, bias, mean, var = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the op, differentiable once more
             backward = torch.ops.batchnorm.bn_act_train_backward
         else:
             backward = ctx.backend.train_backward_impl
         dx, dweight, dbias = backward(dy, src, weight, bias, mean, var, *ctx.params)
-        return (None, dx, None if weight is None else dweight, None if bias is None else dbias,
-                None, None, None, None, None, None, None, None, None)
+        return dx, None if weight is None else dweight, None if bias is None else dbias, None
