@@ -90,3 +90,32 @@ def test_running_update_op_is_what_torch_library_expects():
                           (mean, var, rm, rv, 0.1, None, 16, True))
     assert custom_ops.running_update(mean, var, rm, rv, 0.1, 16, True) is True
     assert backends.kernels_for(torch.randn(2, 5)) is numba_cpu
+
+
+@pytest.mark.parametrize("buffers", [torch.float32, torch.float64], ids=["same", "float64"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "nan"])
+def test_the_step_updates_the_buffers_as_the_update_op_does(buffers, memory_format, bad):
+    """The step's running update (inside the normalising kernel for buffers of x's dtype, the
+    update's own kernel otherwise) gives the bits of the update op on the step's statistics,
+    and a NaN batch changes nothing in either."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, generator=g).contiguous(memory_format=memory_format)
+    if bad:
+        x[1, 2, 3, 4] = float("nan")
+    rm = torch.randn(3, generator=g, dtype=buffers)
+    rv = torch.rand(3, generator=g, dtype=buffers) + 0.5
+    want_m, want_v, before = rm.clone(), rv.clone(), rm.clone()
+    y, mean, var, ok = numba_cpu.train_step(x, None, None, rm, rv, 1e-5, 0.3, True, "identity",
+                                            0.01, 1.0, False)
+    assert ok is (not bad)
+    assert numba_cpu.running_update_impl(mean, var, want_m, want_v, 0.3, 100, True) is ok
+    torch.testing.assert_close(rm, want_m, rtol=0, atol=0)
+    torch.testing.assert_close(rv, want_v, rtol=0, atol=0)
+    if not bad:
+        assert not torch.equal(rm, before)  # (the update ran)
+        # and the normalised output is the one without buffers (the update is after the pass)
+        y0, *_ = numba_cpu.train_step(x, None, None, None, None, 1e-5, 0.3, True, "identity",
+                                      0.01, 1.0, False)
+        torch.testing.assert_close(y, y0, rtol=0, atol=0)

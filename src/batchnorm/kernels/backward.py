@@ -38,7 +38,7 @@ from ._activation import (
 )
 from ._compile import specialised
 from .per_channel import channel_values, coefficients
-from .statistics import BLOCK, REASSOC, plane_task, rows_per_chunk
+from .statistics import REASSOC, block_sums, plane_task, rows_per_chunk
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
 GRAD_ROW_BLOCK = 16
@@ -78,33 +78,22 @@ def _grad_centred_form(src, dy, mh, ml, sc, sh, act, inplace, k):
 
 
 @njit(inline="always", cache=True)
+def _reduce_term(t, xr, gr, out, mh, ml, sc, sh, act, inplace, k):
+    """(g, g * e) at one position of a plane (block_sums' term; ``out`` unused)."""
+    g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
+    return g, g * e
+
+
+@njit(inline="always", cache=True)
 def _reduce_row_ncs(xr, gr, out, mh, ml, sc, sh, act, inplace, k, blocked):
     """Float64 (sum g, sum g*e) over one plane: in float32 blocks of BLOCK values when
     ``blocked`` (float32 data, long planes), else value by value in float64. ``out`` is unused
     (the signature is _ncs_sums' row function's)."""
+    if blocked:
+        return block_sums(_reduce_term, xr, gr, out, mh, ml, sc, sh, act, inplace, k)
     a = 0.0
     b = 0.0
-    s = xr.shape[0]
-    if blocked:
-        z = xr.dtype.type(0.0)
-        full = s // BLOCK * BLOCK
-        for t0 in range(0, full, BLOCK):
-            sa = z
-            sb = z
-            for t in range(t0, t0 + BLOCK):
-                g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
-                sa += g
-                sb += g * e
-            a += np.float64(sa)
-            b += np.float64(sb)
-        sa = z
-        sb = z
-        for t in range(full, s):
-            g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
-            sa += g
-            sb += g * e
-        return a + np.float64(sa), b + np.float64(sb)
-    for t in range(s):
+    for t in range(xr.shape[0]):
         g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, inplace, k)
         a += np.float64(g)
         b += np.float64(g) * np.float64(e)
@@ -136,34 +125,23 @@ def _write_row_mc(xr, gr, out, mh, ml, sc, sh, k1, k0, k2, act, inplace, k):
 
 
 @njit(inline="always", cache=True)
+def _eval_term(t, xr, gr, out, mh, ml, sc, sh, act, inplace, k):
+    """:func:`_reduce_term` that also writes ``out[t] = g * scale`` (the eval backward's dx;
+    x is read, whatever ``inplace``)."""
+    g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
+    out[t] = g * sc
+    return g, g * e
+
+
+@njit(inline="always", cache=True)
 def _eval_row_ncs(xr, gr, out, mh, ml, sc, sh, act, inplace, k, blocked):
     """out = g * scale over one plane; float64 (sum g, sum g*e) as in _reduce_row_ncs
     (``inplace`` unused: the eval backward reads x)."""
+    if blocked:
+        return block_sums(_eval_term, xr, gr, out, mh, ml, sc, sh, act, inplace, k)
     a = 0.0
     b = 0.0
-    s = xr.shape[0]
-    if blocked:
-        z = xr.dtype.type(0.0)
-        full = s // BLOCK * BLOCK
-        for t0 in range(0, full, BLOCK):
-            sa = z
-            sb = z
-            for t in range(t0, t0 + BLOCK):
-                g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
-                out[t] = g * sc
-                sa += g
-                sb += g * e
-            a += np.float64(sa)
-            b += np.float64(sb)
-        sa = z
-        sb = z
-        for t in range(full, s):
-            g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
-            out[t] = g * sc
-            sa += g
-            sb += g * e
-        return a + np.float64(sa), b + np.float64(sb)
-    for t in range(s):
+    for t in range(xr.shape[0]):
         g, e = _grad_centred(xr[t], gr[t], mh, ml, sc, sh, act, False, k)
         out[t] = g * sc
         a += np.float64(g)

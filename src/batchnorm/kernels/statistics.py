@@ -129,6 +129,43 @@ def _rows_f64(x, r0, r1, shift, a, b):
 
 
 @njit(inline="always", cache=True, fastmath=REASSOC)
+def block_sums(term, xr, gr, out, mh, ml, sc, sh, act, inplace, k):
+    """float64 ``(sum u, sum v)`` of ``u, v = term(t, xr, gr, out, mh, ml, sc, sh, act, inplace,
+    k)`` over the positions ``t`` of the plane ``xr``: each BLOCK of values summed in the data's
+    dtype, the block sums added in float64, in order, the tail last. The one blocked sum of the
+    kernels: a plane's centred statistics here, the backward's sums of g and g * e
+    (``backward.py``), each term with the row functions' arguments (unused ones are anything)."""
+    s = xr.shape[0]
+    z = xr.dtype.type(0.0)
+    full = s // BLOCK * BLOCK
+    a = 0.0
+    b = 0.0
+    for t0 in range(0, full, BLOCK):
+        sa = z
+        sb = z
+        for t in range(t0, t0 + BLOCK):
+            u, v = term(t, xr, gr, out, mh, ml, sc, sh, act, inplace, k)
+            sa += u
+            sb += v
+        a += np.float64(sa)
+        b += np.float64(sb)
+    sa = z
+    sb = z
+    for t in range(full, s):
+        u, v = term(t, xr, gr, out, mh, ml, sc, sh, act, inplace, k)
+        sa += u
+        sb += v
+    return a + np.float64(sa), b + np.float64(sb)
+
+
+@njit(inline="always", cache=True)
+def _centred(t, xr, gr, out, mh, ml, sc, sh, act, inplace, k):
+    """d and d * d of one value, d = xr[t] - mh (block_sums' term; the rest unused)."""
+    d = xr[t] - mh
+    return d, d * d
+
+
+@njit(inline="always", cache=True, fastmath=REASSOC)
 def _plane_blocked(row, shift):
     """(mean - shift, M2) of one plane, two passes in float32 blocks (see the module docstring)."""
     s = row.shape[0]
@@ -145,25 +182,7 @@ def _plane_blocked(row, shift):
         acc += row[t]
     total += np.float64(acc)
     k = row.dtype.type(total / s)
-    a = 0.0
-    b = 0.0
-    for t0 in range(0, full, BLOCK):
-        sa = z
-        sb = z
-        for t in range(t0, t0 + BLOCK):
-            d = row[t] - k
-            sa += d
-            sb += d * d
-        a += np.float64(sa)
-        b += np.float64(sb)
-    sa = z
-    sb = z
-    for t in range(full, s):
-        d = row[t] - k
-        sa += d
-        sb += d * d
-    a += np.float64(sa)
-    b += np.float64(sb)
+    a, b = block_sums(_centred, row, row, row, k, k, k, k, 0, False, 0)
     mean_d, m2 = _finish(a, b, np.float64(s))
     return (np.float64(k) - shift) + mean_d, m2
 
