@@ -220,19 +220,22 @@ def _empty_like_cached(x: torch.Tensor) -> torch.Tensor | None:
     nbytes = x.numel() * x.element_size()
     if nbytes < MIN_BYTES:
         return None
-    size = -(-nbytes // _GRAIN) * _GRAIN + _ALIGN
+    size = -(-nbytes // _GRAIN) * _GRAIN
     block = _CACHE.take(size)
-    if block is None:
-        block = np.empty(size, np.uint8)
-        _advise_huge_pages(block.ctypes.data, block.nbytes)
-    offset = -block.ctypes.data % _ALIGN
-    flat = block[offset:offset + nbytes].view(NUMPY_DTYPE[x.dtype])
-    weakref.finalize(flat, _CACHE.give, block)
+    if block is None:  # a new block: ``size`` bytes from an _ALIGN boundary, kept aligned
+        raw = np.empty(size + _ALIGN, np.uint8)
+        offset = -raw.ctypes.data % _ALIGN
+        block = raw[offset:offset + size]
+        _advise_huge_pages(raw.ctypes.data + offset, size)
+    dtype = NUMPY_DTYPE[x.dtype]
     # x's strides on the NumPy side, so that the tensor is a base tensor, not a view: autograd
     # forbids modifying a custom Function's output in place when it is a view (nn.ReLU(inplace=
-    # True) after the layer); the strided array keeps ``flat`` alive
-    shaped = np.lib.stride_tricks.as_strided(flat, x.shape,
-                                             [st * flat.itemsize for st in x.stride()])
+    # True) after the layer). NumPy's constructor costs a fraction of stride_tricks.as_strided;
+    # its array refers to the block itself, and the tensor keeps this array alive: the block
+    # goes back to the cache when the array dies, never before.
+    itemsize = x.element_size()
+    shaped = np.ndarray(x.shape, dtype, block, 0, [st * itemsize for st in x.stride()])
+    weakref.finalize(shaped, _CACHE.give, block)
     return torch.from_numpy(shaped)
 
 
