@@ -48,10 +48,16 @@ def test_running_update_is_the_ema_of_the_unbiased_variance(dtype):
     rm, rv = rng.normal(size=c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
     want_m = ((1 - factor) * rm.astype(np.float64) + factor * mean).astype(dtype)
     want_v = ((1 - factor) * rv.astype(np.float64) + factor * var * n / (n - 1)).astype(dtype)
+    rm64, rv64 = rm.astype(np.float64), rv.astype(np.float64)
+    exact_m = (rm64 + factor * (mean - rm64)).astype(dtype)  # the documented form, in float64
+    exact_v = (rv64 + factor * (var * (n / (n - 1.0)) - rv64)).astype(dtype)
     assert running_update(mean, var, rm, rv, factor, float(n), True)
-    # float64 arithmetic rounded once: within half an ulp of the buffers' dtype
-    np.testing.assert_allclose(rm, want_m, rtol=np.finfo(dtype).eps, atol=0)
-    np.testing.assert_allclose(rv, want_v, rtol=np.finfo(dtype).eps, atol=0)
+    # the documented float64 arithmetic rounded once: NumPy's bits
+    np.testing.assert_array_equal(rm, exact_m)
+    np.testing.assert_array_equal(rv, exact_v)
+    # and the EMA it is: the two float64 forms round differently, by an ulp or two at most
+    np.testing.assert_allclose(rm, want_m, rtol=3 * np.finfo(dtype).eps, atol=0)
+    np.testing.assert_allclose(rv, want_v, rtol=3 * np.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

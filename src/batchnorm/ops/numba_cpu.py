@@ -44,7 +44,7 @@ def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
 def _kernel_array(t: Tensor, kind: str) -> np.ndarray:
     """A NumPy view of t's memory as (N, C, S) or (M, C), sharing storage."""
     a = (t.detach() if t.requires_grad else t).numpy()  # (NumPy's transposes cost less)
-    if a.ndim == 3 if kind == "ncs" else a.ndim == 2:
+    if a.ndim == (3 if kind == "ncs" else 2):
         return a  # (N, C, S) or (N, C) as they are
     if kind == "ncs":
         return a.reshape(a.shape[0], a.shape[1], -1)  # (N, C, S)
