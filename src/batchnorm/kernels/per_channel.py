@@ -25,7 +25,7 @@ from numba import njit
 
 from ._compile import specialised
 
-__all__ = ["prepare", "prepare_into", "channel_values", "running_update", "update_running",
+__all__ = ["prepare", "channel_values", "running_update", "update_running",
            "grad_coefficients", "coefficients", "NO_PARAMETER"]
 
 # an empty array of each data dtype: prepare's ``like``, and what an absent weight / bias is
@@ -35,12 +35,18 @@ NO_PARAMETER = {np.dtype(np.float32): np.empty(0, np.float32),
 
 
 @njit(inline="always", cache=True, error_model="numpy")  # 1 / 0 is inf, as in NumPy
-def prepare_into(mean, var, weight, bias, eps, has_weight, has_bias, invstd, gamma, mean_hi,
-                 mean_lo, scale, shift):
-    """:func:`prepare`'s values written into the arrays given (the kernels that normalise call
-    it inline, so a pass needs no separate call for them)."""
-    to = mean_hi.dtype.type
-    for i in range(mean.shape[0]):
+def _values(like, mean, var, weight, bias, eps, has_weight, has_bias):
+    """:func:`prepare`'s ``(invstd, gamma, mean_hi, mean_lo, scale, shift)``, the per-channel
+    arrays made here (``like``: an array of the data's dtype)."""
+    c = mean.shape[0]
+    to = like.dtype.type
+    invstd = np.empty(c)
+    gamma = np.empty(c)
+    mean_hi = np.empty(c, like.dtype)
+    mean_lo = np.empty(c, like.dtype)
+    scale = np.empty(c, like.dtype)
+    shift = np.empty(c, like.dtype)
+    for i in range(c):
         inv = 1.0 / np.sqrt(var[i] + eps)
         g = np.float64(weight[i]) if has_weight else 1.0
         hi = to(mean[i])
@@ -50,6 +56,7 @@ def prepare_into(mean, var, weight, bias, eps, has_weight, has_bias, invstd, gam
         mean_lo[i] = to(mean[i] - np.float64(hi))
         scale[i] = to(g * inv)
         shift[i] = to(bias[i]) if has_bias else to(0.0)
+    return invstd, gamma, mean_hi, mean_lo, scale, shift
 
 
 @specialised(error_model="numpy")
@@ -59,16 +66,7 @@ def prepare(dtype, has_weight, has_bias):
     the case has none), ``like`` an array of the data's dtype (:data:`NO_PARAMETER`)."""
 
     def kernel(mean, var, weight, bias, eps, like):
-        c = mean.shape[0]
-        invstd = np.empty(c)
-        gamma = np.empty(c)
-        mean_hi = np.empty(c, like.dtype)
-        mean_lo = np.empty(c, like.dtype)
-        scale = np.empty(c, like.dtype)
-        shift = np.empty(c, like.dtype)
-        prepare_into(mean, var, weight, bias, eps, has_weight, has_bias, invstd, gamma, mean_hi,
-                     mean_lo, scale, shift)
-        return invstd, gamma, mean_hi, mean_lo, scale, shift
+        return _values(like, mean, var, weight, bias, eps, has_weight, has_bias)
 
     return kernel
 
@@ -78,16 +76,7 @@ def channel_values(like, mean, var, weight, bias, eps):
     """:func:`prepare`'s ``(invstd, gamma, mean_hi, mean_lo, scale, shift)`` inside a pass's
     own call (``like``: the data; an empty ``weight`` / ``bias`` is an absent one, as
     :data:`NO_PARAMETER` passes it)."""
-    c = mean.shape[0]
-    invstd = np.empty(c)
-    gamma = np.empty(c)
-    mean_hi = np.empty(c, like.dtype)
-    mean_lo = np.empty(c, like.dtype)
-    scale = np.empty(c, like.dtype)
-    shift = np.empty(c, like.dtype)
-    prepare_into(mean, var, weight, bias, eps, weight.shape[0] > 0, bias.shape[0] > 0, invstd,
-                 gamma, mean_hi, mean_lo, scale, shift)
-    return invstd, gamma, mean_hi, mean_lo, scale, shift
+    return _values(like, mean, var, weight, bias, eps, weight.shape[0] > 0, bias.shape[0] > 0)
 
 
 @njit(inline="always", cache=True, error_model="numpy")
