@@ -114,11 +114,15 @@ DTYPES = (np.float32, np.float64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ("ncs", "ncs-few-channels", "ncs-mid", "ncs-long", "mc"))
+@pytest.mark.parametrize("layout", ("ncs", "ncs-few-channels", "ncs-mid", "ncs-long", "mc",
+                                    "mc-spans", "mc-one-channel"))
 def test_moments_match_reference_over_many_chunks(layout, dtype):
     c = 1024
     rng = np.random.default_rng(1)
-    if layout == "mc":  # channels-last (M, C): 3 full chunks of rows and a partial one
+    if layout.startswith("mc"):  # channels-last (M, C): 3 full chunks of rows and a partial
+        # one; few channels: spans of span_rows(c) rows (10 rows of 24, 256 of 1), the last
+        # chunk ending in rows left over after its spans
+        c = {"mc": c, "mc-spans": 24, "mc-one-channel": 1}[layout]
         x = rng.normal(3.0, 2.0, size=(3 * rows_per_chunk(c) + 37, c)).astype(dtype)
     elif layout == "ncs":  # (N, C, S), short planes: one task per channel, float64 sums
         x = rng.normal(3.0, 2.0, size=(7, c, 61)).astype(dtype)
@@ -335,7 +339,8 @@ def test_without_weight_and_bias_is_gamma_one_beta_zero():
 # determinism
 
 
-@pytest.mark.parametrize("shape", ((3 * 128 + 5, 1024, 1, 1), (4, 8, 48, 48)))
+@pytest.mark.parametrize("shape", ((3 * 128 + 5, 1024, 1, 1), (4, 8, 48, 48),
+                                   (3 * 10930 + 7, 24, 1, 1)))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_and_two_threads_give_identical_bits(layout, shape):
     if numba.config.NUMBA_NUM_THREADS < 2:
@@ -360,11 +365,12 @@ def test_one_and_two_threads_give_identical_bits(layout, shape):
 
 
 # channels-last backward: rows_per_chunk(1024) = 256-row chunks, float32 row sums added into
-# float64 every ROW_BLOCK rows; the last chunk has 7 rows
+# float64 every ROW_BLOCK rows; the last chunk has 7 rows. With 24 channels: spans of 10 rows,
+# the last one 7 rows
 @pytest.mark.parametrize("act", ("identity", "elu"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
-    c = 1024
+@pytest.mark.parametrize("c", (1024, 24))
+def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype, c):
     shape = (3 * rows_per_chunk(c) + 7, c, 1, 1)
     x, w, b, dy = data(shape, dtype, seed=6)
     z_ref, state = reference.forward(x.astype(np.float64), w.astype(np.float64),
@@ -374,6 +380,7 @@ def test_channels_last_backward_over_many_chunks_and_leftover_rows(act, dtype):
     xk, dyk = to_kernel(x, "mc"), to_kernel(dy, "mc")
     y = np.empty_like(xk)
     mean, var = kernels.train_forward(xk, w, b, EPS, code(act), SLOPE, ALPHA, y)
+    np.testing.assert_allclose(from_kernel(y, shape, "mc"), act_np(z_ref, act), **TOL[dtype])
     for src, inplace in ((xk, False), (y, True)):
         dx = np.empty_like(xk)
         dw, db = kernels.train_backward(dyk, src, w, b, mean, var, EPS, code(act), SLOPE, ALPHA,

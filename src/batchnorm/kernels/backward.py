@@ -15,7 +15,8 @@ its own call: a training backward is two compiled calls.
 The sums are float64 across blocks and in the data's dtype within a block (as the statistics
 are, see ``statistics.py``): ``BLOCK`` values of a long (N, C, S) plane, when the caller passes
 ``blocked`` (float32 data, planes of at least one BLOCK; shorter planes are summed value by
-value in float64, which was faster there), or ``GRAD_ROW_BLOCK`` channels-last rows. For
+value in float64, which was faster there), or ``GRAD_ROW_BLOCK`` channels-last rows (with
+fewer than ``statistics.ROW_SPAN`` channels, spans of rows: ``statistics.span``). For
 float32 that halves the arithmetic of the reduction; g * e is already centred, so there is no
 cancellation for the float32 rounding to grow in.
 
@@ -37,8 +38,8 @@ from ._activation import (
     unpack,
 )
 from ._compile import specialised
-from .per_channel import channel_values, coefficients
-from .statistics import REASSOC, block_sums, plane_task, rows_per_chunk
+from .per_channel import channel_values, coefficients, tiled
+from .statistics import REASSOC, block_sums, fold, plane_task, rows_per_chunk, span, span_rows
 
 # channels-last reductions: rows added in the data's dtype before one float64 add per channel
 GRAD_ROW_BLOCK = 16
@@ -162,12 +163,10 @@ def _eval_row_mc(xr, gr, out, mh, ml, sc, sh, acc_g, acc_ge, act, inplace, k):
 
 @njit(inline="always", cache=True)
 def _flush(acc_g, acc_ge, part_g, part_ge):
-    """Add the data-dtype row accumulators into the float64 partials and zero them."""
-    for j in range(acc_g.shape[0]):
-        part_g[j] += np.float64(acc_g[j])
-        part_ge[j] += np.float64(acc_ge[j])
-        acc_g[j] = 0.0
-        acc_ge[j] = 0.0
+    """Add the data-dtype accumulators (a span's: ``reps * C`` of them, row after row) into the
+    float64 per-channel partials, in order, and zero them."""
+    fold(acc_g, part_g)
+    fold(acc_ge, part_ge)
 
 
 @njit(cache=True)
@@ -195,24 +194,31 @@ def _write_values(src, mean, var, weight, bias, eps, sum_g, sum_ge, m, inplace):
 def _mc_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k):
     """Per-channel float64 (sum g, sum g*e) over channels-last (M, C) rows, ``row`` doing one
     row (eval's also writes dx): chunks of rows_per_chunk rows, each summed into float64
-    partials of its own (fixed chunks: the result does not depend on the thread count)."""
+    partials of its own (fixed chunks: the result does not depend on the thread count); few
+    channels: ``row`` takes spans of rows (``statistics.span``), each accumulator lane one
+    channel of one row of a span."""
     m, c = src.shape
     kt = unpack(k)
+    reps = span_rows(c)
     rows = rows_per_chunk(c)
     chunks = (m + rows - 1) // rows
     part_g = np.zeros((chunks, c))
     part_ge = np.zeros((chunks, c))
-    mh, ml, sc, sh = mean_hi, mean_lo, scale, shift
+    smh, sml, ssc, ssh = (tiled(mean_hi, reps), tiled(mean_lo, reps), tiled(scale, reps),
+                          tiled(shift, reps))
+    sf, gf, df = src.reshape(m * c), dy.reshape(m * c), dx.reshape(m * c)
     for q in prange(chunks):
-        # row accumulators in the data's dtype, added into the float64 partials every
-        # GRAD_ROW_BLOCK rows; allocated here so that LLVM knows they do not alias the data
-        a = np.zeros(c, dy.dtype)
-        b = np.zeros(c, dy.dtype)
+        # span accumulators in the data's dtype, added into the float64 partials every
+        # GRAD_ROW_BLOCK spans; allocated here so that LLVM knows they do not alias the data
+        a = np.zeros(reps * c, dy.dtype)
+        b = np.zeros(reps * c, dy.dtype)
         r0 = q * rows
-        for r in range(r0, min(m, r0 + rows)):
-            if r > r0 and (r - r0) % GRAD_ROW_BLOCK == 0:
+        r1 = min(m, r0 + rows)
+        for p in range((r1 - r0 + reps - 1) // reps):
+            if p > 0 and p % GRAD_ROW_BLOCK == 0:
                 _flush(a, b, part_g[q], part_ge[q])
-            row(src[r], dy[r], dx[r], mh, ml, sc, sh, a, b, act, inplace, kt)
+            row(span(sf, c, r0, r1, reps, p), span(gf, c, r0, r1, reps, p),
+                span(df, c, r0, r1, reps, p), smh, sml, ssc, ssh, a, b, act, inplace, kt)
         _flush(a, b, part_g[q], part_ge[q])
     return _sum_rows(part_g), _sum_rows(part_ge)
 
@@ -281,17 +287,25 @@ def write_dx_ncs(act, inplace, dtype):
 
 @specialised(parallel=True)
 def write_dx_mc(act, inplace, dtype):
-    """Kernel: dx (M, C) = k1 * g + k0 + k2 * e, channels-last."""
+    """Kernel: dx (M, C) = k1 * g + k0 + k2 * e, channels-last (few channels: spans of rows)."""
 
     def kernel(dy, src, dx, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, k):
         m, c = src.shape
         mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
             src, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, inplace)
         kt = unpack(k)
+        reps = span_rows(c)
+        smh, sml, ssc, ssh = (tiled(mean_hi, reps), tiled(mean_lo, reps), tiled(scale, reps),
+                              tiled(shift, reps))
+        sk1, sk0, sk2 = tiled(k1, reps), tiled(k0, reps), tiled(k2, reps)
+        sf, gf, df = src.reshape(m * c), dy.reshape(m * c), dx.reshape(m * c)
         rows = rows_per_chunk(c)
         for q in prange((m + rows - 1) // rows):
-            for r in range(q * rows, min(m, (q + 1) * rows)):
-                _write_row_mc(src[r], dy[r], dx[r], mean_hi, mean_lo, scale, shift, k1, k0, k2,
+            r0 = q * rows
+            r1 = min(m, r0 + rows)
+            for p in range((r1 - r0 + reps - 1) // reps):
+                _write_row_mc(span(sf, c, r0, r1, reps, p), span(gf, c, r0, r1, reps, p),
+                              span(df, c, r0, r1, reps, p), smh, sml, ssc, ssh, sk1, sk0, sk2,
                               act, inplace, kt)
         return sum_gxhat
 

@@ -20,8 +20,8 @@ from numba import njit, prange
 
 from ._activation import activate, unpack
 from ._compile import specialised
-from .per_channel import channel_values, update_running
-from .statistics import plane_task, rows_per_chunk
+from .per_channel import channel_values, tiled, update_running
+from .statistics import plane_task, rows_per_chunk, span, span_rows
 
 
 @njit(inline="always", cache=True)
@@ -69,18 +69,25 @@ def normalize_ncs(act, dtype):
 
 @specialised(parallel=True)
 def normalize_mc(act, dtype):
-    """Kernel: y (M, C) = act(normalised x (M, C)), channels-last, a block of rows per task;
-    the rest as :func:`normalize_ncs`."""
+    """Kernel: y (M, C) = act(normalised x (M, C)), channels-last, a block of rows per task
+    (few channels: spans of rows, ``statistics.span``); the rest as :func:`normalize_ncs`."""
 
     def kernel(x, y, mean, var, weight, bias, eps, k, running_mean, running_var, factor,
                n_values, check):
         m, c = x.shape
         _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
+        reps = span_rows(c)
+        smh, sml, ssc, ssh = (tiled(mean_hi, reps), tiled(mean_lo, reps), tiled(scale, reps),
+                              tiled(shift, reps))
+        xf, yf = x.reshape(m * c), y.reshape(m * c)
         rows = rows_per_chunk(c)
         for q in prange((m + rows - 1) // rows):
-            for r in range(q * rows, min(m, (q + 1) * rows)):
-                _row_mc(x[r], y[r], mean_hi, mean_lo, scale, shift, act, kt)
+            r0 = q * rows
+            r1 = min(m, r0 + rows)
+            for p in range((r1 - r0 + reps - 1) // reps):
+                _row_mc(span(xf, c, r0, r1, reps, p), span(yf, c, r0, r1, reps, p), smh, sml,
+                        ssc, ssh, act, kt)
         return _updated(mean, var, running_mean, running_var, factor, n_values, check)
 
     return kernel

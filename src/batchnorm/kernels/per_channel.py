@@ -25,7 +25,7 @@ from numba import njit
 
 from ._compile import specialised
 
-__all__ = ["prepare", "channel_values", "running_update", "update_running",
+__all__ = ["prepare", "channel_values", "tiled", "running_update", "update_running",
            "grad_coefficients", "coefficients", "NO_PARAMETER"]
 
 # an empty array of each data dtype: prepare's ``like``, and what an absent weight / bias is
@@ -77,6 +77,20 @@ def channel_values(like, mean, var, weight, bias, eps):
     own call (``like``: the data; an empty ``weight`` / ``bias`` is an absent one, as
     :data:`NO_PARAMETER` passes it)."""
     return _values(like, mean, var, weight, bias, eps, weight.shape[0] > 0, bias.shape[0] > 0)
+
+
+@njit(inline="always", cache=True)
+def tiled(values, reps):
+    """``values`` (C,) repeated ``reps`` times: the per-channel values of a channels-last span
+    of ``reps`` rows (``statistics.span``); the array itself for one row."""
+    if reps == 1:
+        return values
+    c = values.shape[0]
+    out = np.empty(c * reps, values.dtype)
+    for r in range(reps):
+        for j in range(c):
+            out[r * c + j] = values[j]
+    return out
 
 
 @njit(inline="always", cache=True, error_model="numpy")
