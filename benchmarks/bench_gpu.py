@@ -76,7 +76,7 @@ def copy_bandwidth(x: torch.Tensor, repeats: int) -> float:
 
 
 def cases(x, ours_bn, theirs_bn, ours_act, theirs_act, compiled_act):
-    """(name, ours, theirs) callables for one input."""
+    """(name, ours, theirs) callables for one input (no compile case without compiled_act)."""
     g = torch.randn_like(x)
     xr = x.detach().clone().requires_grad_()
 
@@ -93,11 +93,24 @@ def cases(x, ours_bn, theirs_bn, ours_act, theirs_act, compiled_act):
         ("train fwd", fwd(ours_bn), fwd(theirs_bn)),
         ("train fwd+bwd", fwd_bwd(ours_bn), fwd_bwd(theirs_bn)),
         ("bn+relu fwd+bwd", fwd_bwd(ours_act), fwd_bwd(theirs_act)),
-        ("bn+relu vs compile", fwd_bwd(ours_act), fwd_bwd(compiled_act)),
-    ]
+    ] + ([("bn+relu vs compile", fwd_bwd(ours_act), fwd_bwd(compiled_act))]
+         if compiled_act is not None else [])
 
 
-def layer_rows(batch: int, dtype: torch.dtype, channels_last: bool, shapes, repeats: int):
+HEADER = (f"{'shape':>22} {'dtype':>8} {'layout':>6} {'case':>18} {'ours ms':>8} "
+          f"{'torch ms':>8} {'x':>6} {'GB/s':>7} {'of copy':>7}")
+
+
+def show(r: dict) -> None:
+    """Print one row as soon as it is measured (a run cut short keeps what it measured)."""
+    extra = (f" {r['ours_gbs']:7.0f} {r['of_copy']:7.0%}" if "ours_gbs" in r else "")
+    print(f"{'x'.join(map(str, r['shape'])):>22} {r['dtype']:>8} {r['layout']:>6} "
+          f"{r['case']:>18} {r['ours_ms']:8.3f} {r['theirs_ms']:8.3f} "
+          f"{r['speedup']:6.2f}{extra}", flush=True)
+
+
+def layer_rows(batch: int, dtype: torch.dtype, channels_last: bool, shapes, repeats: int,
+               compile_: bool = True):
     rows = []
     for c, h, w in shapes:
         x = torch.randn(batch, c, h, w, device="cuda", dtype=dtype)
@@ -108,7 +121,8 @@ def layer_rows(batch: int, dtype: torch.dtype, channels_last: bool, shapes, repe
         theirs_bn = nn.BatchNorm2d(c).cuda()
         ours_act = batchnorm.BatchNormAct2d(c, act="relu").cuda()
         theirs_act = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)).cuda()
-        compiled_act = torch.compile(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()).cuda())
+        compiled_act = (torch.compile(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()).cuda())
+                        if compile_ else None)
         bound = copy_bandwidth(x, repeats)
         for name, a, b in cases(x, ours_bn, theirs_bn, ours_act, theirs_act, compiled_act):
             t_ours, t_theirs = alternate(a, b, repeats)
@@ -118,12 +132,14 @@ def layer_rows(batch: int, dtype: torch.dtype, channels_last: bool, shapes, repe
             if name == "train fwd":
                 gbs = 3 * x.numel() * x.element_size() / (t_ours * 1e-3) / 1e9
                 rows[-1].update(ours_gbs=gbs, copy_gbs=bound, of_copy=gbs / bound)
+            show(rows[-1])
         ours_bn.eval(), theirs_bn.eval()
         with torch.no_grad():
             t_ours, t_theirs = alternate(lambda: ours_bn(x), lambda: theirs_bn(x), repeats)
         rows.append(dict(shape=[batch, c, h, w], dtype=str(dtype).split(".")[-1],
                          layout="NHWC" if channels_last else "NCHW", case="eval fwd",
                          ours_ms=t_ours, theirs_ms=t_theirs, speedup=t_theirs / t_ours))
+        show(rows[-1])
         torch.cuda.empty_cache()
     return rows
 
@@ -167,11 +183,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="4 shapes, fewer repeats")
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
     parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile case (its compiles take the most time)")
+    parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON (after each "
+                        "layout, so a run cut short keeps what it measured)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu.py: expected a CUDA device (got none): run it on a GPU machine")
         return 2
+    batchnorm.set_backend("kernels")  # ours: the Triton kernels ("auto" takes PyTorch's path)
     x = torch.randn(2, 8, 4, 4, device="cuda")
     if ops._backend(x) != "triton":
         print("bench_gpu.py: expected the Triton backend on CUDA (got PyTorch's path): "
@@ -180,17 +200,14 @@ def main() -> int:
     shapes = QUICK if args.quick else RESNET50
     repeats = 9 if args.quick else args.repeats
     rows = []
+    print(HEADER, flush=True)
     for batch in args.batch:
         for dtype in (torch.float32, torch.bfloat16):
             for channels_last in (False, True):
-                rows += layer_rows(batch, dtype, channels_last, shapes, repeats)
-    print(f"{'shape':>22} {'dtype':>8} {'layout':>6} {'case':>18} {'ours ms':>8} "
-          f"{'torch ms':>8} {'x':>6} {'GB/s':>7} {'of copy':>7}")
-    for r in rows:
-        extra = (f" {r['ours_gbs']:7.0f} {r['of_copy']:7.0%}" if "ours_gbs" in r else "")
-        print(f"{'x'.join(map(str, r['shape'])):>22} {r['dtype']:>8} {r['layout']:>6} "
-              f"{r['case']:>18} {r['ours_ms']:8.3f} {r['theirs_ms']:8.3f} "
-              f"{r['speedup']:6.2f}{extra}")
+                rows += layer_rows(batch, dtype, channels_last, shapes, repeats,
+                                   compile_=not args.no_compile)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(dict(rows=rows), indent=1))
     print()
     for case in ("train fwd", "train fwd+bwd", "bn+relu fwd+bwd", "bn+relu vs compile",
                  "eval fwd"):

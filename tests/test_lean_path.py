@@ -119,3 +119,92 @@ def test_the_step_updates_the_buffers_as_the_update_op_does(buffers, memory_form
         y0, *_ = numba_cpu.train_step(x, None, None, None, None, 1e-5, 0.3, True, "identity",
                                       0.01, 1.0, False)
         torch.testing.assert_close(y, y0, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's path off the CPU (CUDA under "auto"): the step in F.batch_norm's own kernel, routed
+# here on CPU tensors
+
+
+@pytest.fixture
+def batch_norm_step(monkeypatch):
+    from batchnorm.ops import torch_fallback
+
+    monkeypatch.setattr(torch_fallback, "FLOAT64_STATS_DEVICES", ())
+    previous = batchnorm.set_backend("torch")
+    yield torch_fallback
+    batchnorm.set_backend(previous)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_pytorchs_step_off_the_cpu_is_torchs_layer(batch_norm_step, momentum, dtype,
+                                                   memory_format):
+    torch.manual_seed(0)
+    ours, theirs = batchnorm.BatchNorm2d(6, momentum=momentum), torch.nn.BatchNorm2d(6)
+    theirs.momentum = momentum
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(4):
+        x = (torch.randn(4, 6, 5, 5) * 3 + 2).to(dtype).contiguous(memory_format=memory_format)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        g = torch.randn_like(yo)
+        yo.backward(g), yt.backward(g)
+        # the same kernel, forward and backward: the same bits
+        assert torch.equal(yo, yt) and torch.equal(xo.grad, xt.grad)
+        assert yo.is_contiguous(memory_format=memory_format)
+        assert torch.equal(ours.weight.grad, theirs.weight.grad)
+    # the same batch statistics, written by lerp here and by PyTorch's EMA form there
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-6, atol=1e-7)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 4
+
+
+def test_pytorchs_step_off_the_cpu_guards_the_buffers(batch_norm_step):
+    m = batchnorm.BatchNorm2d(6)
+    m(torch.randn(4, 6, 3, 3))
+    before = [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(4, 6, 3, 3)
+        x[1, 2, 0, 0] = bad
+        with pytest.warns(RuntimeWarning, match="1 channel"):
+            m._warned_nonfinite = False
+            m(x)
+        after = (m.running_mean, m.running_var, m.num_batches_tracked)
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    m.nonfinite = "raise"
+    with pytest.raises(batchnorm.BatchNormError, match="finite batch statistics"):
+        m(x)
+    m.nonfinite = "update"  # PyTorch's behaviour: the batch's Inf goes into the buffers
+    m(x)
+    assert not m.running_mean[2].isfinite() and m.running_mean[3].isfinite()
+
+
+def test_pytorchs_step_off_the_cpu_launches_few_kernels(batch_norm_step):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in ("empty", "detach"):
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    m = batchnorm.BatchNorm2d(6)
+    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+    m(x)
+    with Ops() as ops:
+        m(x)
+    # zeros, native_batch_norm, the flag (mul, sum, eq), two lerp + where, the biased variance,
+    # num_batches_tracked; the float64 statistics and their guard took 33 (on CPU the flag is
+    # read on the host, _local_scalar_dense: on CUDA it is added to the counter on the device)
+    launched = [op for op in ops.ops if op != "_local_scalar_dense"]
+    assert len(launched) <= 11, launched
+    assert "var_mean" not in launched and launched.count("native_batch_norm") == 1

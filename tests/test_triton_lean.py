@@ -20,6 +20,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton compiles anything in this 
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -272,8 +273,10 @@ class _TorchLaunches(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def launches():
-    """Triton kernel runs (kernel[grid](...) in the interpreter) and the package's torch ops."""
+def launches(torch_ops: bool = True):
+    """Triton kernel runs (kernel[grid](...) in the interpreter) and the package's torch ops
+    (``torch_ops=False``: the runs alone, for a layer, whose path a dispatch mode would turn
+    to the custom ops)."""
     calls = []
     kernels = type(triton_gpu._kernels().moments_kernel)
     real = kernels.run
@@ -285,13 +288,13 @@ def launches():
 
     mp = pytest.MonkeyPatch()
     mp.setattr(kernels, "run", run)
-    mode = _TorchLaunches()
+    mode = _TorchLaunches() if torch_ops else contextlib.nullcontext()
     try:
         with mode:
             yield calls
     finally:
         mp.undo()
-        calls.extend(mode.ops)
+        calls.extend(mode.ops if torch_ops else [])
 
 
 def _calls(dtype, channels_last, act, check=True):
@@ -391,3 +394,39 @@ def test_a_new_batch_size_copies_no_constant():
             triton_gpu.eval_impl(x, w, b, rm, rv, eps, "relu", SLOPE, ALPHA)
         if size != 13:
             assert made == [], f"batch of {size}: constants copied to the device: {made}"
+
+
+def test_the_layer_runs_three_kernels_each_way_and_one_in_eval():
+    # (num_batches_tracked's add_ is the training forward's fourth launch on CUDA, a device
+    # flag added to the counter; counting torch ops here would need a dispatch mode, which
+    # turns a layer to the custom ops)
+    previous = batchnorm.set_backend("kernels")
+    try:
+        m = batchnorm.BatchNorm2d(3)
+        x = batch((4, 3, 5, 6), torch.float32)[0].requires_grad_()
+        m(x).sum().backward()
+        with launches(torch_ops=False) as ran:
+            y = m(x)
+        assert ran == ["moments_kernel", "finalize_moments_kernel", "train_normalize_kernel"]
+        with launches(torch_ops=False) as ran:
+            y.backward(torch.ones_like(y))
+        assert len(ran) == 3, ran
+        with launches(torch_ops=False) as ran, torch.no_grad():
+            m.eval()(x)
+        assert len(ran) == 1, ran
+    finally:
+        batchnorm.set_backend(previous)
+
+
+def test_compiled_code_asks_for_the_triton_backend_without_a_graph_break():
+    # on CUDA, a compiled layer runs triton_gpu.takes(x) first: under fullgraph=True a lookup
+    # that Dynamo refuses to trace (importlib's find_spec, behind a cache) is an error there
+    # (torch 2.11 on CUDA); this torch traces it, warning that it ignores the cache
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: t * 2 if triton_gpu.takes(t) else t, fullgraph=True,
+                      backend="eager")
+    x = torch.randn(2, 3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(f(x), x * 2)
+    assert not [w for w in caught if "cache" in str(w.message)], caught[0].message

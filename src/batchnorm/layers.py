@@ -377,7 +377,7 @@ class _OurBatchNorm(_BatchNorm):
         if isinstance(ok, Tensor) and self.nonfinite != "raise" and (
                 _is_compiling() or ok.device.type != "cpu"):
             if nbt is not None:
-                nbt.add_(ok.to(nbt.dtype))
+                nbt.add_(ok)  # int64 += bool: one kernel (a .to() first would be two)
             return
         if bool(ok):
             if nbt is not None:

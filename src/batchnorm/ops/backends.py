@@ -8,9 +8,9 @@ these tensors: :mod:`.triton_gpu` (CUDA, Triton importable; CPU tensors only ins
 The choice (:func:`set_backend`, or ``BATCHNORM_BACKEND`` in the environment, read at import):
 
 - ``"auto"`` (the default): the numba kernels on CPU. On CUDA, PyTorch's path for plain BN and
-  BN + activation, whose cuDNN / ATen kernels ours have not been measured against on a GPU
-  yet, and the Triton kernels where our layer does in one pass what PyTorch cannot:
-  ``inplace=True`` (InPlace-ABN) and masks (``fused=True``).
+  BN + activation, whose cuDNN / ATen kernels ours trailed on an H200 (0.35-0.48x on
+  ResNet-50's shapes, benchmarks/README.md), and the Triton kernels where our layer does in one
+  pass what PyTorch cannot: ``inplace=True`` (InPlace-ABN) and masks (``fused=True``).
 - ``"kernels"``: our kernels wherever they take the tensors (CUDA plain BN included).
 - ``"torch"``: PyTorch's path everywhere (the options still work, in PyTorch ops).
 """
@@ -28,7 +28,8 @@ __all__ = ["kernels_for", "kernels_taking", "set_backend", "get_backend", "BACKE
 
 BACKENDS = ("auto", "kernels", "torch")
 ENV = "BATCHNORM_BACKEND"
-# plain BN on CUDA under "auto": PyTorch's path until bench_gpu.py has measured ours on a GPU
+# plain BN on CUDA under "auto": PyTorch's path, since bench_gpu.py measured ours slower on an
+# H200 (2026-12-04: every case's geometric mean below 1.0x; benchmarks/README.md)
 _CUDA_PLAIN_KERNELS = False
 
 

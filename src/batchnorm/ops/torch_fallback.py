@@ -6,8 +6,10 @@ ops here (:class:`_InplaceTrain`): it saves only the output and recovers x_hat f
 
 :func:`shifted_moments` is the one torch statement of the batch statistics, the reference's
 definition (:func:`batchnorm.reference.moments`): shift by one sample of each channel, then two
-passes in float64 sums. This backend's statistics and SyncBatchNorm's local partials both come
-from it.
+passes in float64 sums. This backend's statistics on CPU and SyncBatchNorm's local partials
+both come from it. Off the CPU (CUDA under ``"auto"``), where each op's launch costs the host
+more than a layer's arithmetic, the training step with buffers is PyTorch's own kernel and its
+statistics (:func:`batch_norm_step`).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from ..activations import REGISTRY
 from .layout import same_format
 from .moments import Moments, empty
 
-__all__ = ["train", "train_step", "running_update", "eval_", "shifted_moments", "working",
-           "channel_view", "masked_moments", "train_stats", "mixed"]
+__all__ = ["train", "train_step", "batch_norm_step", "running_update", "eval_", "shifted_moments",
+           "working", "channel_view", "masked_moments", "train_stats", "mixed"]
 
 
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
@@ -36,16 +38,63 @@ def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
     return same_format(y, x), mean, var
 
 
+# Devices whose training step takes its statistics from shifted_moments (float64). Elsewhere
+# (CUDA...) each op is a kernel launch that costs the host more than a small layer's arithmetic,
+# and the step is PyTorch's own kernel (see batch_norm_step); tests route CPU there too.
+FLOAT64_STATS_DEVICES = ("cpu",)
+
+
 def train_step(x, weight, bias, running_mean, running_var, eps, factor, check, act,
                negative_slope, alpha, inplace):
     """The backends' training step (see :mod:`batchnorm.ops.step`): :func:`train`, then
-    :func:`running_update` of the buffers when given. ``y`` is differentiable here."""
+    :func:`running_update` of the buffers when given; off the CPU, with buffers,
+    :func:`batch_norm_step`. ``y`` is differentiable here."""
+    if (running_mean is not None and not inplace
+            and x.device.type not in FLOAT64_STATS_DEVICES
+            and _takes_buffers(x, weight, bias, running_mean, running_var)):
+        return batch_norm_step(x, weight, bias, running_mean, running_var, eps, factor, check,
+                               act, negative_slope, alpha)
     y, mean, var = train(x, weight, bias, eps, act, negative_slope, alpha, inplace)
     ok = True
     if running_mean is not None:
         ok = running_update(mean, var, running_mean, running_var, factor,
                             x.numel() // x.shape[1], check)
     return y, mean, var, ok
+
+
+def _takes_buffers(x, weight, bias, running_mean, running_var) -> bool:
+    """Whether F.batch_norm takes these buffers as its running statistics: one dtype for the
+    buffers and parameters, x's (float32 for float16 / bfloat16 input, as under autocast)."""
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return all(t is None or t.dtype == dtype
+               for t in (weight, bias, running_mean, running_var))
+
+
+def batch_norm_step(x, weight, bias, running_mean, running_var, eps, factor, check, act,
+                    negative_slope, alpha):
+    """The training step (``(y, mean, var, ok)``, see :mod:`batchnorm.ops.step`) in PyTorch's
+    own kernel, about 10 launches where :func:`train` and :func:`running_update` take 37:
+    F.batch_norm writes the batch's mean and unbiased variance into a zeroed pair (momentum 1
+    gives the batch's values exactly: ``1 * batch + 0 * 0``), then the update of the buffers,
+    ``lerp`` by ``factor`` as everywhere else, guarded on the device with ``check``: one flag,
+    ``(pair * 0).sum() == 0``, False exactly when a statistic is NaN or infinite. The
+    statistics are PyTorch's (on CUDA, float32 Welford: what torch.nn.BatchNorm2d keeps); the
+    returned ``var`` is the biased one, from the unbiased."""
+    n = x.numel() // x.shape[1]
+    batch = torch.zeros(2, x.shape[1], dtype=running_mean.dtype, device=x.device)
+    mean, unbiased = batch[0], batch[1]
+    z = F.batch_norm(x, mean, unbiased, weight, bias, training=True, momentum=1.0, eps=eps)
+    y = same_format(REGISTRY[act].apply(z, negative_slope, alpha), x)
+    with torch.no_grad():
+        if not check:
+            running_mean.lerp_(mean, factor)
+            running_var.lerp_(unbiased, factor)
+            ok = True
+        else:
+            ok = batch.mul(0).sum() == 0
+            for buffer, value in ((running_mean, mean), (running_var, unbiased)):
+                torch.where(ok, torch.lerp(buffer, value, factor), buffer, out=buffer)
+        return y, mean, unbiased * ((n - 1) / n), ok
 
 
 @torch.no_grad()

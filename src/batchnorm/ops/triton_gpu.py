@@ -47,10 +47,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTERPRET_ON_CPU = False
 
 
-@functools.cache
+# looked up once, at import (triton itself is not imported here): a constant that
+# torch.compile reads as one, where a cached function would be traced into (find_spec, which
+# Dynamo refuses: a graph break, an error under fullgraph=True, on every CUDA input)
+_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
     """Whether ``triton`` can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    return _AVAILABLE
 
 
 def takes(x: Tensor, *per_channel: Tensor | None) -> bool:
