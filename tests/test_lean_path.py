@@ -164,6 +164,49 @@ def test_pytorchs_step_off_the_cpu_is_torchs_layer(batch_norm_step, momentum, dt
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 4
 
 
+@pytest.mark.parametrize("case", ["no buffers", "bfloat16 throughout"])
+def test_pytorchs_step_off_the_cpu_other_dtypes_and_no_buffers(batch_norm_step, case,
+                                                               monkeypatch):
+    torch.manual_seed(0)
+    kwargs = dict(track_running_stats=False) if case == "no buffers" else {}
+    ours, theirs = batchnorm.BatchNorm2d(6, **kwargs), torch.nn.BatchNorm2d(6, **kwargs)
+    x = torch.randn(4, 6, 5, 5) * 3 + 2
+    if case == "bfloat16 throughout":
+        ours, theirs, x = ours.bfloat16(), theirs.bfloat16(), x.bfloat16()
+    steps = []
+    real = batch_norm_step.batch_norm_step
+    monkeypatch.setattr(batch_norm_step, "batch_norm_step",
+                        lambda *a: steps.append(a[-1]) or real(*a))
+    for _ in range(2):
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo = ours(xo)
+        yt = theirs(xt)
+        yo.sum().backward(), yt.sum().backward()
+        assert torch.equal(yo, yt) and torch.equal(xo.grad, xt.grad)
+    assert steps == [torch.float32 if case == "no buffers" else torch.bfloat16] * 2
+    if case == "no buffers":
+        assert ours.running_mean is None and ours.num_batches_tracked is None
+    else:
+        torch.testing.assert_close(ours.running_var, theirs.running_var.to(ours.running_var.dtype),
+                                   rtol=1e-2 if case == "bfloat16 throughout" else 1e-6,
+                                   atol=1e-6)
+
+
+def test_pytorchs_step_off_the_cpu_takes_the_dtypes_f_batch_norm_takes(batch_norm_step):
+    pick = batch_norm_step._statistics_dtype
+    f32, f64, bf16 = (torch.ones(3, dtype=d) for d in (torch.float32, torch.float64,
+                                                        torch.bfloat16))
+    assert pick(f32, f32, f32, f32, f32) == torch.float32
+    assert pick(bf16, f32, f32, f32, f32) == torch.float32  # autocast's mix
+    assert pick(bf16, bf16, None, bf16, bf16) == torch.bfloat16
+    assert pick(bf16, None, None, None, None) == torch.float32  # PyTorch's statistics dtype
+    assert pick(f64, None, None, None, None) == torch.float64
+    # mixes F.batch_norm refuses keep the float64 statistics' path
+    assert pick(f32, f32, f32, f64, f64) is None
+    assert pick(bf16, f32, f32, bf16, bf16) is None
+    assert pick(f32, bf16, None, None, None) is None
+
+
 def test_pytorchs_step_off_the_cpu_guards_the_buffers(batch_norm_step):
     m = batchnorm.BatchNorm2d(6)
     m(torch.randn(4, 6, 3, 3))
@@ -203,8 +246,24 @@ def test_pytorchs_step_off_the_cpu_launches_few_kernels(batch_norm_step):
     with Ops() as ops:
         m(x)
     # zeros, native_batch_norm, the flag (mul, sum, eq), two lerp + where, the biased variance,
-    # num_batches_tracked; the float64 statistics and their guard took 33 (on CPU the flag is
+    # num_batches_tracked; the float64 statistics and their guard took 30 (on CPU the flag is
     # read on the host, _local_scalar_dense: on CUDA it is added to the counter on the device)
     launched = [op for op in ops.ops if op != "_local_scalar_dense"]
     assert len(launched) <= 11, launched
     assert "var_mean" not in launched and launched.count("native_batch_norm") == 1
+
+
+def test_pytorchs_step_off_the_cpu_takes_a_device_factor(batch_norm_step):
+    # momentum=None on CUDA: the cumulative factor is a device tensor (no host read)
+    x, rm0, rv0 = torch.randn(4, 6, 3, 3), torch.randn(6), torch.rand(6) + 0.5
+    out = []
+    for factor in (0.25, torch.tensor(0.25)):
+        rm, rv = rm0.clone(), rv0.clone()
+        y, mean, var, ok = batch_norm_step.train_step(x, None, None, rm, rv, 1e-5, factor, True,
+                                                      "identity", 0.01, 1.0, False)
+        out.append((y, mean, var, rm, rv))
+        assert bool(ok)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out[0][2], x.var(dim=(0, 2, 3), unbiased=False))
+    torch.testing.assert_close(out[0][3], rm0.lerp(x.mean(dim=(0, 2, 3)), 0.25))

@@ -47,13 +47,13 @@ FLOAT64_STATS_DEVICES = ("cpu",)
 def train_step(x, weight, bias, running_mean, running_var, eps, factor, check, act,
                negative_slope, alpha, inplace):
     """The backends' training step (see :mod:`batchnorm.ops.step`): :func:`train`, then
-    :func:`running_update` of the buffers when given; off the CPU, with buffers,
-    :func:`batch_norm_step`. ``y`` is differentiable here."""
-    if (running_mean is not None and not inplace
-            and x.device.type not in FLOAT64_STATS_DEVICES
-            and _takes_buffers(x, weight, bias, running_mean, running_var)):
-        return batch_norm_step(x, weight, bias, running_mean, running_var, eps, factor, check,
-                               act, negative_slope, alpha)
+    :func:`running_update` of the buffers when given; off the CPU, :func:`batch_norm_step`
+    where the dtypes allow. ``y`` is differentiable here."""
+    if not inplace and x.device.type not in FLOAT64_STATS_DEVICES:
+        dtype = _statistics_dtype(x, weight, bias, running_mean, running_var)
+        if dtype is not None:
+            return batch_norm_step(x, weight, bias, running_mean, running_var, eps, factor,
+                                   check, act, negative_slope, alpha, dtype)
     y, mean, var = train(x, weight, bias, eps, act, negative_slope, alpha, inplace)
     ok = True
     if running_mean is not None:
@@ -62,31 +62,40 @@ def train_step(x, weight, bias, running_mean, running_var, eps, factor, check, a
     return y, mean, var, ok
 
 
-def _takes_buffers(x, weight, bias, running_mean, running_var) -> bool:
-    """Whether F.batch_norm takes these buffers as its running statistics: one dtype for the
-    buffers and parameters, x's (float32 for float16 / bfloat16 input, as under autocast)."""
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return all(t is None or t.dtype == dtype
-               for t in (weight, bias, running_mean, running_var))
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _statistics_dtype(x, *tensors) -> torch.dtype | None:
+    """The dtype in which F.batch_norm takes running statistics beside these parameters and
+    buffers: theirs, when they share one that is x's (or float32 for float16 / bfloat16 input,
+    as under autocast); None when they do not."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    allowed = (x.dtype, torch.float32) if x.dtype in _HALF else (x.dtype,)
+    if len(dtypes) > 1 or not dtypes <= set(allowed):
+        return None
+    return dtypes.pop() if dtypes else allowed[-1]
 
 
 def batch_norm_step(x, weight, bias, running_mean, running_var, eps, factor, check, act,
-                    negative_slope, alpha):
+                    negative_slope, alpha, dtype):
     """The training step (``(y, mean, var, ok)``, see :mod:`batchnorm.ops.step`) in PyTorch's
-    own kernel, about 10 launches where :func:`train` and :func:`running_update` take 37:
-    F.batch_norm writes the batch's mean and unbiased variance into a zeroed pair (momentum 1
-    gives the batch's values exactly: ``1 * batch + 0 * 0``), then the update of the buffers,
-    ``lerp`` by ``factor`` as everywhere else, guarded on the device with ``check``: one flag,
-    ``(pair * 0).sum() == 0``, False exactly when a statistic is NaN or infinite. The
-    statistics are PyTorch's (on CUDA, float32 Welford: what torch.nn.BatchNorm2d keeps); the
-    returned ``var`` is the biased one, from the unbiased."""
+    own kernel: 10 launches where :func:`train` and :func:`running_update` take 29 (without
+    buffers 3, where :func:`train` takes 11), the layer's counter one more. F.batch_norm
+    writes the batch's mean and unbiased variance into a zeroed pair of ``dtype`` (momentum 1
+    gives the batch's values exactly: ``1 * batch + 0 * 0``), then the update of the buffers
+    when given, ``lerp`` by ``factor`` as everywhere else, guarded on the device with
+    ``check``: one flag, ``(pair * 0).sum() == 0``, False exactly when a statistic is NaN or
+    infinite. The statistics are PyTorch's (on CUDA, float32 Welford: what
+    torch.nn.BatchNorm2d keeps); the returned ``var`` is the biased one, from the unbiased."""
     n = x.numel() // x.shape[1]
-    batch = torch.zeros(2, x.shape[1], dtype=running_mean.dtype, device=x.device)
+    batch = torch.zeros(2, x.shape[1], dtype=dtype, device=x.device)
     mean, unbiased = batch[0], batch[1]
     z = F.batch_norm(x, mean, unbiased, weight, bias, training=True, momentum=1.0, eps=eps)
     y = same_format(REGISTRY[act].apply(z, negative_slope, alpha), x)
     with torch.no_grad():
-        if not check:
+        if running_mean is None:
+            ok = True
+        elif not check:
             running_mean.lerp_(mean, factor)
             running_var.lerp_(unbiased, factor)
             ok = True
