@@ -144,3 +144,37 @@ def test_compile_and_export_see_one_op_on_cuda():
     torch.testing.assert_close(compiled(x), want)
     graph = torch.export.export(m.eval(), (x.detach(),)).graph_module.code
     assert "batchnorm.bn_act_eval" in graph
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_auto_on_cuda_runs_pytorchs_kernel_with_the_guard_and_no_sync(channels_last):
+    # "auto" on CUDA: torch_fallback.batch_norm_step (F.batch_norm into a zeroed pair, the
+    # buffers' guarded lerp on the device)
+    previous = batchnorm.set_backend("auto")
+    try:
+        torch.manual_seed(0)
+        ours, theirs = batchnorm.BatchNorm2d(8).cuda(), torch.nn.BatchNorm2d(8).cuda()
+        x = torch.randn(4, 8, 6, 6, device="cuda") * 3 + 1
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        for _ in range(3):
+            xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yo = ours(xo)
+                yo.sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            yt = theirs(xt)
+            yt.sum().backward()
+            assert torch.equal(yo, yt) and torch.equal(xo.grad, xt.grad)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-6, atol=1e-7)
+        assert int(ours.num_batches_tracked) == 3
+        before = [t.clone() for t in ours.buffers()]
+        bad = x.clone()
+        bad[0, 1, 0, 0] = float("nan")
+        ours(bad)  # on CUDA the guard skips without its warning (that would read the flag)
+        assert all(torch.equal(a, b) for a, b in zip(before, ours.buffers()))
+    finally:
+        batchnorm.set_backend(previous)
