@@ -267,3 +267,34 @@ def test_pytorchs_step_off_the_cpu_takes_a_device_factor(batch_norm_step):
         assert torch.equal(a, b)
     torch.testing.assert_close(out[0][2], x.var(dim=(0, 2, 3), unbiased=False))
     torch.testing.assert_close(out[0][3], rm0.lerp(x.mean(dim=(0, 2, 3)), 0.25))
+
+
+def test_pytorchs_step_off_the_cpu_is_eager_only(batch_norm_step, monkeypatch):
+    # compiled, the float64 statistics' ops (fused by the compiler): inductor simplifies
+    # x * 0 to 0, which would make the eager step's flag pass a NaN batch into the buffers
+    called = []
+    real = batch_norm_step.batch_norm_step
+    monkeypatch.setattr(batch_norm_step, "batch_norm_step",
+                        lambda *a: called.append(1) or real(*a))
+    m = batchnorm.BatchNorm2d(6)
+    x = torch.randn(4, 6, 3, 3)
+    m(x)
+    assert called == [1]
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    compiled(x)
+    assert called == [1] and int(m.num_batches_tracked) == 2
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    before = m.running_mean.clone()
+    compiled(bad)  # (compiled, the flag is counted on the device: no warning)
+    assert torch.equal(before, m.running_mean) and called == [1]
+    assert int(m.num_batches_tracked) == 2
+
+
+def test_pytorchs_step_off_the_cpu_leaves_vmap_its_path(batch_norm_step):
+    # under vmap F.batch_norm refuses running statistics written in place (the zeroed pair):
+    # functorch transforms keep the float64 statistics' path
+    m = batchnorm.BatchNorm2d(6, track_running_stats=False)
+    x = torch.randn(3, 4, 6, 3, 3)
+    torch.testing.assert_close(torch.func.vmap(m)(x), torch.stack([m(xi) for xi in x]))

@@ -40,16 +40,25 @@ def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
 
 # Devices whose training step takes its statistics from shifted_moments (float64). Elsewhere
 # (CUDA...) each op is a kernel launch that costs the host more than a small layer's arithmetic,
-# and the step is PyTorch's own kernel (see batch_norm_step); tests route CPU there too.
+# and the eager step is PyTorch's own kernel (see batch_norm_step); tests route CPU there too.
 FLOAT64_STATS_DEVICES = ("cpu",)
+
+
+def _eager() -> bool:
+    """Not compiling, exporting or tracing, and no functorch transform (vmap refuses running
+    statistics written in place): a compiler fuses the ops (launches cost nothing there) and may
+    simplify ``x * 0`` to 0 (inductor does), which batch_norm_step's flag needs to stay NaN for
+    NaN or Inf."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active())
 
 
 def train_step(x, weight, bias, running_mean, running_var, eps, factor, check, act,
                negative_slope, alpha, inplace):
     """The backends' training step (see :mod:`batchnorm.ops.step`): :func:`train`, then
-    :func:`running_update` of the buffers when given; off the CPU, :func:`batch_norm_step`
-    where the dtypes allow. ``y`` is differentiable here."""
-    if not inplace and x.device.type not in FLOAT64_STATS_DEVICES:
+    :func:`running_update` of the buffers when given; off the CPU in eager mode,
+    :func:`batch_norm_step` where the dtypes allow. ``y`` is differentiable here."""
+    if not inplace and x.device.type not in FLOAT64_STATS_DEVICES and _eager():
         dtype = _statistics_dtype(x, weight, bias, running_mean, running_var)
         if dtype is not None:
             return batch_norm_step(x, weight, bias, running_mean, running_var, eps, factor,
