@@ -12,7 +12,11 @@ alternately, ``--repeats`` rounds of ``--calls`` calls each, and each row is the
 microseconds per call with the ratio ours / PyTorch's (the target: at most ``--limit``, 1.5).
 
     .venv/bin/python benchmarks/bench_host.py [--calls 300] [--repeats 9] [--threads 2]
-                                              [--limit 1.5]
+                                              [--limit 1.5] [--path kernels|torch]
+
+``--path torch`` times our layers on PyTorch's path as ``"auto"`` runs it on CUDA (the eager
+step in F.batch_norm's kernel, ``torch_fallback.batch_norm_step``), here on CPU tensors: a
+proxy, on this host, for what our layer adds to PyTorch's on a GPU's host.
 
 Run it in both allocator regimes (glibc defaults, and freed memory kept:
 ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296``); at these sizes they
@@ -71,12 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=float, default=1.5)
+    parser.add_argument("--path", choices=("kernels", "torch"), default="kernels",
+                        help="torch: PyTorch's path as CUDA's \"auto\" runs it, on CPU")
     args = parser.parse_args(argv)
+    if args.path == "torch":
+        from batchnorm.ops import torch_fallback
+
+        batchnorm.set_backend("torch")
+        torch_fallback.FLOAT64_STATS_DEVICES = ()  # the path off the CPU, on CPU tensors
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     worst = 0.0
-    print(f"torch {torch.__version__}, {args.threads} threads; microseconds per call, median of "
-          f"{args.repeats} alternating rounds of {args.calls} calls")
+    print(f"torch {torch.__version__}, {args.threads} threads, our {args.path} path; "
+          f"microseconds per call, median of {args.repeats} alternating rounds of "
+          f"{args.calls} calls")
     print(f"{'shape':14s} {'layer':24s} {'case':10s} {'torch':>8s} {'ours':>8s} {'ratio':>6s}")
     for shape in ((2, 8, 4, 4), (2, 8)):
         x = torch.randn(*shape)
