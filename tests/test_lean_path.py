@@ -298,3 +298,58 @@ def test_pytorchs_step_off_the_cpu_leaves_vmap_its_path(batch_norm_step):
     m = batchnorm.BatchNorm2d(6, track_running_stats=False)
     x = torch.randn(3, 4, 6, 3, 3)
     torch.testing.assert_close(torch.func.vmap(m)(x), torch.stack([m(xi) for xi in x]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the eval forward by address: the tensors' memory, no NumPy views (kernels/memory.py)
+
+
+@pytest.mark.parametrize("shape, channels_last", [((2, 8, 4, 4), False), ((4, 6, 5, 5), True),
+                                                  ((3, 5), False), ((2, 8, 70, 70), False),
+                                                  ((2, 300, 3, 3), True), ((2, 3, 7), False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eval_by_address_is_eval_by_arrays_bit_for_bit(shape, channels_last, dtype):
+    from batchnorm import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3  # far from 0: mean_lo counts
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    rm = (torch.randn(c, generator=g, dtype=dtype) * 3 + 1e3)
+    rv = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    kind = numba_cpu.layout(x)
+    for act in ("identity", "leaky_relu"):
+        for affine in ((w, b), (None, None), (w, None), (None, b)):
+            got = numba_cpu.eval_impl(x, *affine, rm, rv, 1e-5, act, 0.1, 1.0)
+            want = torch.empty_like(x)
+            kernels.eval_forward(numba_cpu._kernel_array(x, kind), *(
+                None if t is None else t.numpy() for t in affine), rm.numpy(), rv.numpy(),
+                1e-5, numba_cpu._CODES[act], 0.1, 1.0, numba_cpu._kernel_array(want, kind))
+            assert torch.equal(got, want), (act, [t is None for t in affine])
+            assert got.stride() == x.stride()
+
+
+def test_a_layers_eval_takes_its_tensors_by_address(monkeypatch):
+    from batchnorm import kernels
+
+    calls = []
+    for name in ("eval_forward", "eval_forward_at"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
+    m = batchnorm.BatchNormAct2d(6, act="relu").eval()
+    with torch.no_grad():
+        m(torch.randn(2, 6, 3, 3))
+        m(torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last))
+    assert calls == ["eval_forward_at"] * 2
+    # a per-channel tensor the kernels cannot take by address: the arrays' path, same result
+    m.running_var = torch.ones(12)[::2]
+    x = torch.randn(2, 6, 3, 3)
+    with torch.no_grad():
+        y = m(x)
+    assert calls[-1] == "eval_forward"
+    want = torch.relu(torch.nn.functional.batch_norm(x, m.running_mean, m.running_var.clone(),
+                                                     m.weight, m.bias, False, 0.0, m.eps))
+    torch.testing.assert_close(y, want)

@@ -8,8 +8,10 @@ Entry points taking float32 or float64 arrays in one of two layouts:
 :func:`train_forward` (statistics + normalise + activation), :func:`eval_forward`,
 :func:`train_backward` and :func:`eval_backward` (and the pieces: :func:`moments`,
 :func:`moments_masked`, :func:`train_backward_sums`, :func:`train_backward_dx`) write into
-caller-provided output arrays and return per-channel float64 results. Nothing here imports
-torch; :mod:`batchnorm.ops` wraps these as PyTorch custom ops.
+caller-provided output arrays and return per-channel float64 results; :func:`eval_forward_at`
+takes memory by address instead (a tensor's ``data_ptr()``: no array views, see
+:mod:`.memory`). Nothing here imports torch; :mod:`batchnorm.ops` wraps these as PyTorch custom
+ops.
 
 Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
 so results are bitwise identical for any thread count (:func:`set_threads`). Inside a chunk,
@@ -65,6 +67,7 @@ __all__ = [
     "train_forward",
     "train_step",
     "eval_forward",
+    "eval_forward_at",
     "train_backward",
     "train_backward_sums",
     "train_backward_dx",
@@ -183,6 +186,22 @@ def eval_forward(x, weight, bias, mean, var, eps, act, negative_slope, alpha, y)
                eps, act, negative_slope, alpha)
 
 
+def eval_forward_at(kind, dtype, x_at, y_at, n, c, s, weight_at, bias_at, mean_at, var_at, eps,
+                    act, negative_slope, alpha):
+    """:func:`eval_forward` on memory given by addresses (a tensor's ``data_ptr()``), one
+    compiled call and no array views (:mod:`.memory`): ``kind`` "ncs" for (N, C, S) contiguous
+    x / y, "mc" for (M, C) channels-last rows (``n`` = M, ``s`` unused); the per-channel
+    tensors (C,) contiguous in ``dtype`` (NumPy's), ``weight_at`` / ``bias_at`` 0 when absent.
+    The same kernel code as :func:`eval_forward`, so the same bits."""
+    k, eps = _consts(dtype, float(negative_slope), float(alpha)), float(eps)
+    if kind == "mc":
+        return normalize_mc(act, dtype, True)((x_at, n, c), y_at, mean_at, var_at, weight_at,
+                                              bias_at, eps, k, 0, 0, 0.0, 1.0, False)
+    return normalize_ncs(act, dtype, True)((x_at, n, c, s), y_at, mean_at, var_at, weight_at,
+                                           bias_at, eps, k, _plane_splits(n, c, s), 0, 0, 0.0,
+                                           1.0, False)
+
+
 def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha, inplace, dx,
                    mask=None, count=None):
     """Write dL/dx into dx for the training forward; return float64 (dweight, dbias).
@@ -294,7 +313,11 @@ def _splits(x: np.ndarray) -> int:
     """Tasks per sample of an (N, C, S) pass (``statistics.plane_task``): a plane each (C), or on
     planes shorter than SHORT_PLANE as few as give each thread about four tasks of whole
     samples' consecutive channels (a task per short plane costs more than its arithmetic)."""
-    n, c, s = x.shape
+    return _plane_splits(*x.shape)
+
+
+def _plane_splits(n: int, c: int, s: int) -> int:
+    """:func:`_splits` of an (N, C, S) shape."""
     if s >= SHORT_PLANE:
         return c
     threads = getattr(_THREADS, "n", None) or numba.get_num_threads()

@@ -20,6 +20,7 @@ from numba import njit, prange
 
 from ._activation import activate, unpack
 from ._compile import specialised
+from .memory import like, memory, vector, wide
 from .per_channel import channel_values, tiled, update_running
 from .statistics import plane_task, rows_per_chunk, span, span_rows
 
@@ -47,14 +48,20 @@ def _updated(mean, var, running_mean, running_var, factor, n, check):
 
 
 @specialised(parallel=True)
-def normalize_ncs(act, dtype):
+def normalize_ncs(act, dtype, at=False):
     """Kernel: y (N, C, S) = act(normalised x (N, C, S)) from float64 ``mean`` / ``var``,
     ``splits`` tasks per sample (see ``statistics.plane_task``), then the running update of
     :func:`.per_channel.running_update` when the buffers are not empty; returns its ok. One call
-    does a layer's whole step after the statistics."""
+    does a layer's whole step after the statistics. ``at``: the kernel of the same code taking
+    tensors' memory by address (:mod:`.memory`), a kernel (and cache) of its own."""
 
     def kernel(x, y, mean, var, weight, bias, eps, k, splits, running_mean, running_var, factor,
                n_values, check):
+        x = memory(x, dtype)
+        y, c = like(y, x, dtype), x.shape[1]
+        mean, var = wide(mean, c, dtype), wide(var, c, dtype)
+        weight, bias = vector(weight, c, dtype), vector(bias, c, dtype)
+        running_mean, running_var = vector(running_mean, c, dtype), vector(running_var, c, dtype)
         n, c, s = x.shape
         _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
@@ -68,12 +75,17 @@ def normalize_ncs(act, dtype):
 
 
 @specialised(parallel=True)
-def normalize_mc(act, dtype):
+def normalize_mc(act, dtype, at=False):
     """Kernel: y (M, C) = act(normalised x (M, C)), channels-last, a block of rows per task
     (few channels: spans of rows, ``statistics.span``); the rest as :func:`normalize_ncs`."""
 
     def kernel(x, y, mean, var, weight, bias, eps, k, running_mean, running_var, factor,
                n_values, check):
+        x = memory(x, dtype)
+        y, c = like(y, x, dtype), x.shape[1]
+        mean, var = wide(mean, c, dtype), wide(var, c, dtype)
+        weight, bias = vector(weight, c, dtype), vector(bias, c, dtype)
+        running_mean, running_var = vector(running_mean, c, dtype), vector(running_var, c, dtype)
         m, c = x.shape
         _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
@@ -91,3 +103,4 @@ def normalize_mc(act, dtype):
         return _updated(mean, var, running_mean, running_var, factor, n_values, check)
 
     return kernel
+

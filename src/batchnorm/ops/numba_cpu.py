@@ -162,10 +162,33 @@ def eval_impl(
         kind = layout(x)
     y = output_like(x)
     _threads_for(x)
+    if _at_addresses(x, weight, bias, running_mean, running_var):  # (the layers' case)
+        c = x.shape[1]
+        s = x.numel() // (x.shape[0] * c)
+        kernels.eval_forward_at(kind, _NUMPY[x.dtype], x.data_ptr(), y.data_ptr(),
+                                x.shape[0] if kind == "ncs" else x.shape[0] * s, c, s,
+                                _address(weight), _address(bias), running_mean.data_ptr(),
+                                running_var.data_ptr(), eps, _CODES[act], negative_slope, alpha)
+        return y
     kernels.eval_forward(_kernel_array(x, kind), _np(weight), _np(bias), _np(running_mean),
                          _np(running_var), eps, _CODES[act], negative_slope, alpha,
                          _kernel_array(y, kind))
     return y
+
+
+_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _at_addresses(x: Tensor, *per_channel: Tensor | None) -> bool:
+    """Whether the kernels can take these tensors by address: per-channel ones (C,) contiguous
+    in x's dtype (x dense, as the caller made it)."""
+    return all(t is None or (t.dtype == x.dtype and t.is_contiguous() and t.dim() == 1)
+               for t in per_channel)
+
+
+def _address(t: Tensor | None) -> int:
+    """t's data_ptr(), 0 for an absent weight / bias."""
+    return 0 if t is None else t.data_ptr()
 
 
 def _backward(dy: Tensor, src: Tensor, weight: Tensor | None,

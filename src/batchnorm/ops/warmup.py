@@ -73,6 +73,8 @@ class Case:
                 rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
                 numba_cpu.train_step(x, w, b, rm, rv, 1e-5, 0.1, True, self.act, 0.01, 1.0,
                                      False)
+                # a layer's eval forward: its kernel taking the tensors by address
+                numba_cpu.eval_impl(x, w, b, rm, rv, 1e-5, self.act, 0.01, 1.0)
         return compiling_notice.seconds - before
 
 
