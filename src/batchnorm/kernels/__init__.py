@@ -22,7 +22,7 @@ Kernels are made per case (activation, mode, dtype; see ``_compile.py``), compil
 (seconds each) and are cached on disk next to this package (numba ``cache=True``); the first
 compile in a process writes one line to stderr. ``batchnorm warmup`` (:mod:`batchnorm.ops.warmup`)
 compiles them ahead. Numba does not notice edits to a helper in another file of this package:
-after changing ``_activation.py``, ``_compile.py`` or ``statistics.py``, delete
+after changing ``_activation.py``, ``_compile.py``, ``memory.py`` or ``statistics.py``, delete
 ``kernels/__pycache__``.
 """
 from __future__ import annotations

@@ -103,4 +103,3 @@ def normalize_mc(act, dtype, at=False):
         return _updated(mean, var, running_mean, running_var, factor, n_values, check)
 
     return kernel
-

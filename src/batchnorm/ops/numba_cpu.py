@@ -182,8 +182,9 @@ _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float6
 def _at_addresses(x: Tensor, *per_channel: Tensor | None) -> bool:
     """Whether the kernels can take these tensors by address: per-channel ones (C,) contiguous
     in x's dtype (x dense, as the caller made it)."""
-    return all(t is None or (t.dtype == x.dtype and t.is_contiguous() and t.dim() == 1)
-               for t in per_channel)
+    c = x.shape[1]
+    return all(t is None or (t.dtype == x.dtype and t.dim() == 1 and t.shape[0] == c
+                             and t.is_contiguous()) for t in per_channel)
 
 
 def _address(t: Tensor | None) -> int:
