@@ -47,6 +47,17 @@ def _updated(mean, var, running_mean, running_var, factor, n, check):
     return update_running(mean, var, running_mean, running_var, factor, n, check)
 
 
+@njit(inline="always", cache=True)
+def _arrays(x, y, mean, var, weight, bias, running_mean, running_var, dtype):
+    """A pass's arrays from arrays as they are or from tensors' memory by address
+    (:mod:`.memory`): the statistics float64, the rest in the data's dtype."""
+    x = memory(x, dtype)
+    c = x.shape[1]
+    return (x, like(y, x, dtype), wide(mean, c, dtype), wide(var, c, dtype),
+            vector(weight, c, dtype), vector(bias, c, dtype), vector(running_mean, c, dtype),
+            vector(running_var, c, dtype))
+
+
 @specialised(parallel=True)
 def normalize_ncs(act, dtype, at=False):
     """Kernel: y (N, C, S) = act(normalised x (N, C, S)) from float64 ``mean`` / ``var``,
@@ -57,11 +68,8 @@ def normalize_ncs(act, dtype, at=False):
 
     def kernel(x, y, mean, var, weight, bias, eps, k, splits, running_mean, running_var, factor,
                n_values, check):
-        x = memory(x, dtype)
-        y, c = like(y, x, dtype), x.shape[1]
-        mean, var = wide(mean, c, dtype), wide(var, c, dtype)
-        weight, bias = vector(weight, c, dtype), vector(bias, c, dtype)
-        running_mean, running_var = vector(running_mean, c, dtype), vector(running_var, c, dtype)
+        x, y, mean, var, weight, bias, running_mean, running_var = _arrays(
+            x, y, mean, var, weight, bias, running_mean, running_var, dtype)
         n, c, s = x.shape
         _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
@@ -81,11 +89,8 @@ def normalize_mc(act, dtype, at=False):
 
     def kernel(x, y, mean, var, weight, bias, eps, k, running_mean, running_var, factor,
                n_values, check):
-        x = memory(x, dtype)
-        y, c = like(y, x, dtype), x.shape[1]
-        mean, var = wide(mean, c, dtype), wide(var, c, dtype)
-        weight, bias = vector(weight, c, dtype), vector(bias, c, dtype)
-        running_mean, running_var = vector(running_mean, c, dtype), vector(running_var, c, dtype)
+        x, y, mean, var, weight, bias, running_mean, running_var = _arrays(
+            x, y, mean, var, weight, bias, running_mean, running_var, dtype)
         m, c = x.shape
         _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)

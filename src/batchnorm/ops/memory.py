@@ -165,7 +165,7 @@ _CACHE = _Cache(_limit_from_environment())
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_CACHE.after_fork)
 
-NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def set_output_cache(max_bytes: int, idle_seconds: float | None = None) -> int:

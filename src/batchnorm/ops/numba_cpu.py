@@ -164,9 +164,9 @@ def eval_impl(
     _threads_for(x)
     if _at_addresses(x, weight, bias, running_mean, running_var):  # (the layers' case)
         c = x.shape[1]
-        s = x.numel() // (x.shape[0] * c)
-        kernels.eval_forward_at(kind, _NUMPY[x.dtype], x.data_ptr(), y.data_ptr(),
-                                x.shape[0] if kind == "ncs" else x.shape[0] * s, c, s,
+        rows = x.numel() // c  # (M of channels-last rows; N * S of planes)
+        kernels.eval_forward_at(kind, NUMPY_DTYPE[x.dtype], x.data_ptr(), y.data_ptr(),
+                                x.shape[0] if kind == "ncs" else rows, c, rows // x.shape[0],
                                 _address(weight), _address(bias), running_mean.data_ptr(),
                                 running_var.data_ptr(), eps, _CODES[act], negative_slope, alpha)
         return y
@@ -174,9 +174,6 @@ def eval_impl(
                          _np(running_var), eps, _CODES[act], negative_slope, alpha,
                          _kernel_array(y, kind))
     return y
-
-
-_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def _at_addresses(x: Tensor, *per_channel: Tensor | None) -> bool:

@@ -26,6 +26,8 @@ from .moments import Moments, empty
 __all__ = ["train", "train_step", "batch_norm_step", "running_update", "eval_", "shifted_moments",
            "working", "channel_view", "masked_moments", "train_stats", "mixed"]
 
+_HALF = (torch.float16, torch.bfloat16)  # worked on in float32, as F.batch_norm does
+
 
 def train(x, weight, bias, eps, act, negative_slope, alpha, inplace):
     """``(y, mean, var)``: F.batch_norm with batch statistics, then the activation; the
@@ -69,9 +71,6 @@ def train_step(x, weight, bias, running_mean, running_var, eps, factor, check, a
         ok = running_update(mean, var, running_mean, running_var, factor,
                             x.numel() // x.shape[1], check)
     return y, mean, var, ok
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _statistics_dtype(x, *tensors) -> torch.dtype | None:
@@ -172,7 +171,7 @@ def shifted_moments(x: Tensor) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
 
 def working(x: Tensor) -> Tensor:
     """float16/bfloat16 are worked on in float32 (as F.batch_norm accumulates them)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float() if x.dtype in _HALF else x
 
 
 def reduce_dims(x: Tensor) -> list[int]:
