@@ -437,7 +437,8 @@ def test_tools_on_a_model_that_is_not_qat_and_a_linear_on_3d_input():
 def test_qat_experiment_judges_its_claims_from_its_models_and_is_deterministic(tmp_path):
     """Measured at the default 300 steps, seed 0: float 0.9955; 8 bits: post-training 0.9955,
     both QAT recipes 0.9978; 4 bits: post-training 0.9866, BN separate 0.9911, simulated
-    folding 0.9933."""
+    folding 0.9933. On an AVX-512 machine (2026-12-06): every 8-bit variant 0.9955; 4 bits:
+    post-training 0.9955, BN separate 0.9978, simulated folding 0.9955."""
     import json
 
     from batchnorm.cli import main
@@ -468,9 +469,13 @@ def test_qat_experiment_judges_its_claims_from_its_models_and_is_deterministic(t
     assert claims["deploys_unchanged"]["holds"] == all(
         rows[b]["simulated"]["agree"] == 1.0
         and rows[b]["simulated"]["trained"] == rows[b]["simulated"]["deployed"] for b in rows)
-    assert all(claim["holds"] for claim in claims.values()), claims
+    # deploying is exact on any CPU: the simulated-folding model predicts the same after it
+    assert claims["deploys_unchanged"]["holds"], claims
     assert rows["4"]["simulated"]["max_logit_change"] == 0.0
-    assert rows["4"]["simulated"]["deployed"] > rows["4"]["ptq"]["deployed"]
+    # The accuracies are measurements, not properties of the code: on 449 test digits the 4-bit
+    # variants are a few images apart, and which one leads changes with the CPU's float rounding
+    # (the code paths its vector width selects in the convolutions and kernels), so
+    # at_least_as_accurate is checked to be judged from the rows (above), either way.
     # the same seed, the same numbers
     for d in ("b", "c"):
         assert main(["experiment", "qat", "--steps", "20", "--out", str(tmp_path / d)]) == 0
