@@ -234,8 +234,9 @@ def _ncs_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k,
     part_g = np.empty((n, c))
     part_ge = np.empty((n, c))
     for q in prange(n * splits):
-        i, j0, j1 = plane_task(q, splits, c)
-        for j in range(j0, j1):
+        i, j0, count = plane_task(q, splits, c)
+        for jj in range(count):
+            j = j0 + jj
             part_g[i, j], part_ge[i, j] = row(src[i, j], dy[i, j], dx[i, j], mean_hi[j],
                                               mean_lo[j], scale[j], shift[j], act, inplace, kt,
                                               blocked)
@@ -276,8 +277,9 @@ def write_dx_ncs(act, inplace, dtype):
             src, mean, var, weight, bias, eps, sum_g, sum_ge, m, inplace)
         kt = unpack(k)
         for q in prange(n * splits):
-            i, j0, j1 = plane_task(q, splits, c)
-            for j in range(j0, j1):
+            i, j0, count = plane_task(q, splits, c)
+            for jj in range(count):
+                j = j0 + jj
                 _write_row_ncs(src[i, j], dy[i, j], dx[i, j], mean_hi[j], mean_lo[j], scale[j],
                                shift[j], k1[j], k0[j], k2[j], act, inplace, kt)
         return sum_gxhat

@@ -74,8 +74,9 @@ def normalize_ncs(act, dtype, at=False):
         _, _, mean_hi, mean_lo, scale, shift = channel_values(x, mean, var, weight, bias, eps)
         kt = unpack(k)
         for q in prange(n * splits):
-            i, j0, j1 = plane_task(q, splits, c)
-            for j in range(j0, j1):
+            i, j0, count = plane_task(q, splits, c)
+            for jj in range(count):
+                j = j0 + jj
                 _row_ncs(x[i, j], y[i, j], mean_hi[j], mean_lo[j], scale[j], shift[j], act, kt)
         return _updated(mean, var, running_mean, running_var, factor, n_values, check)
 

@@ -197,10 +197,16 @@ def _backward(dy: Tensor, src: Tensor, weight: Tensor | None,
     pdtype = src.dtype if weight is None else weight.dtype
     if src.numel() == 0:
         return torch.empty_like(src), src.new_zeros(c, dtype=pdtype), src.new_zeros(c, dtype=pdtype)
-    src = dense(src)
-    dy = as_layout_of(dy, src)
+    kind = layout(src)
+    if kind is None:
+        src = src.contiguous()
+        kind = layout(src)
+    if dy.stride() != src.stride():
+        dy = as_layout_of(dy, src)
     dx = output_like(src)
-    dweight, dbias = _run(kernel, src, [dx], [dy, src])
+    _threads_for(src)
+    dweight, dbias = kernel(_kernel_array(dy, kind), _kernel_array(src, kind),
+                            _kernel_array(dx, kind))
     to = NUMPY_DTYPE[pdtype]  # (NumPy's cast: the same rounding, a fraction of torch's call)
     return dx, torch.from_numpy(dweight.astype(to, copy=False)), torch.from_numpy(
         dbias.astype(to, copy=False))
