@@ -331,6 +331,78 @@ def test_eval_by_address_is_eval_by_arrays_bit_for_bit(shape, channels_last, dty
             assert got.stride() == x.stride()
 
 
+@pytest.mark.parametrize("shape, channels_last", [((2, 8, 4, 4), False), ((4, 6, 5, 5), True),
+                                                  ((3, 5), False), ((2, 8, 70, 70), False),
+                                                  ((2, 32, 3, 3), False), ((2, 300, 3, 3), True),
+                                                  ((2, 3, 7), False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_training_step_by_address_is_by_arrays_bit_for_bit(shape, channels_last, dtype):
+    # every statistics kernel (float32 blocks on 70x70 planes, a task per channel on 3x3 planes
+    # of 32 channels, float64 sums, channels-last rows), with and without buffers and affine,
+    # and a NaN batch (the float64 statistics' retry; the guard leaves the buffers as they were)
+    from batchnorm import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3  # far from 0: mean_lo counts
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bad = x.clone()
+    bad[(0,) * x.dim()] = float("nan")
+    c = shape[1]
+    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    kind = numba_cpu.layout(x)
+    for data in (x, bad):
+        for act, affine, buffers in (("identity", (w, b), True), ("leaky_relu", (None, b), True),
+                                     ("relu", (w, None), False), ("identity", (None, None), True)):
+            state = [(torch.randn(c, generator=g, dtype=dtype),
+                      torch.rand(c, generator=g, dtype=dtype) + 0.5) if buffers else (None, None)]
+            state.append(tuple(None if t is None else t.clone() for t in state[0]))
+            got = numba_cpu.train_step(data, *affine, *state[0], 1e-5, 0.1, True, act, 0.1, 1.0,
+                                       False)
+            want_y = torch.empty_like(data)
+            mean, var, ok = kernels.train_step(
+                numba_cpu._kernel_array(data, kind),
+                *(None if t is None else t.numpy() for t in affine), 1e-5, numba_cpu._CODES[act],
+                0.1, 1.0, numba_cpu._kernel_array(want_y, kind),
+                *(() if not buffers else (state[1][0].numpy(), state[1][1].numpy(), 0.1, True)))
+            same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN where NaN
+            torch.testing.assert_close(got[0], want_y, **same)
+            assert got[0].stride() == data.stride()
+            torch.testing.assert_close(got[1], torch.from_numpy(mean), **same)
+            torch.testing.assert_close(got[2], torch.from_numpy(var), **same)
+            assert got[3] == ok == (data is x or not buffers)
+            if buffers:
+                assert torch.equal(state[0][0], state[1][0])
+                assert torch.equal(state[0][1], state[1][1])
+
+
+def test_a_layers_training_step_takes_its_tensors_by_address(monkeypatch):
+    from batchnorm import kernels
+
+    calls = []
+    for name in ("train_step", "train_step_at"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k:
+                            calls.append(name) or real(*a, **k))
+    m = batchnorm.BatchNormAct2d(6, act="relu")
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    m(x).sum().backward()
+    with torch.no_grad():
+        m(torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last))
+    assert calls == ["train_step_at"] * 2
+    # a buffer the kernels cannot take by address: the arrays' path, the same update
+    m.running_var = torch.ones(12)[::2]
+    ref = torch.nn.BatchNorm2d(6)
+    ref.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    x = torch.randn(2, 6, 3, 3)
+    with torch.no_grad():
+        y = m(x)
+        want = torch.relu(ref(x))
+    assert calls[-1] == "train_step"
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(m.running_var, ref.running_var)
+
+
 def test_a_layers_eval_takes_its_tensors_by_address(monkeypatch):
     from batchnorm import kernels
 

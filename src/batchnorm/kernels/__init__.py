@@ -8,10 +8,10 @@ Entry points taking float32 or float64 arrays in one of two layouts:
 :func:`train_forward` (statistics + normalise + activation), :func:`eval_forward`,
 :func:`train_backward` and :func:`eval_backward` (and the pieces: :func:`moments`,
 :func:`moments_masked`, :func:`train_backward_sums`, :func:`train_backward_dx`) write into
-caller-provided output arrays and return per-channel float64 results; :func:`eval_forward_at`
-takes memory by address instead (a tensor's ``data_ptr()``: no array views, see
-:mod:`.memory`). Nothing here imports torch; :mod:`batchnorm.ops` wraps these as PyTorch custom
-ops.
+caller-provided output arrays and return per-channel float64 results; :func:`train_step_at`
+and :func:`eval_forward_at` take memory by address instead (a tensor's ``data_ptr()``: no array
+views, see :mod:`.memory`). Nothing here imports torch; :mod:`batchnorm.ops` wraps these as
+PyTorch custom ops.
 
 Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
 so results are bitwise identical for any thread count (:func:`set_threads`). Inside a chunk,
@@ -28,6 +28,7 @@ after changing ``_activation.py``, ``_compile.py``, ``memory.py`` or ``statistic
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import threading
@@ -68,6 +69,7 @@ __all__ = [
     "train_step",
     "eval_forward",
     "eval_forward_at",
+    "train_step_at",
     "train_backward",
     "train_backward_sums",
     "train_backward_dx",
@@ -132,19 +134,30 @@ def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     task, in float64.
     """
     if _channels_last(x):
+        return _moments(x, "mc", x.dtype, x.shape[1], 1)
+    return _moments(x, "ncs", x.dtype, x.shape[1], x.shape[2])
+
+
+def _moments(x, kind, dtype, c, s, at=False):
+    """:func:`moments` of x given as an array, or (``at``) by address as ``(address, *shape)``:
+    the kernels of the statistics chosen from the layout ``kind``, the dtype, C and S."""
+    if kind == "mc":
         blocked, exact = moments_mc_blocked, moments_mc
-        use_blocks = x.dtype == np.float32
-    elif x.shape[2] < SHORT_PLANE and x.shape[1] >= SHORT_PLANE_CHANNELS:
-        return moments_ncs_channels(x.dtype)(x)
+        use_blocks = dtype == np.float32
+    elif s < SHORT_PLANE and c >= SHORT_PLANE_CHANNELS:
+        blocked, exact, use_blocks = None, moments_ncs_channels, False
     else:
         blocked, exact = moments_ncs_blocked, moments_ncs
-        use_blocks = _blocked_planes(x, BLOCKED_PLANE_FROM)
+        use_blocks = dtype == np.float32 and s >= BLOCKED_PLANE_FROM
     if use_blocks:
-        mean, m2 = blocked(x.dtype)(x)
-        if np.isfinite(mean).all() and np.isfinite(m2).all():
+        mean, m2 = (blocked(dtype, True) if at else blocked(dtype))(x)
+        # all finite iff their dot product is: a NaN or Inf anywhere makes it NaN or Inf, and
+        # from float32 data (|mean| < 4e38, M2 < count * 5e77) it stays far below float64's
+        # 1.8e308, so it cannot overflow by itself; one NumPy call, not four
+        if math.isfinite(mean @ m2):
             return mean, m2
         # NaN / Inf in the data, or float32 squares that overflow: the float64 sums decide
-    return exact(x.dtype)(x)
+    return (exact(dtype, True) if at else exact(dtype))(x)
 
 
 def moments_masked(x: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -178,6 +191,27 @@ def train_step(x, weight, bias, eps, act, negative_slope, alpha, y, running_mean
     ok = _normalize(x, y, mean, var, weight, bias, eps, act, negative_slope, alpha,
                     running_mean, running_var, factor, n, check)
     return mean, var, ok
+
+
+def train_step_at(kind, dtype, x_at, y_at, n, c, s, weight_at, bias_at, running_mean_at,
+                  running_var_at, eps, act, negative_slope, alpha, factor, check):
+    """:func:`train_step` on memory given by addresses, as :func:`eval_forward_at` takes it
+    (``running_mean_at`` / ``running_var_at`` 0 without buffers): two compiled calls, the
+    statistics and the normalising one, and no array views. The same kernel code as
+    :func:`train_step`, so the same bits; returns ``(mean, var, ok)``."""
+    if kind == "mc":
+        x, count = (x_at, n, c), n
+    else:
+        x, count = (x_at, n, c, s), n * s
+    mean, m2 = _moments(x, kind, dtype, c, s, at=True)
+    var = m2 / count
+    k, eps = _consts(dtype, float(negative_slope), float(alpha)), float(eps)
+    update = (running_mean_at, running_var_at, float(factor), float(count), bool(check))
+    if kind == "mc":
+        return mean, var, normalize_mc(act, dtype, "train")(x, y_at, mean, var, weight_at,
+                                                            bias_at, eps, k, *update)
+    return mean, var, normalize_ncs(act, dtype, "train")(x, y_at, mean, var, weight_at, bias_at,
+                                                         eps, k, _plane_splits(n, c, s), *update)
 
 
 def eval_forward(x, weight, bias, mean, var, eps, act, negative_slope, alpha, y):

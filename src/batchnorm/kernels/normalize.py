@@ -64,7 +64,9 @@ def normalize_ncs(act, dtype, at=False):
     ``splits`` tasks per sample (see ``statistics.plane_task``), then the running update of
     :func:`.per_channel.running_update` when the buffers are not empty; returns its ok. One call
     does a layer's whole step after the statistics. ``at``: the kernel of the same code taking
-    tensors' memory by address (:mod:`.memory`), a kernel (and cache) of its own."""
+    tensors' memory by address (:mod:`.memory`), a kernel (and cache) of its own: True for every
+    tensor by address (eval), "train" for all but the float64 statistics, which come as arrays
+    (the training step's, from its statistics call)."""
 
     def kernel(x, y, mean, var, weight, bias, eps, k, splits, running_mean, running_var, factor,
                n_values, check):

@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._compile import specialised
+from .memory import memory
 
 REASSOC = {"reassoc"}
 
@@ -369,21 +370,24 @@ def _ncs_moments(plane, x):
 
 
 @specialised(parallel=True, fastmath=REASSOC)
-def moments_ncs(dtype):
-    """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, from float64 sums."""
+def moments_ncs(dtype, at=False):
+    """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, from float64 sums. ``at``:
+    the kernel of the same code taking x by address, ``(address, N, C, S)`` (:mod:`.memory`),
+    a kernel (and cache) of its own; every statistics kernel here has that form."""
 
     def kernel(x):
-        return _ncs_moments(_plane_moments_f64, x)
+        return _ncs_moments(_plane_moments_f64, memory(x, dtype))
 
     return kernel
 
 
 @specialised(parallel=True, fastmath=REASSOC)
-def moments_ncs_channels(dtype):
+def moments_ncs_channels(dtype, at=False):
     """Per-channel (mean, M2) in float64 of x (N, C, S), N * S > 0, one task per channel from
     float64 sums (each channel shifted by its first value)."""
 
     def kernel(x):
+        x = memory(x, dtype)
         n, c, s = x.shape
         mean = np.empty(c)
         m2 = np.empty(c)
@@ -403,11 +407,11 @@ def moments_ncs_channels(dtype):
 
 
 @specialised(parallel=True, fastmath=REASSOC)
-def moments_ncs_blocked(dtype):
+def moments_ncs_blocked(dtype, at=False):
     """Per-channel (mean, M2) in float64 of float32 x (N, C, S), N * S > 0, from float32 blocks."""
 
     def kernel(x):
-        return _ncs_moments(_plane_blocked, x)
+        return _ncs_moments(_plane_blocked, memory(x, dtype))
 
     return kernel
 
@@ -463,22 +467,22 @@ def _mc_moments(chunk, x):
 
 
 @specialised(parallel=True, fastmath=REASSOC)
-def moments_mc(dtype):
+def moments_mc(dtype, at=False):
     """Per-channel (mean, M2) in float64 of channels-last x (M, C), M > 0, from float64 sums."""
 
     def kernel(x):
-        return _mc_moments(_rows_moments_f64, x)
+        return _mc_moments(_rows_moments_f64, memory(x, dtype))
 
     return kernel
 
 
 @specialised(parallel=True, fastmath=REASSOC)
-def moments_mc_blocked(dtype):
+def moments_mc_blocked(dtype, at=False):
     """Per-channel (mean, M2) in float64 of float32 channels-last x (M, C), M > 0, from float32
     blocks."""
 
     def kernel(x):
-        return _mc_moments(_rows_blocked, x)
+        return _mc_moments(_rows_blocked, memory(x, dtype))
 
     return kernel
 

@@ -118,8 +118,17 @@ def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         kind = layout(x)
     y = output_like(x)
     _threads_for(x)
-    xv, yv, w, b = _kernel_array(x, kind), _kernel_array(y, kind), _np(weight), _np(bias)
     code = _CODES[act]
+    if _at_addresses(x, weight, bias, running_mean, running_var):  # (the layers' case)
+        c = x.shape[1]
+        rows = x.numel() // c  # (M of channels-last rows; N * S of planes)
+        mean, var, ok = kernels.train_step_at(
+            kind, NUMPY_DTYPE[x.dtype], x.data_ptr(), y.data_ptr(),
+            x.shape[0] if kind == "ncs" else rows, c, rows // x.shape[0], _address(weight),
+            _address(bias), _address(running_mean), _address(running_var), eps, code,
+            negative_slope, alpha, factor, check)
+        return y, torch.from_numpy(mean), torch.from_numpy(var), ok
+    xv, yv, w, b = _kernel_array(x, kind), _kernel_array(y, kind), _np(weight), _np(bias)
     if running_mean is None:
         mean, var, ok = kernels.train_step(xv, w, b, eps, code, negative_slope, alpha, yv)
     elif running_mean.dtype == x.dtype == running_var.dtype:  # the update in the same call

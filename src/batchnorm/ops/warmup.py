@@ -71,8 +71,9 @@ class Case:
                 bn_act_train(bad, w, b, 1e-5, self.act)
                 # a layer's training step: the same kernels, and the running update's
                 rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
-                numba_cpu.train_step(x, w, b, rm, rv, 1e-5, 0.1, True, self.act, 0.01, 1.0,
-                                     False)
+                for data in (x, bad):  # (its kernels take the tensors by address)
+                    numba_cpu.train_step(data, w, b, rm, rv, 1e-5, 0.1, True, self.act, 0.01,
+                                         1.0, False)
                 # a layer's eval forward: its kernel taking the tensors by address
                 numba_cpu.eval_impl(x, w, b, rm, rv, 1e-5, self.act, 0.01, 1.0)
         return compiling_notice.seconds - before
