@@ -376,11 +376,48 @@ def test_training_step_by_address_is_by_arrays_bit_for_bit(shape, channels_last,
                 assert torch.equal(state[0][1], state[1][1])
 
 
+@pytest.mark.parametrize("shape, channels_last", [((2, 8, 4, 4), False), ((4, 6, 5, 5), True),
+                                                  ((3, 5), False), ((2, 4, 30, 30), False),
+                                                  ((2, 300, 3, 3), True), ((2, 3, 7), False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_training_backward_by_address_is_by_arrays_bit_for_bit(shape, channels_last, dtype):
+    # both passes (the float32-block sums on 900-value planes), affine absent / partial, the
+    # inplace mode (src is the output y), a dy in other strides (copied into src's first)
+    from batchnorm import kernels
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g, dtype=dtype).contiguous(
+        memory_format=torch.contiguous_format)
+    c = shape[1]
+    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    kind = numba_cpu.layout(x)
+    for act, affine, inplace in (("identity", (w, b), False), ("relu", (None, b), False),
+                                 ("leaky_relu", (w, None), True), ("elu", (None, None), True)):
+        y, mean, var, _ = numba_cpu.train_step(x, *affine, None, None, 1e-5, 0.0, False, act,
+                                               0.1, 1.0, inplace)
+        src = y if inplace else x
+        got = numba_cpu.train_backward_impl(dy, src, *affine, mean, var, 1e-5, act, 0.1, 1.0,
+                                            inplace)
+        want_dx = torch.empty_like(src)
+        dense_dy = dy.contiguous(memory_format=torch.channels_last) if channels_last else dy
+        dw, db = kernels.train_backward(
+            numba_cpu._kernel_array(dense_dy, kind), numba_cpu._kernel_array(src, kind),
+            *(None if t is None else t.numpy() for t in affine), mean.numpy(), var.numpy(),
+            1e-5, numba_cpu._CODES[act], 0.1, 1.0, inplace,
+            numba_cpu._kernel_array(want_dx, kind))
+        assert torch.equal(got[0], want_dx) and got[0].stride() == src.stride(), act
+        assert torch.equal(got[1], torch.from_numpy(dw).to(dtype)), act
+        assert torch.equal(got[2], torch.from_numpy(db).to(dtype)), act
+
+
 def test_a_layers_training_step_takes_its_tensors_by_address(monkeypatch):
     from batchnorm import kernels
 
     calls = []
-    for name in ("train_step", "train_step_at"):
+    for name in ("train_step", "train_step_at", "train_backward", "train_backward_at"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k:
                             calls.append(name) or real(*a, **k))
@@ -389,7 +426,7 @@ def test_a_layers_training_step_takes_its_tensors_by_address(monkeypatch):
     m(x).sum().backward()
     with torch.no_grad():
         m(torch.randn(2, 6, 3, 3).contiguous(memory_format=torch.channels_last))
-    assert calls == ["train_step_at"] * 2
+    assert calls == ["train_step_at", "train_backward_at", "train_step_at"]
     # a buffer the kernels cannot take by address: the arrays' path, the same update
     m.running_var = torch.ones(12)[::2]
     ref = torch.nn.BatchNorm2d(6)

@@ -8,10 +8,10 @@ Entry points taking float32 or float64 arrays in one of two layouts:
 :func:`train_forward` (statistics + normalise + activation), :func:`eval_forward`,
 :func:`train_backward` and :func:`eval_backward` (and the pieces: :func:`moments`,
 :func:`moments_masked`, :func:`train_backward_sums`, :func:`train_backward_dx`) write into
-caller-provided output arrays and return per-channel float64 results; :func:`train_step_at`
-and :func:`eval_forward_at` take memory by address instead (a tensor's ``data_ptr()``: no array
-views, see :mod:`.memory`). Nothing here imports torch; :mod:`batchnorm.ops` wraps these as
-PyTorch custom ops.
+caller-provided output arrays and return per-channel float64 results; :func:`train_step_at`,
+:func:`train_backward_at` and :func:`eval_forward_at` take memory by address instead (a
+tensor's ``data_ptr()``: no array views, see :mod:`.memory`). Nothing here imports torch;
+:mod:`batchnorm.ops` wraps these as PyTorch custom ops.
 
 Every reduction is cut into fixed-size chunks whose float64 partials are merged in a fixed order,
 so results are bitwise identical for any thread count (:func:`set_threads`). Inside a chunk,
@@ -70,6 +70,7 @@ __all__ = [
     "eval_forward",
     "eval_forward_at",
     "train_step_at",
+    "train_backward_at",
     "train_backward",
     "train_backward_sums",
     "train_backward_dx",
@@ -251,6 +252,30 @@ def train_backward(dy, src, weight, bias, mean, var, eps, act, negative_slope, a
     m = _count(src) if mask is None else count
     return train_backward_dx(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,
                              inplace, sum_g, sum_ge, m, dx, mask)
+
+
+def train_backward_at(kind, dtype, dy_at, src_at, dx_at, n, c, s, weight_at, bias_at, mean, var,
+                      eps, act, negative_slope, alpha, inplace):
+    """:func:`train_backward` on memory given by addresses, as :func:`train_step_at` takes it
+    (dy, src and dx dense in one layout; ``mean`` / ``var`` the float64 arrays of the forward):
+    its two compiled passes and no array views, the same kernel code, so the same bits."""
+    k, eps = _consts(dtype, float(negative_slope), float(alpha)), float(eps)
+    act, inplace = int(act), bool(inplace)
+    if kind == "mc":
+        src, m = (src_at, n, c), float(n)
+        sum_g, sum_ge = reduce_mc(act, inplace, dtype, True)(dy_at, src, mean, var, weight_at,
+                                                             bias_at, eps, k)
+        sum_gxhat = write_dx_mc(act, inplace, dtype, True)(dy_at, src, dx_at, mean, var,
+                                                           weight_at, bias_at, eps, sum_g,
+                                                           sum_ge, m, k)
+        return sum_gxhat, sum_g
+    src, m, splits = (src_at, n, c, s), float(n * s), _plane_splits(n, c, s)
+    sum_g, sum_ge = reduce_ncs(act, inplace, dtype, True)(
+        dy_at, src, mean, var, weight_at, bias_at, eps, k, dtype == np.float32 and s >= BLOCK,
+        splits)
+    sum_gxhat = write_dx_ncs(act, inplace, dtype, True)(dy_at, src, dx_at, mean, var, weight_at,
+                                                        bias_at, eps, sum_g, sum_ge, m, k, splits)
+    return sum_gxhat, sum_g
 
 
 def train_backward_sums(dy, src, weight, bias, mean, var, eps, act, negative_slope, alpha,

@@ -38,6 +38,7 @@ from ._activation import (
     unpack,
 )
 from ._compile import specialised
+from .memory import like, memory, vector
 from .per_channel import channel_values, coefficients, tiled
 from .statistics import REASSOC, block_sums, fold, plane_task, rows_per_chunk, span, span_rows
 
@@ -243,11 +244,24 @@ def _ncs_sums(row, dy, src, dx, mean_hi, mean_lo, scale, shift, act, inplace, k,
     return _sum_rows(part_g), _sum_rows(part_ge)
 
 
+@njit(inline="always", cache=True)
+def _pass_arrays(dy, src, weight, bias, dtype):
+    """A training backward pass's arrays from arrays as they are or from tensors' memory by
+    address (:mod:`.memory`): src as ``(address, *shape)``, dy of its shape, weight / bias
+    (C,) (0: absent); the float64 statistics are arrays either way."""
+    src = memory(src, dtype)
+    c = src.shape[1]
+    return like(dy, src, dtype), src, vector(weight, c, dtype), vector(bias, c, dtype)
+
+
 @specialised(parallel=True, fastmath=REASSOC)
-def reduce_ncs(act, inplace, dtype):
-    """Kernel: per-channel float64 (sum g, sum g*e) over (N, C, S); src is y when ``inplace``."""
+def reduce_ncs(act, inplace, dtype, at=False):
+    """Kernel: per-channel float64 (sum g, sum g*e) over (N, C, S); src is y when ``inplace``.
+    ``at``: the kernel of the same code taking the tensors by address (:func:`_pass_arrays`), a
+    kernel (and cache) of its own; the other three training passes have that form too."""
 
     def kernel(dy, src, mean, var, weight, bias, eps, k, blocked, splits):
+        dy, src, weight, bias = _pass_arrays(dy, src, weight, bias, dtype)
         _, _, mean_hi, mean_lo, scale, shift = channel_values(src, mean, var, weight, bias, eps)
         return _ncs_sums(_reduce_row_ncs, dy, src, src, mean_hi, mean_lo, scale, shift, act,
                          inplace, k, blocked, splits)
@@ -256,10 +270,11 @@ def reduce_ncs(act, inplace, dtype):
 
 
 @specialised(parallel=True, fastmath=REASSOC)
-def reduce_mc(act, inplace, dtype):
+def reduce_mc(act, inplace, dtype, at=False):
     """Kernel: per-channel float64 (sum g, sum g*e) over channels-last (M, C)."""
 
     def kernel(dy, src, mean, var, weight, bias, eps, k):
+        dy, src, weight, bias = _pass_arrays(dy, src, weight, bias, dtype)
         _, _, mean_hi, mean_lo, scale, shift = channel_values(src, mean, var, weight, bias, eps)
         return _mc_sums(_reduce_row_mc, dy, src, src, mean_hi, mean_lo, scale, shift, act,
                         inplace, k)
@@ -268,10 +283,12 @@ def reduce_mc(act, inplace, dtype):
 
 
 @specialised(parallel=True)
-def write_dx_ncs(act, inplace, dtype):
+def write_dx_ncs(act, inplace, dtype, at=False):
     """Kernel: dx (N, C, S) = k1 * g + k0 + k2 * e, ``splits`` tasks per sample."""
 
     def kernel(dy, src, dx, mean, var, weight, bias, eps, sum_g, sum_ge, m, k, splits):
+        dy, src, weight, bias = _pass_arrays(dy, src, weight, bias, dtype)
+        dx = like(dx, src, dtype)
         n, c, s = src.shape
         mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
             src, mean, var, weight, bias, eps, sum_g, sum_ge, m, inplace)
@@ -288,10 +305,12 @@ def write_dx_ncs(act, inplace, dtype):
 
 
 @specialised(parallel=True)
-def write_dx_mc(act, inplace, dtype):
+def write_dx_mc(act, inplace, dtype, at=False):
     """Kernel: dx (M, C) = k1 * g + k0 + k2 * e, channels-last (few channels: spans of rows)."""
 
     def kernel(dy, src, dx, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, k):
+        dy, src, weight, bias = _pass_arrays(dy, src, weight, bias, dtype)
+        dx = like(dx, src, dtype)
         m, c = src.shape
         mean_hi, mean_lo, scale, shift, sum_gxhat, k1, k0, k2 = _write_values(
             src, mean, var, weight, bias, eps, sum_g, sum_ge, m_values, inplace)

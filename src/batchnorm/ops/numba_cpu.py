@@ -198,10 +198,12 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _backward(dy: Tensor, src: Tensor, weight: Tensor | None,
-              kernel) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(dy: Tensor, src: Tensor, weight: Tensor | None, kernel,
+              at=None) -> tuple[Tensor, Tensor, Tensor]:
     """What both backward impls share: ``kernel(dy, src, dx) -> (dweight, dbias)`` on kernel
-    views of ``dy`` (in src's strides), ``src`` and a fresh ``dx``; an empty batch gives zeros."""
+    views of ``dy`` (in src's strides), ``src`` and a fresh ``dx``, or ``at(kind, dy, src, dx)``,
+    the same on the tensors by address, when given (its per-channel tensors can go so); an empty
+    batch gives zeros."""
     c = src.shape[1]
     pdtype = src.dtype if weight is None else weight.dtype
     if src.numel() == 0:
@@ -214,8 +216,11 @@ def _backward(dy: Tensor, src: Tensor, weight: Tensor | None,
         dy = as_layout_of(dy, src)
     dx = output_like(src)
     _threads_for(src)
-    dweight, dbias = kernel(_kernel_array(dy, kind), _kernel_array(src, kind),
-                            _kernel_array(dx, kind))
+    if at is not None:
+        dweight, dbias = at(kind, dy, src, dx)
+    else:
+        dweight, dbias = kernel(_kernel_array(dy, kind), _kernel_array(src, kind),
+                                _kernel_array(dx, kind))
     to = NUMPY_DTYPE[pdtype]  # (NumPy's cast: the same rounding, a fraction of torch's call)
     return dx, torch.from_numpy(dweight.astype(to, copy=False)), torch.from_numpy(
         dbias.astype(to, copy=False))
@@ -235,11 +240,24 @@ def train_backward_impl(
     inplace: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     code = REGISTRY[act].code
+    at = None
+    if _at_addresses(src, weight, bias):  # (the layers' case)
+
+        def at(kind, dy, src, dx):
+            c = src.shape[1]
+            rows = src.numel() // c
+            return kernels.train_backward_at(
+                kind, NUMPY_DTYPE[src.dtype], dy.data_ptr(), src.data_ptr(), dx.data_ptr(),
+                src.shape[0] if kind == "ncs" else rows, c, rows // src.shape[0],
+                _address(weight), _address(bias), mean.numpy(), var.numpy(), eps, code,
+                negative_slope, alpha, inplace)
+
     return _backward(
         dy, src, weight,
         lambda dyv, sv, dxv: kernels.train_backward(
             dyv, sv, _np(weight), _np(bias), mean.numpy(), var.numpy(), eps, code,
             negative_slope, alpha, inplace, dxv),
+        at,
     )
 
 
