@@ -304,6 +304,17 @@ def test_pytorchs_step_off_the_cpu_leaves_vmap_its_path(batch_norm_step):
 # the eval forward by address: the tensors' memory, no NumPy views (kernels/memory.py)
 
 
+def _far_from_zero(shape, channels_last, dtype, g):
+    """The by-address tests' input: far from 0 (so mean_lo counts), in either layout."""
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _affine(c, dtype, g):
+    """(weight, bias) of the by-address tests."""
+    return torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+
+
 @pytest.mark.parametrize("shape, channels_last", [((2, 8, 4, 4), False), ((4, 6, 5, 5), True),
                                                   ((3, 5), False), ((2, 8, 70, 70), False),
                                                   ((2, 300, 3, 3), True), ((2, 3, 7), False)])
@@ -312,11 +323,9 @@ def test_eval_by_address_is_eval_by_arrays_bit_for_bit(shape, channels_last, dty
     from batchnorm import kernels
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3  # far from 0: mean_lo counts
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _far_from_zero(shape, channels_last, dtype, g)
     c = shape[1]
-    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    w, b = _affine(c, dtype, g)
     rm = (torch.randn(c, generator=g, dtype=dtype) * 3 + 1e3)
     rv = torch.rand(c, generator=g, dtype=dtype) + 0.5
     kind = numba_cpu.layout(x)
@@ -343,13 +352,11 @@ def test_training_step_by_address_is_by_arrays_bit_for_bit(shape, channels_last,
     from batchnorm import kernels
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3  # far from 0: mean_lo counts
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _far_from_zero(shape, channels_last, dtype, g)
     bad = x.clone()
     bad[(0,) * x.dim()] = float("nan")
     c = shape[1]
-    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    w, b = _affine(c, dtype, g)
     kind = numba_cpu.layout(x)
     for data in (x, bad):
         for act, affine, buffers in (("identity", (w, b), True), ("leaky_relu", (None, b), True),
@@ -386,13 +393,11 @@ def test_training_backward_by_address_is_by_arrays_bit_for_bit(shape, channels_l
     from batchnorm import kernels
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1e3
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = _far_from_zero(shape, channels_last, dtype, g)
     dy = torch.randn(shape, generator=g, dtype=dtype).contiguous(
         memory_format=torch.contiguous_format)
     c = shape[1]
-    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    w, b = _affine(c, dtype, g)
     kind = numba_cpu.layout(x)
     for act, affine, inplace in (("identity", (w, b), False), ("relu", (None, b), False),
                                  ("leaky_relu", (w, None), True), ("elu", (None, None), True)):

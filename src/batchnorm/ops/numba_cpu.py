@@ -120,13 +120,10 @@ def train_step(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     _threads_for(x)
     code = _CODES[act]
     if _at_addresses(x, weight, bias, running_mean, running_var):  # (the layers' case)
-        c = x.shape[1]
-        rows = x.numel() // c  # (M of channels-last rows; N * S of planes)
         mean, var, ok = kernels.train_step_at(
-            kind, NUMPY_DTYPE[x.dtype], x.data_ptr(), y.data_ptr(),
-            x.shape[0] if kind == "ncs" else rows, c, rows // x.shape[0], _address(weight),
-            _address(bias), _address(running_mean), _address(running_var), eps, code,
-            negative_slope, alpha, factor, check)
+            kind, NUMPY_DTYPE[x.dtype], x.data_ptr(), y.data_ptr(), *_sizes(x, kind),
+            _address(weight), _address(bias), _address(running_mean), _address(running_var),
+            eps, code, negative_slope, alpha, factor, check)
         return y, torch.from_numpy(mean), torch.from_numpy(var), ok
     xv, yv, w, b = _kernel_array(x, kind), _kernel_array(y, kind), _np(weight), _np(bias)
     if running_mean is None:
@@ -172,12 +169,10 @@ def eval_impl(
     y = output_like(x)
     _threads_for(x)
     if _at_addresses(x, weight, bias, running_mean, running_var):  # (the layers' case)
-        c = x.shape[1]
-        rows = x.numel() // c  # (M of channels-last rows; N * S of planes)
         kernels.eval_forward_at(kind, NUMPY_DTYPE[x.dtype], x.data_ptr(), y.data_ptr(),
-                                x.shape[0] if kind == "ncs" else rows, c, rows // x.shape[0],
-                                _address(weight), _address(bias), running_mean.data_ptr(),
-                                running_var.data_ptr(), eps, _CODES[act], negative_slope, alpha)
+                                *_sizes(x, kind), _address(weight), _address(bias),
+                                running_mean.data_ptr(), running_var.data_ptr(), eps,
+                                _CODES[act], negative_slope, alpha)
         return y
     kernels.eval_forward(_kernel_array(x, kind), _np(weight), _np(bias), _np(running_mean),
                          _np(running_var), eps, _CODES[act], negative_slope, alpha,
@@ -191,6 +186,14 @@ def _at_addresses(x: Tensor, *per_channel: Tensor | None) -> bool:
     c = x.shape[1]
     return all(t is None or (t.dtype == x.dtype and t.dim() == 1 and t.shape[0] == c
                              and t.is_contiguous()) for t in per_channel)
+
+
+def _sizes(x: Tensor, kind: str) -> tuple[int, int, int]:
+    """``(n, c, s)`` of dense x as the address kernels take them: (N, C, S) for "ncs" planes,
+    (M, C, S) for "mc" rows (M = N * S; the kernels use n and c there)."""
+    c = x.shape[1]
+    rows = x.numel() // c  # (M of channels-last rows; N * S of planes)
+    return x.shape[0] if kind == "ncs" else rows, c, rows // x.shape[0]
 
 
 def _address(t: Tensor | None) -> int:
@@ -244,13 +247,10 @@ def train_backward_impl(
     if _at_addresses(src, weight, bias):  # (the layers' case)
 
         def at(kind, dy, src, dx):
-            c = src.shape[1]
-            rows = src.numel() // c
             return kernels.train_backward_at(
                 kind, NUMPY_DTYPE[src.dtype], dy.data_ptr(), src.data_ptr(), dx.data_ptr(),
-                src.shape[0] if kind == "ncs" else rows, c, rows // src.shape[0],
-                _address(weight), _address(bias), mean.numpy(), var.numpy(), eps, code,
-                negative_slope, alpha, inplace)
+                *_sizes(src, kind), _address(weight), _address(bias), mean.numpy(),
+                var.numpy(), eps, code, negative_slope, alpha, inplace)
 
     return _backward(
         dy, src, weight,
